@@ -1,0 +1,9 @@
+"""CliCooper: client-cooperative split learning.
+
+A data owner trains a model through a chain of trainer clients. Its inputs are
+protected by differential-privacy noise on the cut-layer activations, its
+labels by a secret label obfuscation, and every stage of training is bound to
+the trainers who did it by a dynamic chained watermark.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Typed messages and their serialisation: everything that crosses a party boundary."""

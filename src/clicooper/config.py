@@ -1,0 +1,115 @@
+"""Run configuration: one validated pydantic model, loadable from TOML and flags.
+
+Every field has a safe default; ``RunConfig.load`` merges a TOML file with
+explicit overrides and turns validation failures into one-line errors.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+Mode = Literal["centralized", "vanilla", "clicooper"]
+
+
+class ConfigError(ValueError):
+    """A bad setting; the message names it and what is allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PrivacyConfig(_Strict):
+    """Activation protection (DESIGN §3, §6)."""
+
+    mechanism: Literal["gaussian", "laplace"] = "gaussian"
+    clip_norm: float = Field(1.0, gt=0)
+    noise_multiplier: float = Field(0.5, ge=0)
+    target_epsilon: float | None = Field(None, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    noise_at_inference: bool = False
+
+
+class LabelConfig(_Strict):
+    """Secret label obfuscation (DESIGN §4)."""
+
+    expansion: int = Field(4, ge=1, le=64)
+    decoys: int = Field(0, ge=0, le=1024)
+    mode: Literal["keyed", "feature"] = "feature"
+
+
+class WatermarkConfig(_Strict):
+    """Dynamic chained watermarking (DESIGN §5)."""
+
+    enabled: bool = True
+    bits: int = Field(256, ge=16, le=4096)
+    strength: float = Field(0.01, ge=0)
+    stage_steps: int | None = Field(None, ge=1)
+    ber_threshold: float = Field(0.05, ge=0, le=0.5)
+    claim_p_value: float = Field(1e-6, gt=0, lt=1)
+    keep_audit_stages: int | None = Field(None, ge=1)
+
+
+class RunConfig(_Strict):
+    """Everything a run needs; the same config drives every transport."""
+
+    dataset: str = "auto"
+    mode: Mode = "clicooper"
+    model: Literal["mlp", "cnn"] = "cnn"
+    cut: str | None = None
+    trainers: int = Field(2, ge=1, le=8)
+    epochs: int = Field(5, ge=1, le=1000)
+    batch_size: int = Field(128, ge=1, le=65536)
+    lr: float = Field(1e-3, gt=0)
+    seed: int = Field(0, ge=0)
+    train_subset: int | None = Field(None, ge=1)
+    test_subset: int | None = Field(None, ge=1)
+    micro_batches: int = Field(1, ge=1, le=64)
+    record: int = Field(0, ge=0, description="samples per epoch each party records (0: off)")
+    transport: Literal["inprocess", "grpc"] = "inprocess"
+    privacy: PrivacyConfig = PrivacyConfig()
+    labels: LabelConfig = LabelConfig()
+    watermark: WatermarkConfig = WatermarkConfig()
+
+    @model_validator(mode="after")
+    def _micro_fits(self) -> RunConfig:
+        if self.micro_batches > self.batch_size:
+            raise ValueError("micro_batches cannot exceed batch_size")
+        return self
+
+    @classmethod
+    def load(cls, path: Path | None = None, **overrides: Any) -> RunConfig:
+        """Config from an optional TOML file, then ``overrides`` (dotted keys allowed)."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            try:
+                data = tomllib.loads(Path(path).read_text())
+            except FileNotFoundError:
+                raise ConfigError(f"config file {path} does not exist") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(one_line(exc)) from None
+
+
+def one_line(exc: ValidationError) -> str:
+    """The first validation error as ``setting: problem (got value)``."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "config"
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"invalid setting {where}: {err['msg']}{shown}"

@@ -1,0 +1,177 @@
+"""A trainer: holds one consecutive segment of the model and trains it for the owner.
+
+Forward: receive activations from the previous party, run the segment, pass
+the output on (or, at the last trainer, compute the loss on pseudo-labels).
+Backward: receive the gradient of the loss w.r.t. this segment's output,
+backpropagate, send the gradient w.r.t. the input back. Gradients of the
+micro-batches of one batch accumulate; the optimizer steps after the last one,
+so pipelined micro-batches give the same update as one whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from clicooper.common.messages import Kind, Message, ProtocolError
+from clicooper.parties.recorder import Recorder
+from clicooper.runtime.transport.base import Party
+
+Key = tuple[int, int]  # (step, micro-batch)
+
+
+class Trainer(Party):
+    """Trainer ``t<index>`` of a chain of ``n_trainers``."""
+
+    def __init__(self, index: int, n_trainers: int, segment: nn.Module, lr: float,
+                 out_dir: Path | None = None, recorder: Recorder | None = None) -> None:
+        self.index, self.n_trainers = index, n_trainers
+        self.name = f"t{index}"
+        self.prev = "do" if index == 1 else f"t{index - 1}"
+        self.next = None if index == n_trainers else f"t{index + 1}"
+        self.segment = segment
+        self.optimizer = torch.optim.Adam(segment.parameters(), lr=lr)
+        self.out_dir = out_dir
+        self.recorder = recorder or Recorder(0)
+        self.regulariser: Callable[[nn.Module], torch.Tensor] | None = None
+        self.control_handlers: dict[str, Callable[[Message], dict[str, Any]]] = {}
+        self._stash: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._labels: dict[Key, torch.Tensor] = {}
+        self._waiting: dict[Key, Message] = {}
+        self.steps_applied = 0
+        self.registration: dict[str, Any] = {}  # what this trainer tells the verifier
+        self.session: dict[str, Any] = {}
+
+    @property
+    def is_last(self) -> bool:
+        return self.next is None
+
+    def handle(self, msg: Message) -> None:
+        handler = {
+            Kind.FORWARD: self._on_forward,
+            Kind.LABELS: self._on_labels,
+            Kind.BACKWARD: self._on_backward,
+            Kind.INFER: self._on_infer,
+            Kind.CONTROL: self._on_control,
+            Kind.REPLY: self._on_reply,
+        }.get(msg.kind)
+        if handler is None:
+            raise ProtocolError(f"{self.name} does not accept {msg.kind} messages")
+        handler(msg)
+
+    # -- training -------------------------------------------------------------
+
+    def _on_forward(self, msg: Message) -> None:
+        if msg.sender != self.prev:
+            raise ProtocolError(f"{self.name} takes activations only from {self.prev}")
+        key = (msg.step, int(msg.meta["micro"]))
+        if self.is_last and key not in self._labels:
+            self._waiting[key] = msg  # labels travel separately and may come later
+            return
+        x = msg.tensor("x").requires_grad_(True)
+        out = self.segment(x)
+        if self.is_last:
+            self._finish_forward(msg, key, x, out)
+        else:
+            self._stash[key] = (x, out)
+            self.send(Message(Kind.FORWARD, msg.step, self.name, self.next, {"x": out.detach()},
+                              msg.meta))
+
+    def _on_labels(self, msg: Message) -> None:
+        if msg.sender != "do" or not self.is_last:
+            raise ProtocolError(f"{self.name} accepts labels only as the last trainer, from do")
+        key = (msg.step, int(msg.meta["micro"]))
+        self._labels[key] = msg.tensor("y").long()
+        if key in self._waiting:
+            self._on_forward(self._waiting.pop(key))
+
+    def _finish_forward(self, msg: Message, key: Key, x: torch.Tensor, logits: torch.Tensor) -> None:
+        y = self._labels.pop(key)
+        if y.shape[0] != logits.shape[0] or int(y.max()) >= logits.shape[1] or int(y.min()) < 0:
+            raise ProtocolError(f"labels for step {msg.step} do not fit the batch or the classes")
+        weight = float(msg.meta["weight"])
+        loss = nn.functional.cross_entropy(logits, y)
+        (loss * weight + self._regularisation(weight)).backward()
+        if self.recorder.wants(int(msg.meta["epoch"])):
+            self.recorder.add(int(msg.meta["epoch"]), msg.step, key[1], activation=x,
+                              gradient=x.grad, pseudo_labels=y)
+        self.send(Message(Kind.LOSS, msg.step, self.name, "do", {"logits": logits.detach()},
+                          {"loss": float(loss), "micro": key[1]}))
+        self._send_back(msg, x)
+
+    def _on_backward(self, msg: Message) -> None:
+        if msg.sender != self.next:
+            raise ProtocolError(f"{self.name} takes gradients only from {self.next}")
+        key = (msg.step, int(msg.meta["micro"]))
+        if key not in self._stash:
+            raise ProtocolError(f"{self.name} has no forward pass for step {msg.step} micro {key[1]}")
+        x, out = self._stash.pop(key)
+        grad = msg.tensor("g")
+        if grad.shape != out.shape:
+            raise ProtocolError(f"gradient shape {tuple(grad.shape)} != output {tuple(out.shape)}")
+        reg = self._regularisation(float(msg.meta["weight"]))
+        torch.autograd.backward([out, reg], [grad, torch.ones(())])
+        if self.recorder.wants(int(msg.meta["epoch"])):
+            self.recorder.add(int(msg.meta["epoch"]), msg.step, key[1], activation=x,
+                              gradient=x.grad)
+        self._send_back(msg, x)
+
+    def _regularisation(self, weight: float) -> torch.Tensor:
+        if self.regulariser is None:
+            return torch.zeros((), requires_grad=True)
+        return self.regulariser(self.segment) * weight
+
+    def _send_back(self, msg: Message, x: torch.Tensor) -> None:
+        if int(msg.meta["micro"]) == int(msg.meta["micros"]) - 1:
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.steps_applied += 1
+        self.send(Message(Kind.BACKWARD, msg.step, self.name, self.prev, {"g": x.grad},
+                          msg.meta))
+
+    # -- inference and control --------------------------------------------------
+
+    def _on_infer(self, msg: Message) -> None:
+        if msg.sender != self.prev:
+            raise ProtocolError(f"{self.name} takes activations only from {self.prev}")
+        with torch.no_grad():
+            out = self.segment(msg.tensor("x"))
+        kind, to = (Kind.LOGITS, "do") if self.is_last else (Kind.INFER, self.next)
+        self.send(Message(kind, msg.step, self.name, to, {"x": out}, msg.meta))
+
+    def _on_control(self, msg: Message) -> None:
+        op = msg.meta.get("op")
+        if op == "finish":
+            answer = self.save_segment()
+        elif op == "register":
+            self.send(Message(Kind.REGISTER, msg.step, self.name, "verifier", {},
+                              {"party": self.name, **self.registration}))
+            return  # answered once the verifier replies
+        elif op in self.control_handlers:
+            answer = self.control_handlers[op](msg)
+        else:
+            raise ProtocolError(f"{self.name} does not know control op {op!r}")
+        self.send(Message(Kind.REPLY, msg.step, self.name, msg.sender, {}, {"op": op, **answer}))
+
+    def _on_reply(self, msg: Message) -> None:
+        if msg.sender != "verifier" or msg.meta.get("op") != "register":
+            raise ProtocolError(f"{self.name} did not expect a reply from {msg.sender}")
+        self.session = dict(msg.meta)
+        self.send(Message(Kind.REPLY, msg.step, self.name, "do", {},
+                          {"op": "register", "session_id": msg.meta["session_id"]}))
+
+    def save_segment(self) -> dict[str, Any]:
+        """Write the segment to ``out_dir/segments/<name>.safetensors`` and the records."""
+        if self.out_dir is None:
+            return {}
+        path = self.out_dir / "segments" / f"{self.name}.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.segment.state_dict().items()}, str(path))
+        if self.recorder.limit:
+            self.recorder.save(self.out_dir / "records" / f"{self.name}.safetensors")
+        return {"segment": str(path)}

@@ -1,0 +1,1 @@
+"""What protects the data owner: activation noise, its accounting, label obfuscation, secrets."""

@@ -1,0 +1,80 @@
+"""The data owner's secret and the sub-secrets derived from it.
+
+The owner secret is 32 bytes from the OS CSPRNG, stored only in the owner's
+directory (mode 0700, file mode 0600). Every sub-secret is
+HKDF-SHA256(owner secret, info = "clicooper-v1/" + label), so sub-secrets for
+different purposes are independent and none reveals the owner secret.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+SECRET_BYTES = 32
+SECRET_FILE = "owner.secret"
+
+
+class OwnerSecret:
+    """32 secret bytes and HKDF derivation of labelled sub-secrets."""
+
+    def __init__(self, value: bytes) -> None:
+        if len(value) != SECRET_BYTES:
+            raise ValueError(f"an owner secret is {SECRET_BYTES} bytes, got {len(value)}")
+        self._value = value
+
+    @classmethod
+    def generate(cls) -> OwnerSecret:
+        return cls(os.urandom(SECRET_BYTES))
+
+    def derive(self, label: str, length: int = 32) -> bytes:
+        """HKDF-SHA256 sub-secret for ``label`` (no salt: the input is already uniform)."""
+        hkdf = HKDF(algorithm=hashes.SHA256(), length=length, salt=None,
+                    info=b"clicooper-v1/" + label.encode())
+        return hkdf.derive(self._value)
+
+    def derive_seed(self, label: str) -> int:
+        """A 63-bit generator seed derived for ``label``."""
+        return int.from_bytes(self.derive(label, 8), "big") >> 1
+
+    def commitment(self) -> bytes:
+        """SHA-256 of a derived value: binds to the secret without revealing it."""
+        return hashlib.sha256(self.derive("commitment")).digest()
+
+    def save(self, directory: Path) -> Path:
+        """Write the secret to ``directory/owner.secret`` (dir 0700, file 0600)."""
+        private_dir(directory)
+        path = directory / SECRET_FILE
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(self._value)
+        os.chmod(path, 0o600)
+        return path
+
+    @classmethod
+    def load(cls, directory: Path) -> OwnerSecret:
+        path = directory / SECRET_FILE
+        try:
+            return cls(path.read_bytes())
+        except FileNotFoundError:
+            raise ValueError(f"no owner secret at {path}: is this the data owner's directory?") from None
+
+
+def private_dir(directory: Path) -> Path:
+    """Create ``directory`` readable by its owner only."""
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    return directory
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` with mode 0600, atomically (temporary file, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)

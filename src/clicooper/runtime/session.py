@@ -1,0 +1,277 @@
+"""One training run in any mode, writing the run directory of DESIGN §10.
+
+``centralized``: one ordinary model. ``vanilla``: split learning without
+defences. ``clicooper``: activation noise, secret label obfuscation (and the
+watermark chain). All three use the same architecture, seed, data and batch
+order, so their accuracies and times compare directly.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as st_save
+from torch import nn
+
+from clicooper.config import RunConfig
+from clicooper.data import Dataset, default_dataset, load_dataset
+from clicooper.models import SplitModel, build_preset, split_blocks
+from clicooper.models.presets import DEFAULT_CUT
+from clicooper.parties import DataOwner, Recorder, Trainer, Verifier
+from clicooper.privacy import accounting
+from clicooper.privacy.activation import ActivationNoise
+from clicooper.privacy.labels import LabelObfuscator
+from clicooper.privacy.secrets import OwnerSecret, private_dir, write_private
+from clicooper.runtime.transport.inprocess import InProcessTransport
+
+ProgressFn = Callable[[int, int, int, float], None]
+ModelFactory = Callable[[int], SplitModel]  # n_outputs -> head and segments
+
+ACCOUNTING_SCOPE = (
+    "per-record bound on the noisy cut-layer activations released to the first trainer, "
+    "given the head; not a dataset-level guarantee for the head's weights"
+)
+
+
+@dataclass
+class Session:
+    """What a finished run leaves in memory besides its run directory."""
+
+    results: dict[str, Any]
+    owner: DataOwner | None
+    trainers: list[Trainer]
+    model: nn.Module
+    dataset: Dataset
+
+
+def resolve_dataset(cfg: RunConfig, data: Dataset | None) -> Dataset:
+    """The configured dataset, limited to the configured subsets."""
+    if data is None:
+        name = default_dataset() if cfg.dataset == "auto" else cfg.dataset
+        data = load_dataset(name, seed=cfg.seed)
+    return data.limit(cfg.train_subset, cfg.test_subset, cfg.seed)
+
+
+def preset_factory(cfg: RunConfig, data: Dataset) -> ModelFactory:
+    cut = cfg.cut or DEFAULT_CUT[cfg.model]
+
+    def factory(n_outputs: int) -> SplitModel:
+        blocks = build_preset(cfg.model, data.image_shape, n_outputs, cfg.trainers)
+        return split_blocks(blocks, cut, cfg.trainers)
+
+    return factory
+
+
+def run(
+    cfg: RunConfig,
+    out_dir: Path,
+    data: Dataset | None = None,
+    model_factory: ModelFactory | None = None,
+    progress: ProgressFn | None = None,
+) -> Session:
+    """Train in ``cfg.mode`` and write ``out_dir``; returns the session."""
+    data = resolve_dataset(cfg, data)
+    factory = model_factory or preset_factory(cfg, data)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    if cfg.mode == "centralized":
+        session = _run_centralized(cfg, data, factory, progress)
+    else:
+        session = _run_split(cfg, data, factory, out_dir, progress)
+    session.results.update(_describe(cfg, data, session))
+    (out_dir / "results.json").write_text(json.dumps(session.results, indent=2))
+    return session
+
+
+def _run_centralized(
+    cfg: RunConfig, data: Dataset, factory: ModelFactory, progress: ProgressFn | None
+) -> Session:
+    model = factory(data.num_classes).full()
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    history, train_seconds = [], 0.0
+    for epoch in range(1, cfg.epochs + 1):
+        start = time.perf_counter()
+        order = torch.randperm(
+            len(data.train), generator=torch.Generator().manual_seed(cfg.seed + epoch)
+        )
+        batches = order.split(cfg.batch_size)
+        total, correct = 0.0, 0
+        for b, ids in enumerate(batches):
+            logits = model(data.train.x[ids])
+            loss = nn.functional.cross_entropy(logits, data.train.y[ids])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss) * len(ids)
+            correct += int((logits.argmax(1) == data.train.y[ids]).sum())
+            if progress:
+                progress(epoch, b + 1, len(batches), float(loss))
+        train_seconds += time.perf_counter() - start
+        with torch.no_grad():
+            test_acc = float((model(data.test.x).argmax(1) == data.test.y).float().mean())
+        history.append(
+            {
+                "epoch": epoch,
+                "loss": total / len(data.train),
+                "train_accuracy": correct / len(data.train),
+                "test_accuracy": test_acc,
+            }
+        )
+    results = {
+        "accuracy": {"test": history[-1]["test_accuracy"], "train": history[-1]["train_accuracy"]},
+        "history": history,
+        "timing": {"train_seconds": train_seconds},
+    }
+    return Session(results, None, [], model, data)
+
+
+def _run_split(
+    cfg: RunConfig, data: Dataset, factory: ModelFactory, out_dir: Path, progress: ProgressFn | None
+) -> Session:
+    defended = cfg.mode == "clicooper"
+    owner_dir = private_dir(out_dir / "owner")
+    secret = OwnerSecret.generate()
+    labels = (
+        LabelObfuscator(
+            secret, data.num_classes, cfg.labels.expansion, cfg.labels.decoys, cfg.labels.mode
+        )
+        if defended
+        else None
+    )
+    split = factory(labels.pseudo_classes if labels else data.num_classes)
+    noise = None
+    if defended:
+        noise = ActivationNoise(cfg.privacy.clip_norm, noise_multiplier(cfg), cfg.privacy.mechanism)
+        secret.save(owner_dir)
+
+    transport = InProcessTransport()
+    trainers = [
+        Trainer(i, cfg.trainers, seg, cfg.lr, out_dir, Recorder(cfg.record))
+        for i, seg in enumerate(split.segments, start=1)
+    ]
+    for party in (*trainers, Verifier()):
+        transport.attach(party)
+    transport.add_mailbox("do")
+    owner = DataOwner(
+        transport,
+        split.head,
+        cfg.trainers,
+        cfg.lr,
+        noise,
+        labels,
+        cfg.micro_batches,
+        cfg.privacy.noise_at_inference,
+    )
+    for name in owner.trainers:
+        owner.control(name, "register")
+    if labels is not None:
+        with torch.no_grad():
+            labels.fit(split.head(data.train.x), data.train.y)
+
+    history, train_seconds = [], 0.0
+    for epoch in range(1, cfg.epochs + 1):
+        start = time.perf_counter()
+        stats = owner.fit_epoch(data.train, epoch, cfg.batch_size, cfg.seed, progress)
+        train_seconds += time.perf_counter() - start
+        history.append(
+            {
+                "epoch": epoch,
+                "loss": stats.loss,
+                "train_accuracy": stats.train_accuracy,
+                "test_accuracy": owner.accuracy(data.test),
+            }
+        )
+    if noise is not None and cfg.privacy.noise_at_inference:
+        owner.releases += 1  # the test pass released noisy activations too
+    for name in owner.trainers:
+        owner.control(name, "finish")
+    _save_owner(owner_dir, owner, labels, cfg.record)
+    results = {
+        "accuracy": {"test": history[-1]["test_accuracy"], "train": history[-1]["train_accuracy"]},
+        "history": history,
+        "timing": {"train_seconds": train_seconds},
+        "transport": {"name": "inprocess", "bytes_sent": transport.bytes_sent},
+        "privacy": _privacy(cfg, noise, owner.releases),
+    }
+    return Session(results, owner, trainers, split.full(), data)
+
+
+def noise_multiplier(cfg: RunConfig) -> float:
+    """The configured multiplier, or the one that meets ``target_epsilon`` over the run."""
+    p = cfg.privacy
+    if p.target_epsilon is None:
+        return p.noise_multiplier
+    releases = cfg.epochs + (1 if p.noise_at_inference else 0)
+    return accounting.noise_for_epsilon(p.target_epsilon, releases, p.delta, p.mechanism)
+
+
+def _privacy(cfg: RunConfig, noise: ActivationNoise | None, releases: int) -> dict[str, Any]:
+    p = cfg.privacy
+    if noise is None:
+        return {
+            "epsilon": None,
+            "delta": p.delta,
+            "noise_multiplier": 0.0,
+            "clip_norm": None,
+            "mechanism": None,
+            "releases": 0,
+            "covers": None,
+        }
+    return {
+        "epsilon": accounting.epsilon(noise.noise_multiplier, releases, p.delta, p.mechanism),
+        "delta": p.delta,
+        "noise_multiplier": noise.noise_multiplier,
+        "clip_norm": p.clip_norm,
+        "mechanism": p.mechanism,
+        "releases": releases,
+        "accountant": "dp-accounting RDP",
+        "covers": ACCOUNTING_SCOPE,
+    }
+
+
+def _save_owner(
+    owner_dir: Path, owner: DataOwner, labels: LabelObfuscator | None, record: int
+) -> None:
+    """The head, the sub-label assignment and the step log, all mode 0600."""
+    state = {k: v.contiguous() for k, v in owner.head.state_dict().items()}
+    write_private(owner_dir / "head.safetensors", st_save(state))
+    if labels is not None and labels.sub_labels is not None:
+        write_private(owner_dir / "sublabels.safetensors", st_save({"sub": labels.sub_labels}))
+    if record and owner.log.steps:
+        log = {
+            "step": torch.tensor(owner.log.steps),
+            "epoch": torch.tensor(owner.log.epochs),
+            "count": torch.tensor([len(s) for s in owner.log.sample_ids]),
+            "sample_ids": torch.cat(owner.log.sample_ids),
+        }
+        write_private(owner_dir / "steps.safetensors", st_save(log))
+
+
+def _describe(cfg: RunConfig, data: Dataset, session: Session) -> dict[str, Any]:
+    labels = session.owner.labels if session.owner else None
+    return {
+        "mode": cfg.mode,
+        "dataset": data.name,
+        "seed": cfg.seed,
+        "config": cfg.model_dump(mode="json"),
+        "data": {"train": len(data.train), "test": len(data.test), "classes": data.num_classes},
+        "model": {
+            "preset": cfg.model,
+            "cut": cfg.cut or DEFAULT_CUT[cfg.model],
+            "trainers": cfg.trainers,
+            "parameters": sum(p.numel() for p in session.model.parameters()),
+        },
+        "labels": {
+            "expansion": labels.expansion if labels else 1,
+            "mode": labels.mode if labels else None,
+            "decoys": labels.decoys if labels else 0,
+            "pseudo_classes": labels.pseudo_classes if labels else data.num_classes,
+        },
+        "privacy": session.results.get("privacy", _privacy(cfg, None, 0)),
+    }
