@@ -7,3 +7,9 @@ the trainers who did it by a dynamic chained watermark.
 """
 
 __version__ = "0.1.0"
+
+from clicooper.api import train  # noqa: E402
+from clicooper.config import RunConfig  # noqa: E402
+from clicooper.data import Dataset, Split, load_dataset  # noqa: E402
+
+__all__ = ["Dataset", "RunConfig", "Split", "load_dataset", "train"]

@@ -21,7 +21,9 @@ class Split:
 
     def __post_init__(self) -> None:
         if self.x.ndim != 4 or self.y.ndim != 1 or len(self.x) != len(self.y):
-            raise DataError(f"images must be (N,C,H,W) and labels (N,), got {self.x.shape} {self.y.shape}")
+            raise DataError(
+                f"images must be (N,C,H,W) and labels (N,), got {self.x.shape} {self.y.shape}"
+            )
 
     def __len__(self) -> int:
         return len(self.y)
@@ -39,6 +41,22 @@ class Dataset:
     train: Split
     test: Split
     num_classes: int
+
+    @classmethod
+    def from_arrays(
+        cls,
+        name: str,
+        x_train: np.ndarray,
+        y_train: np.ndarray,
+        x_test: np.ndarray,
+        y_test: np.ndarray,
+        scale: float = 1.0,
+    ) -> Dataset:
+        """A dataset from your own arrays (pixels divided by ``scale`` must lie in [0, 1])."""
+        train = Split(*from_arrays(name, x_train, y_train, scale))
+        test = Split(*from_arrays(name, x_test, y_test, scale))
+        classes = int(max(train.y.max(), test.y.max())) + 1
+        return cls(name, train, test, classes)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -76,7 +94,9 @@ def _take(split: Split, n: int | None, seed: int) -> Split:
     return split.subset(order[:n])
 
 
-def from_arrays(name: str, x: np.ndarray, y: np.ndarray, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def from_arrays(
+    name: str, x: np.ndarray, y: np.ndarray, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,C,H,W) float32 pixels in [0, 1] and int64 labels from raw arrays."""
     x = np.asarray(x, dtype=np.float32) / scale
     if x.ndim == 3:
@@ -94,7 +114,9 @@ def from_arrays(name: str, x: np.ndarray, y: np.ndarray, scale: float) -> tuple[
     return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(labels)
 
 
-def seeded_split(name: str, x: torch.Tensor, y: torch.Tensor, test_fraction: float, seed: int) -> tuple[Split, Split]:
+def seeded_split(
+    name: str, x: torch.Tensor, y: torch.Tensor, test_fraction: float, seed: int
+) -> tuple[Split, Split]:
     """Deterministic stratified train/test split for datasets that ship without one."""
     from sklearn.model_selection import train_test_split
 

@@ -34,7 +34,12 @@ def read_idx(path: Path) -> np.ndarray:
 
 def find_idx(directory: Path, stem: str) -> Path:
     """``stem`` or ``stem.gz`` in ``directory`` (also the ``t10k``/``train`` dotted variant)."""
-    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+    for name in (
+        stem,
+        stem + ".gz",
+        stem.replace("-idx", ".idx"),
+        stem.replace("-idx", ".idx") + ".gz",
+    ):
         candidate = directory / name
         if candidate.exists():
             return candidate

@@ -99,5 +99,6 @@ def load_dataset(name: str, seed: int = 0) -> Dataset:
     if path.is_dir():
         return _idx_dataset(path.name, path)
     raise DataError(
-        f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}, an IDX directory or an .npz file"
+        f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}, "
+        "an IDX directory or an .npz file"
     )

@@ -17,8 +17,13 @@ Blocks = list[tuple[str, nn.Module]]
 MAX_TRAINERS = 8
 
 
-def mlp(image_shape: tuple[int, int, int], n_outputs: int, n_trainers: int, width: int = 256,
-        bottleneck: int = 64) -> Blocks:
+def mlp(
+    image_shape: tuple[int, int, int],
+    n_outputs: int,
+    n_trainers: int,
+    width: int = 256,
+    bottleneck: int = 64,
+) -> Blocks:
     """Cuts: ``fc1`` (width), ``bottleneck`` (default)."""
     c, h, w = image_shape
     return [
@@ -28,16 +33,27 @@ def mlp(image_shape: tuple[int, int, int], n_outputs: int, n_trainers: int, widt
     ]
 
 
-def cnn(image_shape: tuple[int, int, int], n_outputs: int, n_trainers: int, channels: int = 16,
-        bottleneck: int = 64) -> Blocks:
+def cnn(
+    image_shape: tuple[int, int, int],
+    n_outputs: int,
+    n_trainers: int,
+    channels: int = 16,
+    bottleneck: int = 64,
+) -> Blocks:
     """Cuts: ``conv1`` (after the first conv block), ``conv2``, ``bottleneck`` (default)."""
     c, h, w = image_shape
     return [
         ("conv1", nn.Sequential(nn.Conv2d(c, channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))),
-        ("conv2", nn.Sequential(
-            nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))),
-        ("bottleneck", nn.Sequential(
-            nn.Flatten(), nn.Linear(2 * channels * (h // 4) * (w // 4), bottleneck))),
+        (
+            "conv2",
+            nn.Sequential(
+                nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)
+            ),
+        ),
+        (
+            "bottleneck",
+            nn.Sequential(nn.Flatten(), nn.Linear(2 * channels * (h // 4) * (w // 4), bottleneck)),
+        ),
         *_tail(bottleneck, n_outputs, n_trainers, hidden=128),
     ]
 
@@ -57,8 +73,9 @@ PRESETS: dict[str, Callable[..., Blocks]] = {"mlp": mlp, "cnn": cnn}
 DEFAULT_CUT = {"mlp": "bottleneck", "cnn": "bottleneck"}
 
 
-def build_preset(name: str, image_shape: tuple[int, int, int], n_outputs: int, n_trainers: int,
-                 **kwargs: int) -> Blocks:
+def build_preset(
+    name: str, image_shape: tuple[int, int, int], n_outputs: int, n_trainers: int, **kwargs: int
+) -> Blocks:
     """The named blocks of preset ``name``."""
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}: use one of {', '.join(PRESETS)}")

@@ -20,9 +20,7 @@ class SplitModel:
         return nn.Sequential(self.head, *self.segments)
 
 
-def split_blocks(
-    blocks: Sequence[tuple[str, nn.Module]], cut: str, n_trainers: int
-) -> SplitModel:
+def split_blocks(blocks: Sequence[tuple[str, nn.Module]], cut: str, n_trainers: int) -> SplitModel:
     """Cut after the block named ``cut``; share the rest among ``n_trainers``.
 
     The tail blocks are dealt out in order as evenly as possible, earlier

@@ -45,9 +45,17 @@ class DataOwner:
 
     name = "do"
 
-    def __init__(self, transport: Transport, head: nn.Module, n_trainers: int, lr: float,
-                 noise: ActivationNoise | None = None, labels: LabelObfuscator | None = None,
-                 micro_batches: int = 1, noise_at_inference: bool = False) -> None:
+    def __init__(
+        self,
+        transport: Transport,
+        head: nn.Module,
+        n_trainers: int,
+        lr: float,
+        noise: ActivationNoise | None = None,
+        labels: LabelObfuscator | None = None,
+        micro_batches: int = 1,
+        noise_at_inference: bool = False,
+    ) -> None:
         self.transport = transport
         self.head = head
         self.trainers = [f"t{i}" for i in range(1, n_trainers + 1)]
@@ -62,8 +70,14 @@ class DataOwner:
 
     # -- training ---------------------------------------------------------------
 
-    def fit_epoch(self, data: Split, epoch: int, batch_size: int, seed: int,
-                  progress: ProgressFn | None = None) -> EpochStats:
+    def fit_epoch(
+        self,
+        data: Split,
+        epoch: int,
+        batch_size: int,
+        seed: int,
+        progress: ProgressFn | None = None,
+    ) -> EpochStats:
         """One pass over ``data`` in a seeded order; returns loss and running accuracy."""
         self.head.train()
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + epoch))
@@ -81,8 +95,9 @@ class DataOwner:
             self.releases += 1
         return EpochStats(epoch, total_loss / len(data), correct / len(data))
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor,
-                   epoch: int) -> tuple[float, torch.Tensor]:
+    def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, epoch: int
+    ) -> tuple[float, torch.Tensor]:
         """Forward through the chain, backward into the head, step; (loss, pseudo-logits)."""
         self.step += 1
         self.log.steps.append(self.step)
@@ -92,15 +107,26 @@ class DataOwner:
         protected = self.noise.clip(z) if self.noise else z
         released = protected.detach() + (self.noise.noise(z.shape) if self.noise else 0.0)
         targets = self.labels.encode(y, ids) if self.labels else y
-        chunks = list(zip(released.tensor_split(self.micro_batches),
-                          targets.tensor_split(self.micro_batches), strict=True))
+        chunks = list(
+            zip(
+                released.tensor_split(self.micro_batches),
+                targets.tensor_split(self.micro_batches),
+                strict=True,
+            )
+        )
         for micro, (zc, yc) in enumerate(chunks):
-            meta = {"micro": micro, "micros": len(chunks), "weight": len(yc) / len(y),
-                    "epoch": epoch}
-            self.transport.send(Message(Kind.LABELS, self.step, self.name, self.trainers[-1],
-                                        {"y": yc}, meta))
-            self.transport.send(Message(Kind.FORWARD, self.step, self.name, self.trainers[0],
-                                        {"x": zc}, meta))
+            meta = {
+                "micro": micro,
+                "micros": len(chunks),
+                "weight": len(yc) / len(y),
+                "epoch": epoch,
+            }
+            self.transport.send(
+                Message(Kind.LABELS, self.step, self.name, self.trainers[-1], {"y": yc}, meta)
+            )
+            self.transport.send(
+                Message(Kind.FORWARD, self.step, self.name, self.trainers[0], {"x": zc}, meta)
+            )
         grads, logits, losses = self._collect(len(chunks))
         protected.backward(torch.cat(grads))
         self.optimizer.step()
@@ -116,15 +142,22 @@ class DataOwner:
             msg = self.transport.recv(self.name)
             micro = int(msg.meta.get("micro", -1))
             if msg.step != self.step or not 0 <= micro < n:
-                raise ProtocolError(f"do expected step {self.step}, got {msg.kind} for step {msg.step}")
+                raise ProtocolError(
+                    f"do expected step {self.step}, got {msg.kind} for step {msg.step}"
+                )
             if msg.kind == Kind.BACKWARD and msg.sender == self.trainers[0]:
                 grads[micro] = msg.tensor("g")
             elif msg.kind == Kind.LOSS and msg.sender == self.trainers[-1]:
                 losses[micro] = (msg.tensor("logits"), float(msg.meta["loss"]))
             else:
-                raise ProtocolError(f"do did not expect {msg.kind} from {msg.sender} while training")
-        return ([grads[i] for i in range(n)], [losses[i][0] for i in range(n)],
-                [losses[i][1] for i in range(n)])
+                raise ProtocolError(
+                    f"do did not expect {msg.kind} from {msg.sender} while training"
+                )
+        return (
+            [grads[i] for i in range(n)],
+            [losses[i][0] for i in range(n)],
+            [losses[i][1] for i in range(n)],
+        )
 
     # -- inference ----------------------------------------------------------------
 
@@ -137,8 +170,9 @@ class DataOwner:
                 z = self.head(chunk)
                 if self.noise is not None and self.noise_at_inference:
                     z = self.noise(z)
-                self.transport.send(Message(Kind.INFER, self.step, self.name, self.trainers[0],
-                                            {"x": z}, {}))
+                self.transport.send(
+                    Message(Kind.INFER, self.step, self.name, self.trainers[0], {"x": z}, {})
+                )
                 reply = self.transport.recv(self.name)
                 if reply.kind != Kind.LOGITS or reply.sender != self.trainers[-1]:
                     raise ProtocolError(f"do expected logits, got {reply.kind} from {reply.sender}")
@@ -156,9 +190,12 @@ class DataOwner:
 
     def control(self, party: str, op: str, **meta: Any) -> Message:
         """Send a control op to ``party`` and wait for its reply."""
-        self.transport.send(Message(Kind.CONTROL, self.step, self.name, party, {},
-                                    {"op": op, **meta}))
+        self.transport.send(
+            Message(Kind.CONTROL, self.step, self.name, party, {}, {"op": op, **meta})
+        )
         reply = self.transport.recv(self.name)
         if reply.kind != Kind.REPLY or reply.meta.get("op") != op:
-            raise ProtocolError(f"do expected a reply to {op!r}, got {reply.kind} from {reply.sender}")
+            raise ProtocolError(
+                f"do expected a reply to {op!r}, got {reply.kind} from {reply.sender}"
+            )
         return reply

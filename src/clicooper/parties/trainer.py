@@ -28,8 +28,15 @@ Key = tuple[int, int]  # (step, micro-batch)
 class Trainer(Party):
     """Trainer ``t<index>`` of a chain of ``n_trainers``."""
 
-    def __init__(self, index: int, n_trainers: int, segment: nn.Module, lr: float,
-                 out_dir: Path | None = None, recorder: Recorder | None = None) -> None:
+    def __init__(
+        self,
+        index: int,
+        n_trainers: int,
+        segment: nn.Module,
+        lr: float,
+        out_dir: Path | None = None,
+        recorder: Recorder | None = None,
+    ) -> None:
         self.index, self.n_trainers = index, n_trainers
         self.name = f"t{index}"
         self.prev = "do" if index == 1 else f"t{index - 1}"
@@ -79,8 +86,9 @@ class Trainer(Party):
             self._finish_forward(msg, key, x, out)
         else:
             self._stash[key] = (x, out)
-            self.send(Message(Kind.FORWARD, msg.step, self.name, self.next, {"x": out.detach()},
-                              msg.meta))
+            self.send(
+                Message(Kind.FORWARD, msg.step, self.name, self.next, {"x": out.detach()}, msg.meta)
+            )
 
     def _on_labels(self, msg: Message) -> None:
         if msg.sender != "do" or not self.is_last:
@@ -90,18 +98,35 @@ class Trainer(Party):
         if key in self._waiting:
             self._on_forward(self._waiting.pop(key))
 
-    def _finish_forward(self, msg: Message, key: Key, x: torch.Tensor, logits: torch.Tensor) -> None:
+    def _finish_forward(
+        self, msg: Message, key: Key, x: torch.Tensor, logits: torch.Tensor
+    ) -> None:
         y = self._labels.pop(key)
         if y.shape[0] != logits.shape[0] or int(y.max()) >= logits.shape[1] or int(y.min()) < 0:
             raise ProtocolError(f"labels for step {msg.step} do not fit the batch or the classes")
         weight = float(msg.meta["weight"])
         loss = nn.functional.cross_entropy(logits, y)
         (loss * weight + self._regularisation(weight)).backward()
+        loss = loss.detach()
         if self.recorder.wants(int(msg.meta["epoch"])):
-            self.recorder.add(int(msg.meta["epoch"]), msg.step, key[1], activation=x,
-                              gradient=x.grad, pseudo_labels=y)
-        self.send(Message(Kind.LOSS, msg.step, self.name, "do", {"logits": logits.detach()},
-                          {"loss": float(loss), "micro": key[1]}))
+            self.recorder.add(
+                int(msg.meta["epoch"]),
+                msg.step,
+                key[1],
+                activation=x,
+                gradient=x.grad,
+                pseudo_labels=y,
+            )
+        self.send(
+            Message(
+                Kind.LOSS,
+                msg.step,
+                self.name,
+                "do",
+                {"logits": logits.detach()},
+                {"loss": loss.item(), "micro": key[1]},
+            )
+        )
         self._send_back(msg, x)
 
     def _on_backward(self, msg: Message) -> None:
@@ -109,7 +134,9 @@ class Trainer(Party):
             raise ProtocolError(f"{self.name} takes gradients only from {self.next}")
         key = (msg.step, int(msg.meta["micro"]))
         if key not in self._stash:
-            raise ProtocolError(f"{self.name} has no forward pass for step {msg.step} micro {key[1]}")
+            raise ProtocolError(
+                f"{self.name} has no forward pass for step {msg.step} micro {key[1]}"
+            )
         x, out = self._stash.pop(key)
         grad = msg.tensor("g")
         if grad.shape != out.shape:
@@ -117,8 +144,9 @@ class Trainer(Party):
         reg = self._regularisation(float(msg.meta["weight"]))
         torch.autograd.backward([out, reg], [grad, torch.ones(())])
         if self.recorder.wants(int(msg.meta["epoch"])):
-            self.recorder.add(int(msg.meta["epoch"]), msg.step, key[1], activation=x,
-                              gradient=x.grad)
+            self.recorder.add(
+                int(msg.meta["epoch"]), msg.step, key[1], activation=x, gradient=x.grad
+            )
         self._send_back(msg, x)
 
     def _regularisation(self, weight: float) -> torch.Tensor:
@@ -131,8 +159,7 @@ class Trainer(Party):
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.steps_applied += 1
-        self.send(Message(Kind.BACKWARD, msg.step, self.name, self.prev, {"g": x.grad},
-                          msg.meta))
+        self.send(Message(Kind.BACKWARD, msg.step, self.name, self.prev, {"g": x.grad}, msg.meta))
 
     # -- inference and control --------------------------------------------------
 
@@ -149,8 +176,16 @@ class Trainer(Party):
         if op == "finish":
             answer = self.save_segment()
         elif op == "register":
-            self.send(Message(Kind.REGISTER, msg.step, self.name, "verifier", {},
-                              {"party": self.name, **self.registration}))
+            self.send(
+                Message(
+                    Kind.REGISTER,
+                    msg.step,
+                    self.name,
+                    "verifier",
+                    {},
+                    {"party": self.name, **self.registration},
+                )
+            )
             return  # answered once the verifier replies
         elif op in self.control_handlers:
             answer = self.control_handlers[op](msg)
@@ -162,8 +197,16 @@ class Trainer(Party):
         if msg.sender != "verifier" or msg.meta.get("op") != "register":
             raise ProtocolError(f"{self.name} did not expect a reply from {msg.sender}")
         self.session = dict(msg.meta)
-        self.send(Message(Kind.REPLY, msg.step, self.name, "do", {},
-                          {"op": "register", "session_id": msg.meta["session_id"]}))
+        self.send(
+            Message(
+                Kind.REPLY,
+                msg.step,
+                self.name,
+                "do",
+                {},
+                {"op": "register", "session_id": msg.meta["session_id"]},
+            )
+        )
 
     def save_segment(self) -> dict[str, Any]:
         """Write the segment to ``out_dir/segments/<name>.safetensors`` and the records."""

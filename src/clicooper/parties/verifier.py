@@ -28,5 +28,13 @@ class Verifier(Party):
         if msg.meta.get("party") != msg.sender or msg.sender in self.registered:
             raise ProtocolError(f"{msg.sender} cannot register (again or as another party)")
         self.registered[msg.sender] = dict(msg.meta)
-        self.send(Message(Kind.REPLY, msg.step, self.name, msg.sender, {},
-                          {"op": "register", "session_id": self.session_id, "nonce": self.nonce}))
+        self.send(
+            Message(
+                Kind.REPLY,
+                msg.step,
+                self.name,
+                msg.sender,
+                {},
+                {"op": "register", "session_id": self.session_id, "nonce": self.nonce},
+            )
+        )

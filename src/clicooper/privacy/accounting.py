@@ -33,8 +33,9 @@ def _event(noise_multiplier: float, mechanism: Mechanism) -> dp_accounting.DpEve
     return dp_accounting.GaussianDpEvent(ratio)
 
 
-def epsilon(noise_multiplier: float, releases: int, delta: float,
-            mechanism: Mechanism = "gaussian") -> float | None:
+def epsilon(
+    noise_multiplier: float, releases: int, delta: float, mechanism: Mechanism = "gaussian"
+) -> float | None:
     """Epsilon at ``delta`` after ``releases`` noisy releases of each sample.
 
     ``None`` when there is no noise (no finite guarantee).
@@ -42,14 +43,16 @@ def epsilon(noise_multiplier: float, releases: int, delta: float,
     if noise_multiplier <= 0 or releases <= 0:
         return None
     accountant = rdp.RdpAccountant()
-    accountant.compose(dp_accounting.SelfComposedDpEvent(_event(noise_multiplier, mechanism),
-                                                         releases))
+    accountant.compose(
+        dp_accounting.SelfComposedDpEvent(_event(noise_multiplier, mechanism), releases)
+    )
     value = accountant.get_epsilon(delta)
     return value if math.isfinite(value) else None
 
 
-def noise_for_epsilon(target_epsilon: float, releases: int, delta: float,
-                      mechanism: Mechanism = "gaussian") -> float:
+def noise_for_epsilon(
+    target_epsilon: float, releases: int, delta: float, mechanism: Mechanism = "gaussian"
+) -> float:
     """The smallest noise multiplier whose epsilon is at most ``target_epsilon``.
 
     Bisection on the accountant's monotone epsilon(noise) curve, to 1e-4.

@@ -23,8 +23,9 @@ Mechanism = Literal["gaussian", "laplace"]
 class ActivationNoise:
     """Clip and noise cut-layer activations; gradients flow through the clip."""
 
-    def __init__(self, clip_norm: float, noise_multiplier: float,
-                 mechanism: Mechanism = "gaussian") -> None:
+    def __init__(
+        self, clip_norm: float, noise_multiplier: float, mechanism: Mechanism = "gaussian"
+    ) -> None:
         if clip_norm <= 0:
             raise ValueError(f"clip_norm must be positive, got {clip_norm}")
         if noise_multiplier < 0:

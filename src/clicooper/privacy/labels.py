@@ -31,11 +31,22 @@ PROJECTION_DIM = 16
 class LabelObfuscator:
     """The owner's secret map between true labels and pseudo-labels."""
 
-    def __init__(self, secret: OwnerSecret, num_classes: int, expansion: int, decoys: int = 0,
-                 mode: LabelMode = "feature") -> None:
+    def __init__(
+        self,
+        secret: OwnerSecret,
+        num_classes: int,
+        expansion: int,
+        decoys: int = 0,
+        mode: LabelMode = "feature",
+    ) -> None:
         if expansion < 1 or decoys < 0:
             raise ValueError("expansion must be >= 1 and decoys >= 0")
-        self.num_classes, self.expansion, self.decoys, self.mode = num_classes, expansion, decoys, mode
+        self.num_classes, self.expansion, self.decoys, self.mode = (
+            num_classes,
+            expansion,
+            decoys,
+            mode,
+        )
         self.pseudo_classes = num_classes * expansion + decoys
         gen = torch.Generator().manual_seed(secret.derive_seed("labels/permutation"))
         self.permutation = torch.randperm(self.pseudo_classes, generator=gen)
@@ -45,7 +56,8 @@ class LabelObfuscator:
         # pseudo-label -> true class (or -1 for decoys), for decoding
         owner = torch.full((self.pseudo_classes,), -1, dtype=torch.long)
         owner[self.permutation[: num_classes * expansion]] = torch.arange(
-            num_classes).repeat_interleave(expansion)
+            num_classes
+        ).repeat_interleave(expansion)
         self.class_of_pseudo = owner
         self.sub_labels: torch.Tensor | None = None
 
@@ -57,7 +69,9 @@ class LabelObfuscator:
             self.sub_labels = self._feature_subs(features, labels)
 
     def _keyed_subs(self, n: int) -> torch.Tensor:
-        digests = (hmac.new(self._sub_key, i.to_bytes(8, "big"), "sha256").digest() for i in range(n))
+        digests = (
+            hmac.new(self._sub_key, i.to_bytes(8, "big"), "sha256").digest() for i in range(n)
+        )
         return torch.tensor([int.from_bytes(d[:8], "big") % self.expansion for d in digests])
 
     def _feature_subs(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -87,7 +101,8 @@ class LabelObfuscator:
         """True-class log-scores: log of the softmax mass of each class's pseudo-classes."""
         logp = torch.log_softmax(pseudo_logits, dim=1)
         index = self.permutation[: self.num_classes * self.expansion].view(
-            self.num_classes, self.expansion)
+            self.num_classes, self.expansion
+        )
         return torch.logsumexp(logp[:, index], dim=2)
 
     def decode_labels(self, pseudo_labels: torch.Tensor) -> torch.Tensor:

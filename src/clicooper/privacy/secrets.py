@@ -33,8 +33,12 @@ class OwnerSecret:
 
     def derive(self, label: str, length: int = 32) -> bytes:
         """HKDF-SHA256 sub-secret for ``label`` (no salt: the input is already uniform)."""
-        hkdf = HKDF(algorithm=hashes.SHA256(), length=length, salt=None,
-                    info=b"clicooper-v1/" + label.encode())
+        hkdf = HKDF(
+            algorithm=hashes.SHA256(),
+            length=length,
+            salt=None,
+            info=b"clicooper-v1/" + label.encode(),
+        )
         return hkdf.derive(self._value)
 
     def derive_seed(self, label: str) -> int:
@@ -61,7 +65,9 @@ class OwnerSecret:
         try:
             return cls(path.read_bytes())
         except FileNotFoundError:
-            raise ValueError(f"no owner secret at {path}: is this the data owner's directory?") from None
+            raise ValueError(
+                f"no owner secret at {path}: is this the data owner's directory?"
+            ) from None
 
 
 def private_dir(directory: Path) -> Path:

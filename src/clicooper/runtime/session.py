@@ -108,10 +108,10 @@ def _run_centralized(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss) * len(ids)
+            total += loss.item() * len(ids)
             correct += int((logits.argmax(1) == data.train.y[ids]).sum())
             if progress:
-                progress(epoch, b + 1, len(batches), float(loss))
+                progress(epoch, b + 1, len(batches), loss.item())
         train_seconds += time.perf_counter() - start
         with torch.no_grad():
             test_acc = float((model(data.test.x).argmax(1) == data.test.y).float().mean())

@@ -5,8 +5,9 @@
 """
 
 from clicooper.runtime.transport.base import Party, Transport
+from clicooper.runtime.transport.grpc import GrpcTransport
 from clicooper.runtime.transport.inprocess import InProcessTransport
 
-TRANSPORTS: dict[str, type[Transport]] = {"inprocess": InProcessTransport}
+TRANSPORTS: dict[str, type[Transport]] = {"inprocess": InProcessTransport, "grpc": GrpcTransport}
 
-__all__ = ["TRANSPORTS", "InProcessTransport", "Party", "Transport"]
+__all__ = ["TRANSPORTS", "GrpcTransport", "InProcessTransport", "Party", "Transport"]

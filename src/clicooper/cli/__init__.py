@@ -1,0 +1,1 @@
+"""The ``clicooper`` command line."""

@@ -1,0 +1,3 @@
+from clicooper.cli.main import main
+
+main()

@@ -1,0 +1,57 @@
+"""Rich progress bars for epochs and batches, and the end-of-run summary table."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+@contextmanager
+def training_progress(epochs: int, label: str = "training") -> Iterator[Any]:
+    """A callback ``(epoch, batch, n_batches, loss)`` driving two bars."""
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as bars:
+        epoch_bar = bars.add_task(f"{label}: epochs", total=epochs, info="")
+        batch_bar = bars.add_task("  batches", total=1, info="")
+
+        def update(epoch: int, batch: int, n_batches: int, loss: float) -> None:
+            bars.update(batch_bar, total=n_batches, completed=batch, info=f"loss {loss:.4f}")
+            bars.update(epoch_bar, completed=epoch - 1 + batch / n_batches, info=f"epoch {epoch}")
+
+        yield update
+
+
+def summary_table(results: dict[str, Any]) -> Table:
+    """The headline numbers of a run."""
+    table = Table(title=f"CliCooper run: {results['mode']} on {results['dataset']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    privacy = results.get("privacy") or {}
+    eps = privacy.get("epsilon")
+    rows = [
+        ("test accuracy", f"{results['accuracy']['test']:.4f}"),
+        ("train accuracy", f"{results['accuracy']['train']:.4f}"),
+        ("noise multiplier", f"{privacy.get('noise_multiplier', 0):g}"),
+        ("epsilon (delta)", "none" if eps is None else f"{eps:.2f} ({privacy['delta']:g})"),
+        ("pseudo-classes", str(results["labels"]["pseudo_classes"])),
+        ("train seconds", f"{results['timing']['train_seconds']:.1f}"),
+    ]
+    wm = results.get("watermark")
+    if wm:
+        rows.append(("ledger verifies", str(wm.get("verified"))))
+    for row in rows:
+        table.add_row(*row)
+    return table

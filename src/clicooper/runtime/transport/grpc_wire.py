@@ -1,0 +1,131 @@
+"""Client side of the gRPC wire: channels, chunking and raw delivery.
+
+A :class:`~clicooper.common.messages.Message` becomes one client stream of
+``Envelope``s: the header (session, seq, step, kind, route, meta as JSON) is
+repeated in every envelope and the safetensors payload is cut into slices of
+at most ``chunk_bytes``. One gRPC message therefore never exceeds the
+per-envelope limit, while a whole message may be far larger (up to the
+receiver's ``max_message_bytes``).
+
+:func:`send_stream` takes envelopes *or raw bytes*, because tests and fuzzers
+must be able to put arbitrary, even non-protobuf, bytes on the wire through
+the same code path the transport uses.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+import grpc
+
+from clicooper.common.messages import Message, ProtocolError
+from clicooper.common.serde import encode_tensors
+from clicooper.proto import DELIVER_METHOD, Ack, Envelope
+
+MIB = 1 << 20
+DEFAULT_CHUNK_BYTES = 1 * MIB
+DEFAULT_ENVELOPE_BYTES = 4 * MIB
+DEFAULT_MAX_MESSAGE_BYTES = 256 * MIB
+#: Room left in an envelope for its header (route, kind, meta JSON) beside the chunk.
+HEADER_ROOM = 256 * 1024
+
+Credentials = tuple[bytes, bytes, bytes]  # (ca_pem, cert_pem, key_pem)
+
+
+def channel_options(envelope_bytes: int) -> list[tuple[str, int | str]]:
+    """Options shared by servers and channels.
+
+    The HTTP proxy is disabled because parties talk to each other directly; an
+    ``http_proxy`` variable in the environment must not reroute (or break)
+    session traffic.
+    """
+    return [
+        ("grpc.max_send_message_length", envelope_bytes),
+        ("grpc.max_receive_message_length", envelope_bytes),
+        ("grpc.enable_http_proxy", 0),
+    ]
+
+
+def open_channel(
+    address: str,
+    peer: str,
+    credentials: Credentials,
+    envelope_bytes: int = DEFAULT_ENVELOPE_BYTES,
+) -> grpc.Channel:
+    """A mutual-TLS channel to ``peer`` at ``address`` ("host:port").
+
+    The server certificate must chain to the session CA *and* carry the DNS
+    name ``peer`` (``ssl_target_name_override``), so a different party
+    listening at that address is refused even though its certificate is valid.
+    """
+    ca_pem, cert_pem, key_pem = credentials
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=ca_pem, private_key=key_pem, certificate_chain=cert_pem
+    )
+    options = [
+        *channel_options(envelope_bytes),
+        ("grpc.ssl_target_name_override", peer),
+        # Reconnect quickly while peers are still starting up.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ]
+    return grpc.secure_channel(address, creds, options=options)
+
+
+def encode_meta(msg: Message) -> str:
+    """``msg.meta`` as strict JSON (no NaN/Infinity, which the receiver refuses)."""
+    try:
+        return json.dumps(msg.meta, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ProtocolError(f"meta of the {msg.kind} message is not plain JSON: {exc}") from None
+
+
+def split_message(
+    msg: Message, session_id: str, seq: int, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> list[Envelope]:
+    """``msg`` as ``ceil(len(payload) / chunk_bytes)`` envelopes (at least one)."""
+    payload = encode_tensors(msg.tensors)
+    starts = range(0, max(len(payload), 1), chunk_bytes)
+    try:
+        return [
+            Envelope(
+                session_id=session_id,
+                seq=seq,
+                step=msg.step,
+                kind=str(msg.kind),
+                sender=msg.sender,
+                receiver=msg.receiver,
+                meta_json=encode_meta(msg),
+                payload=payload[start : start + chunk_bytes],
+                chunk_index=index,
+                chunk_count=len(starts),
+            )
+            for index, start in enumerate(starts)
+        ]
+    except (ValueError, TypeError) as exc:  # e.g. a step outside int64
+        raise ProtocolError(f"{msg.kind} message cannot be framed: {exc}") from None
+
+
+def send_stream(
+    channel: grpc.Channel,
+    requests: Iterable[Envelope | bytes],
+    timeout: float,
+    wait_for_ready: bool = False,
+) -> Ack:
+    """Deliver one stream of envelopes (or raw byte strings) and return the Ack.
+
+    Raises :class:`grpc.RpcError` with the server's status when it rejects
+    the stream. ``wait_for_ready`` makes the call wait (until ``timeout``) for
+    a peer that is not listening yet instead of failing at once.
+    """
+    call = channel.stream_unary(
+        DELIVER_METHOD,
+        request_serializer=_serialize,
+        response_deserializer=Ack.FromString,
+    )
+    return call(iter(requests), timeout=timeout, wait_for_ready=wait_for_ready)
+
+
+def _serialize(item: Envelope | bytes) -> bytes:
+    return item if isinstance(item, bytes) else item.SerializeToString()

@@ -1,0 +1,109 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "clicooper.cli"]
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def test_run_writes_results_and_exits_zero(tmp_path):
+    out = tmp_path / "run"
+    proc = _cli(
+        "run",
+        "--dataset",
+        "digits",
+        "--mode",
+        "clicooper",
+        "--trainers",
+        "2",
+        "--epochs",
+        "1",
+        "--seed",
+        "1",
+        "--out",
+        str(out),
+        "--model",
+        "mlp",
+        "--train-subset",
+        "300",
+        "--noise-multiplier",
+        "0.2",
+        "--label-mode",
+        "keyed",
+    )
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["seed"] == 1 and results["labels"]["mode"] == "keyed"
+    assert results["privacy"]["noise_multiplier"] == 0.2
+    assert (out / "segments" / "t2.safetensors").exists()
+    assert "test accuracy" in proc.stderr
+
+
+def test_config_file_and_flags_merge(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(
+        'dataset = "digits"\nmodel = "mlp"\nepochs = 1\ntrain_subset = 200\n'
+        "[labels]\nexpansion = 2\n"
+    )
+    out = tmp_path / "run"
+    proc = _cli("run", "--config", str(cfg), "--mode", "vanilla", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["mode"] == "vanilla" and results["config"]["labels"]["expansion"] == 2
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--epochs", "abc"], "--epochs"),
+        (["--mode", "split"], "mode"),
+        (["--trainers", "9"], "trainers"),
+        (["--dataset", "nope"], "unknown dataset"),
+        (["--noise-multiplier", "-1"], "noise_multiplier"),
+        (["--label-mode", "random"], "labels.mode"),
+        (["--no-such-flag"], "no-such-flag"),
+        (["--config", "/nonexistent.toml"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(args, needle, tmp_path, cli_inprocess):
+    code, err, _ = cli_inprocess("run", "--out", str(tmp_path / "x"), *args)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert needle in lines[0] and "Traceback" not in err
+    assert not (tmp_path / "x").exists()  # nothing was started
+
+
+def test_bad_toml_is_one_line(tmp_path, cli_inprocess):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("epochs = [unclosed\n")
+    code, err, _ = cli_inprocess("run", "--config", str(cfg))
+    assert code == 2 and "not valid TOML" in err
+    cfg.write_text("unknown_setting = 1\n")
+    code, err, _ = cli_inprocess("run", "--config", str(cfg))
+    assert code == 2 and "unknown_setting" in err
+
+
+def test_help_lists_commands(cli_inprocess):
+    code, _, out = cli_inprocess("--help")
+    assert code == 0 and "run" in out
+
+
+def test_custom_model_example_runs(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "custom_model.py"), str(tmp_path / "ex")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    acc = float(proc.stdout.split("test accuracy ")[1].split(",")[0])
+    assert acc > 0.8
+    assert (tmp_path / "ex" / "segments" / "t2.safetensors").exists()

@@ -1,0 +1,111 @@
+import json
+import os
+import stat
+
+import pytest
+import torch
+from cc_helpers import quick_config
+from safetensors.torch import load_file
+
+from clicooper.runtime.session import run
+
+REQUIRED = [
+    "mode",
+    "dataset",
+    "seed",
+    "accuracy.test",
+    "accuracy.train",
+    "privacy.epsilon",
+    "privacy.delta",
+    "privacy.noise_multiplier",
+    "privacy.clip_norm",
+    "labels.expansion",
+    "labels.mode",
+    "labels.pseudo_classes",
+    "timing.train_seconds",
+]
+
+
+def _get(d, dotted):
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+def test_vanilla_is_exactly_centralized_training(tmp_path, small_digits):
+    # Split learning without defences is the same maths as one model: same seed, same result.
+    central = run(quick_config(mode="centralized"), tmp_path / "c", data=small_digits)
+    vanilla = run(quick_config(mode="vanilla"), tmp_path / "v", data=small_digits)
+    assert central.results["accuracy"] == vanilla.results["accuracy"]
+    for a, b in zip(central.model.parameters(), vanilla.model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_clicooper_run_directory(tmp_path, small_digits):
+    out = tmp_path / "run"
+    session = run(quick_config(trainers=3), out, data=small_digits)
+    results = json.loads((out / "results.json").read_text())
+    for key in REQUIRED:
+        _get(results, key)
+    assert results["mode"] == "clicooper" and results["labels"]["pseudo_classes"] == 40
+    assert results["privacy"]["epsilon"] > 0 and results["privacy"]["releases"] == 2
+    assert 0.0 <= results["accuracy"]["test"] <= 1.0
+    for name in ("t1", "t2", "t3"):
+        state = load_file(str(out / "segments" / f"{name}.safetensors"))
+        live = session.trainers[int(name[1]) - 1].segment.state_dict()
+        assert all(torch.equal(state[k], live[k]) for k in live)
+    owner = out / "owner"
+    assert stat.S_IMODE(os.stat(owner).st_mode) == 0o700
+    for f in owner.iterdir():
+        assert stat.S_IMODE(os.stat(f).st_mode) == 0o600
+    assert {"owner.secret", "head.safetensors"} <= {f.name for f in owner.iterdir()}
+
+
+def test_clicooper_learns_on_digits(tmp_path, digits):
+    cfg = quick_config(
+        epochs=6,
+        train_subset=None,
+        test_subset=None,
+        **{"privacy.noise_multiplier": 0.1, "labels.mode": "keyed"},
+    )
+    acc = run(cfg, tmp_path, data=digits).results["accuracy"]["test"]
+    assert acc > 0.85
+
+
+def test_micro_batches_give_the_same_training(tmp_path, small_digits):
+    whole = run(quick_config(mode="vanilla", trainers=3), tmp_path / "a", data=small_digits)
+    piped = run(
+        quick_config(mode="vanilla", trainers=3, micro_batches=4), tmp_path / "b", data=small_digits
+    )
+    for a, b in zip(whole.model.parameters(), piped.model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_same_seed_reproduces_vanilla_and_another_seed_does_not(tmp_path, small_digits):
+    a = run(quick_config(mode="vanilla", seed=3), tmp_path / "a", data=small_digits)
+    b = run(quick_config(mode="vanilla", seed=3), tmp_path / "b", data=small_digits)
+    c = run(quick_config(mode="vanilla", seed=4), tmp_path / "c", data=small_digits)
+    pa, pb, pc = (next(s.model.parameters()) for s in (a, b, c))
+    assert torch.equal(pa, pb) and not torch.equal(pa, pc)
+
+
+def test_target_epsilon_sets_the_noise(tmp_path, small_digits):
+    res = run(quick_config(**{"privacy.target_epsilon": 5.0}), tmp_path, data=small_digits)
+    assert res.results["privacy"]["epsilon"] <= 5.0
+    assert res.results["privacy"]["epsilon"] > 4.9
+    assert res.results["privacy"]["noise_multiplier"] > 1.0
+
+
+@pytest.mark.parametrize("label_mode", ["keyed", "feature"])
+def test_label_modes_and_decoys_run(tmp_path, small_digits, label_mode):
+    cfg = quick_config(
+        epochs=1, **{"labels.mode": label_mode, "labels.decoys": 5, "labels.expansion": 3}
+    )
+    res = run(cfg, tmp_path, data=small_digits).results
+    assert res["labels"]["pseudo_classes"] == 35 and res["labels"]["mode"] == label_mode
+
+
+def test_cnn_preset_and_laplace(tmp_path, small_digits):
+    cfg = quick_config(model="cnn", epochs=1, **{"privacy.mechanism": "laplace"})
+    res = run(cfg, tmp_path, data=small_digits).results
+    assert res["privacy"]["mechanism"] == "laplace" and res["privacy"]["epsilon"] > 0
