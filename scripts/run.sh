@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/clicooper run --out runs/default "$@"
+exec .venv/bin/clicooper run --out runs/default --overwrite "$@"

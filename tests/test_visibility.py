@@ -110,7 +110,16 @@ def test_secrets_never_cross_the_boundary(captured, tmp_path):
         assert not any(secret.hex() in blob.decode("latin-1") for blob in blobs)
 
 
-def test_verifier_receives_only_registrations(captured):
-    _, delivered, _ = captured
-    assert {m.kind for m in delivered["verifier"]} == {"register"}
-    assert {m.sender for m in delivered["verifier"]} == {"t1", "t2", "t3"}
+def test_verifier_sees_keys_records_and_trainer_segments_only(captured):
+    sess, delivered, _ = captured
+    msgs = delivered["verifier"]
+    assert {m.kind for m in msgs} == {"register", "control", "record", "audit"}
+    for msg in msgs:
+        if msg.sender == "do":  # the owner sends its key, the open request and its records
+            assert not msg.tensors
+            assert "watermark_secret" not in msg.meta
+        if msg.kind == "audit":  # a trainer's own segment, nothing else
+            trainer = sess.trainers[int(msg.sender[1:]) - 1]
+            assert set(msg.tensors) == set(trainer.segment.state_dict())
+    registered = {m.sender for m in msgs if m.kind == "register"}
+    assert registered == {"do", "t1", "t2", "t3"}

@@ -37,6 +37,7 @@ def train(
     model: Callable[[int], nn.Sequential] | None = None,
     cuts: Sequence[int] | None = None,
     progress: ProgressFn | None = None,
+    overwrite: bool = False,
 ) -> Session:
     """Run ``config`` (optionally on your dataset and your ``nn.Sequential``); see module doc."""
     factory = None
@@ -47,4 +48,11 @@ def train(
         def factory(n_outputs: int) -> SplitModel:
             return split_sequential(model(n_outputs), cuts)
 
-    return run(config, Path(out_dir), data=data, model_factory=factory, progress=progress)
+    return run(
+        config,
+        Path(out_dir),
+        data=data,
+        model_factory=factory,
+        progress=progress,
+        overwrite=overwrite,
+    )

@@ -47,7 +47,7 @@ class WatermarkConfig(_Strict):
 
     enabled: bool = True
     bits: int = Field(256, ge=16, le=4096)
-    strength: float = Field(0.01, ge=0)
+    strength: float = Field(0.001, ge=0)
     stage_steps: int | None = Field(None, ge=1)
     ber_threshold: float = Field(0.05, ge=0, le=0.5)
     claim_p_value: float = Field(1e-6, gt=0, lt=1)
@@ -71,6 +71,7 @@ class RunConfig(_Strict):
     micro_batches: int = Field(1, ge=1, le=64)
     record: int = Field(0, ge=0, description="samples per epoch each party records (0: off)")
     transport: Literal["inprocess", "grpc"] = "inprocess"
+    threads: int = Field(1, ge=1, le=256, description="torch intra-op threads per process")
     privacy: PrivacyConfig = PrivacyConfig()
     labels: LabelConfig = LabelConfig()
     watermark: WatermarkConfig = WatermarkConfig()

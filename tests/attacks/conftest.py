@@ -52,10 +52,15 @@ def conv_head() -> nn.Module:
 
 
 def train_victim(
-    digits: Digits, head: nn.Module, targets: np.ndarray, n_out: int, seed: int
+    digits: Digits,
+    head_factory: Callable[[], nn.Module],
+    targets: np.ndarray,
+    n_out: int,
+    seed: int,
 ) -> tuple[nn.Module, nn.Module]:
-    """Train head + tail (Linear(32, 32) -> ReLU -> Linear(32, n_out)) on the training split."""
+    """Train head + tail (Flatten -> Linear(., 32) -> ReLU -> Linear(32, n_out)) on digits."""
     torch.manual_seed(seed)
+    head = head_factory()
     tail = nn.Sequential(nn.Flatten(), nn.LazyLinear(32), nn.ReLU(), nn.Linear(32, n_out))
     model = nn.Sequential(head, tail)
     model(digits.x[:2])
@@ -77,5 +82,5 @@ def heads() -> dict[str, Callable[[], nn.Module]]:
 
 @pytest.fixture(scope="session")
 def victim() -> Callable[..., tuple[nn.Module, nn.Module]]:
-    """The victim trainer ``train_victim(digits, head, targets, n_out, seed)``."""
+    """The victim trainer ``train_victim(digits, head_factory, targets, n_out, seed)``."""
     return train_victim

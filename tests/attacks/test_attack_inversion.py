@@ -13,7 +13,7 @@ from clicooper.attacks.metrics import mean_image_baselines, ssim_batch
 @pytest.fixture(scope="module")
 def linear_victim(digits, heads, victim):
     """A trained Flatten -> Linear(64, 32) -> ReLU head (test accuracy ~0.95 with its tail)."""
-    head, _ = victim(digits, heads["linear"](), digits.y, 10, seed=0)
+    head, _ = victim(digits, heads["linear"], digits.y, 10, seed=0)
     return head
 
 
@@ -70,7 +70,7 @@ def test_query_decoder_uses_a_conv_decoder_for_spatial_activations(digits, heads
 
 
 def test_unsplit_recovers_structure_through_a_conv_head(digits, heads, victim):
-    head, _ = victim(digits, heads["conv"](), digits.y, 10, seed=0)
+    head, _ = victim(digits, heads["conv"], digits.y, 10, seed=0)
     x = digits.x[digits.test][:128]
     recon = unsplit(heads["conv"], _acts(head, x), (1, 8, 8), seed=0)
     assert recon.shape == x.shape and recon.min() >= 0 and recon.max() <= 1
@@ -103,3 +103,15 @@ def test_total_variation_is_zero_on_flat_images_and_positive_on_edges():
     edge = flat.clone()
     edge[..., 4:] = 1.0
     assert total_variation(edge) > 0
+
+
+def test_unsplit_and_aux_no_query_are_reproducible_for_a_seed(digits, heads):
+    x = digits.x[digits.aux][:32]
+    z = heads["linear"]()(x).detach()
+    a = unsplit(heads["linear"], z, (1, 8, 8), rounds=2, steps=2, seed=3)
+    b = unsplit(heads["linear"], z, (1, 8, 8), rounds=2, steps=2, seed=3)
+    c = unsplit(heads["linear"], z, (1, 8, 8), rounds=2, steps=2, seed=4)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    r1 = aux_no_query(heads["linear"], x, z, epochs=1, seed=3)
+    r2 = aux_no_query(heads["linear"], x, z, epochs=1, seed=3)
+    assert torch.equal(r1, r2)

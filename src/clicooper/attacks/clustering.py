@@ -82,6 +82,9 @@ def clustering_attack(
 ) -> ClusteringResult:
     """k-means (k = C) label inference over ``trials`` random subsets; one ``ClusteringResult``.
 
+    ``features`` are what the attacker holds at its cut: received activations or the
+    gradients it computes there (both are clustered the same way).
+
     ``features`` is one array (n, ...) or a list of them (one per epoch or source); trial t
     uses source t mod len(sources) and a fresh random subset of ``subset_size`` rows.
     Rows are L2-normalised (x / |x|) when ``normalise``. Each trial scores the clustering

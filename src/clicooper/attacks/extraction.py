@@ -44,9 +44,9 @@ def train_shadow_head(
     The encoder of :func:`clicooper.attacks.inversion.aligned_autoencoder`: trained on
     the auxiliary images so that its output distribution matches the observed
     activations (MMD) and decoding an observed activation and re-encoding it gives it
-    back (cycle). On digits (vanilla, 3 seeds) the surrogate built on it named test
-    digits with accuracy 0.55-0.71; plain MMD matching without the autoencoder and
-    cycle reached only 0.25-0.43.
+    back (cycle). Measured on digits (vanilla, Linear(64, 32)-ReLU head, true labels
+    known): the surrogate's test accuracy was 0.47-0.55 for three victims but only
+    0.10-0.19 for victims from other initialisations, so report it over several runs.
     """
     enc, _ = aligned_autoencoder(shadow_head_factory, aux_images, observed, epochs, seed)
     return enc

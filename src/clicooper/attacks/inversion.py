@@ -83,8 +83,8 @@ def unsplit(
     when the activations were produced.
 
     Budget: the defaults (20 rounds x 20 steps per side, 800 forward/backward passes)
-    take about a minute for 256 28x28 images through Conv2d(1, 16, 3)-ReLU-MaxPool
-    with one torch thread on a loaded 2-core host (1,000 passes took 77 s); scale
+    took 47 s for 256 28x28 images through Conv2d(1, 16, 3)-ReLU-MaxPool with one
+    torch thread on a loaded 2-core host (two threads were 4x slower there); scale
     ``rounds`` for a stronger attacker (the paper used 1,000 rounds x 100 steps).
     """
     z = as_float_tensor(observed, "observed")
@@ -117,7 +117,7 @@ def aligned_autoencoder(
     mmd_weight: float = 3.0,
     cycle_weight: float = 1.0,
     lr: float = 1e-3,
-    batch_size: int = 128,
+    batch_size: int = 64,
     match_size: int = 256,
 ) -> tuple[nn.Module, nn.Module]:
     """Encoder E (head architecture) and decoder D aligned to the observed activations.
@@ -129,12 +129,15 @@ def aligned_autoencoder(
         |D(E(x_a)) - x_a|^2 / N  +  mmd_weight * MMD^2(s(E(x_a)), s(z_b))
                                  +  cycle_weight * |s(E(D(z_b))) - s(z_b)|^2 / N
 
-    where z_b is a random batch of observed activations and s standardises by the
-    observed statistics. The reconstruction term makes D invert E on real images; the
-    MMD term aligns E's feature space with the owner's head in distribution (no pairs
-    needed); the cycle term asks that decoding an observed activation gives an image
-    E maps back to it (UnSplit's objective, with D's learned image prior in place of
-    total variation). Returns (E, D) in eval mode.
+    where x_a runs over batches of ``batch_size`` auxiliary images, z_b is a random
+    batch of ``match_size`` observed activations and s standardises by the observed
+    statistics (:func:`clicooper.attacks._common.standardiser`). The reconstruction
+    term makes D invert E on real images; the MMD term aligns E's feature space with
+    the owner's head in distribution (no pairs needed); the cycle term asks that
+    decoding an observed activation gives an image E maps back to it (UnSplit's
+    objective, with D's learned image prior in place of total variation). Returns
+    (E, D) in eval mode. Without pairs the alignment is only as good as the data
+    distribution pins the head down, so results vary from victim to victim.
     """
     x = as_images(aux_images, "aux_images")
     z = as_float_tensor(observed, "observed")
@@ -167,10 +170,11 @@ def aux_no_query(
 ) -> Tensor:
     """Auxiliary-data inversion without queries: D(z) from :func:`aligned_autoencoder`.
 
-    The "auxiliary data, no queries" attacker of the evaluation. Against heavy
-    activation noise nothing consistent can be matched and D(z) loses the image.
-    On digits with a trained Linear(64, 32) head the cycle term lifts mean SSIM from
-    0.33 to 0.52 (dataset-mean baseline 0.58), and with a conv head from -0.17 to 0.47.
+    The "auxiliary data, no queries" attacker of the evaluation. Measured on digits
+    (400 auxiliary images, 497 test images, three trained victims): mean SSIM 0.51-0.54
+    through Linear(64, 32)-ReLU and 0.96-0.97 through Conv2d(1, 8, 3)-ReLU, against a
+    dataset-mean baseline of 0.58; with Gaussian noise of 5x the activations' std it
+    falls to 0.07-0.11 and 0.41-0.43. Without the cycle term it was far weaker.
     """
     z = as_float_tensor(observed, "observed")
     _, dec = aligned_autoencoder(

@@ -80,6 +80,12 @@ def run(
         int | None, Opt(help="micro-batches in flight along the chain")
     ] = None,
     record: Annotated[int | None, Opt(help="samples per epoch each party records")] = None,
+    watermark: Annotated[
+        bool | None, Opt("--watermark/--no-watermark", help="watermark chain (clicooper mode)")
+    ] = None,
+    stage_steps: Annotated[int | None, Opt(help="watermark stage length in steps")] = None,
+    threads: Annotated[int | None, Opt(help="torch threads per process")] = None,
+    overwrite: Annotated[bool, Opt(help="replace a run already in --out")] = False,
 ) -> None:
     """Train with every party in this process (the embedded default)."""
     cfg = build_config(
@@ -97,6 +103,7 @@ def run(
         test_subset=test_subset,
         micro_batches=micro_batches,
         record=record,
+        threads=threads,
         **{
             "privacy.noise_multiplier": noise_multiplier,
             "privacy.clip_norm": clip_norm,
@@ -107,6 +114,8 @@ def run(
             "labels.expansion": expansion,
             "labels.decoys": decoys,
             "labels.mode": label_mode,
+            "watermark.enabled": watermark,
+            "watermark.stage_steps": stage_steps,
         },
     )
     from clicooper.runtime.session import resolve_dataset
@@ -118,7 +127,7 @@ def run(
     try:
         data = resolve_dataset(cfg, None)
         with training_progress(cfg.epochs, cfg.mode) as progress:
-            session = run_session(cfg, out, data=data, progress=progress)
+            session = run_session(cfg, out, data=data, progress=progress, overwrite=overwrite)
     except (DataError, ValueError) as exc:
         fail(str(exc).splitlines()[0])
     console.print(summary_table(session.results))
@@ -139,3 +148,101 @@ def main() -> None:
         console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
         sys.exit(2 if exc.exit_code in (1, 2) else exc.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+@app.command()
+def verify(
+    run_dir: Annotated[Path, typer.Argument(help="run directory holding ledger.sqlite")],
+    secrets: Annotated[
+        Path | None, Opt(help="verifier's watermark secrets (default: RUN_DIR/verifier/...)")
+    ] = None,
+    ber_threshold: Annotated[float | None, Opt()] = None,
+    bits: Annotated[int | None, Opt()] = None,
+    config: Annotated[Path | None, Opt(help="TOML config; flags override it")] = None,
+) -> None:
+    """Check a run's ledger, audit copies and final segments; exit 0 only if all holds."""
+    from rich.table import Table
+
+    from clicooper.runtime.session import verify_run
+
+    cfg = build_config(config, **{"watermark.ber_threshold": ber_threshold, "watermark.bits": bits})
+    if not (run_dir / "ledger.sqlite").is_file():
+        fail(f"{run_dir} has no ledger.sqlite: give the directory of a clicooper run")
+    try:
+        report = verify_run(run_dir, cfg.watermark, secrets)
+    except ValueError as exc:
+        fail(str(exc).splitlines()[0])
+    table = Table(title=f"ledger of {run_dir}")
+    for column in ("seq", "stage", "party", "kind", "signature", "link", "hash", "BER", "verdict"):
+        table.add_column(column)
+    mark = {True: "ok", False: "BAD", None: "-"}
+    for line in report.lines:
+        ber = "-" if line.ber is None else f"{line.ber:.4f}"
+        verdict = line.verdict if line.verdict in ("ok", "not retained") else "FAIL"
+        table.add_row(
+            str(line.seq),
+            str(line.stage),
+            line.party,
+            line.kind,
+            mark[line.signature_ok],
+            mark[line.link_ok],
+            mark[line.hash_ok],
+            ber,
+            verdict,
+        )
+
+    console.print(table)
+    if report.ok:
+        console.print(f"chain holds: {len(report.lines)} records verified")
+        return
+    fail(f"chain does not hold: {report.first_failure}", code=1)
+
+
+@app.command()
+def claim(
+    run_dir: Annotated[Path, typer.Argument(help="run directory holding ledger.sqlite")],
+    party: Annotated[str, Opt(help="the claiming trainer, e.g. t1")],
+    segment: Annotated[Path, Opt(help="suspect segment (.safetensors)")],
+    secret: Annotated[
+        Path | None, Opt(help="the claimant's watermark secret (default: its party directory)")
+    ] = None,
+    p_value: Annotated[float | None, Opt(help="claim holds at or below this p-value")] = None,
+    bits: Annotated[int | None, Opt()] = None,
+    config: Annotated[Path | None, Opt(help="TOML config; flags override it")] = None,
+) -> None:
+    """Ownership claim on a suspect segment: exit 0 only when the claim holds."""
+    from clicooper.watermark import Ledger, LedgerError, claim_inputs, load_segment
+    from clicooper.watermark import claim as run_claim
+
+    cfg = build_config(config, **{"watermark.claim_p_value": p_value, "watermark.bits": bits})
+    secret = secret or run_dir / "parties" / party / "watermark.secret"
+    if not secret.is_file():
+        fail(f"no watermark secret at {secret}: pass --secret FILE of the claiming trainer")
+    if not segment.is_file():
+        fail(f"no suspect segment at {segment}: give a .safetensors file")
+    try:
+        suspect = load_segment(segment)
+        with Ledger.open(run_dir / "ledger.sqlite", readonly=True) as ledger:
+            inputs = claim_inputs(ledger, party)
+    except (LedgerError, ValueError, OSError) as exc:
+        fail(str(exc).splitlines()[0])
+    param = inputs.param_name or max(suspect, key=lambda k: suspect[k].numel())
+    result = run_claim(
+        suspect,
+        secret.read_bytes(),
+        inputs.commitment,
+        inputs.prev_link,
+        inputs.party_index,
+        inputs.stage,
+        param,
+        cfg.watermark.bits,
+        cfg.watermark.claim_p_value,
+    )
+    ber = "-" if result.ber is None else f"{result.ber:.4f}"
+    console.print(
+        f"party {party}, stage {inputs.stage}, tensor {param}: matching bits "
+        f"{result.matching}/{result.n_bits}, BER {ber}, p-value {result.p_value:.3g}"
+    )
+    console.print(result.reason)
+    if not result.holds:
+        raise typer.Exit(1)

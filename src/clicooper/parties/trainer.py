@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from clicooper.common.messages import Kind, Message, ProtocolError
 from clicooper.parties.recorder import Recorder
 from clicooper.runtime.transport.base import Party
+from clicooper.watermark.chain import save_segment
 
 Key = tuple[int, int]  # (step, micro-batch)
 
@@ -46,7 +46,8 @@ class Trainer(Party):
         self.out_dir = out_dir
         self.recorder = recorder or Recorder(0)
         self.regulariser: Callable[[nn.Module], torch.Tensor] | None = None
-        self.control_handlers: dict[str, Callable[[Message], dict[str, Any]]] = {}
+        self.control_handlers: dict[str, Callable[[Message], dict[str, Any] | None]] = {}
+        self.loss_observers: list[Callable[[float | None, bool], None]] = []
         self._stash: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
         self._labels: dict[Key, torch.Tensor] = {}
         self._waiting: dict[Key, Message] = {}
@@ -127,7 +128,7 @@ class Trainer(Party):
                 {"loss": loss.item(), "micro": key[1]},
             )
         )
-        self._send_back(msg, x)
+        self._send_back(msg.step, {**msg.meta, "loss": loss.item()}, x)
 
     def _on_backward(self, msg: Message) -> None:
         if msg.sender != self.next:
@@ -147,19 +148,24 @@ class Trainer(Party):
             self.recorder.add(
                 int(msg.meta["epoch"]), msg.step, key[1], activation=x, gradient=x.grad
             )
-        self._send_back(msg, x)
+        self._send_back(msg.step, msg.meta, x)
 
     def _regularisation(self, weight: float) -> torch.Tensor:
         if self.regulariser is None:
             return torch.zeros((), requires_grad=True)
         return self.regulariser(self.segment) * weight
 
-    def _send_back(self, msg: Message, x: torch.Tensor) -> None:
-        if int(msg.meta["micro"]) == int(msg.meta["micros"]) - 1:
+    def _send_back(self, step: int, meta: dict[str, Any], x: torch.Tensor) -> None:
+        """Step after the batch's last micro-batch; pass the gradient (and loss) back."""
+        applied = int(meta["micro"]) == int(meta["micros"]) - 1
+        if applied:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.steps_applied += 1
-        self.send(Message(Kind.BACKWARD, msg.step, self.name, self.prev, {"g": x.grad}, msg.meta))
+        loss = meta.get("loss")
+        for observe in self.loss_observers:
+            observe(float(loss) if loss is not None else None, applied)
+        self.send(Message(Kind.BACKWARD, step, self.name, self.prev, {"g": x.grad}, meta))
 
     # -- inference and control --------------------------------------------------
 
@@ -189,6 +195,8 @@ class Trainer(Party):
             return  # answered once the verifier replies
         elif op in self.control_handlers:
             answer = self.control_handlers[op](msg)
+            if answer is None:
+                return  # another party answers (e.g. the verifier, after an audit)
         else:
             raise ProtocolError(f"{self.name} does not know control op {op!r}")
         self.send(Message(Kind.REPLY, msg.step, self.name, msg.sender, {}, {"op": op, **answer}))
@@ -214,7 +222,7 @@ class Trainer(Party):
             return {}
         path = self.out_dir / "segments" / f"{self.name}.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.segment.state_dict().items()}, str(path))
+        save_segment(path, self.segment.state_dict())  # canonical bytes: file hash = ledger hash
         if self.recorder.limit:
             self.recorder.save(self.out_dir / "records" / f"{self.name}.safetensors")
         return {"segment": str(path)}

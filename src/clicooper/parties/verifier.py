@@ -1,40 +1,217 @@
-"""The verifier: neutral keeper of the ledger (registration here; the chain in watermark/).
+"""The verifier: neutral keeper of the ledger (DESIGN §5).
 
-It never receives inputs, labels or the label secret.
+It registers every party's public key (and each trainer's watermark secret,
+of which the ledger stores only the commitment), opens the session, appends
+records only after checking them, audits every trainer's segment at every
+stage and attests to the result. It never receives inputs, labels or the
+label secret.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import time
+from pathlib import Path
 from typing import Any
 
+import torch
+
 from clicooper.common.messages import Kind, Message, ProtocolError
+from clicooper.privacy.secrets import private_dir, write_private
 from clicooper.runtime.transport.base import Party
+from clicooper.watermark import (
+    Ledger,
+    LedgerError,
+    PartyKey,
+    Record,
+    StageWatermark,
+    bits_hash,
+    commitment,
+    save_segment,
+    segment_hash,
+    sign,
+)
+from clicooper.watermark.records import trainer_index
+
+SECRETS_FILE = "watermark_secrets.json"
 
 
 class Verifier(Party):
-    """Opens a session and registers the parties' public keys."""
+    """Opens a session, keeps the ledger, audits segments."""
 
     name = "verifier"
 
-    def __init__(self) -> None:
-        self.session_id = os.urandom(16).hex()
-        self.nonce = os.urandom(16).hex()
+    def __init__(
+        self,
+        run_dir: Path | None = None,
+        n_bits: int = 256,
+        ber_threshold: float = 0.05,
+        keep_audit_stages: int | None = None,
+    ) -> None:
+        self.session_id = os.urandom(16)
+        self.nonce = os.urandom(16)
         self.registered: dict[str, dict[str, Any]] = {}
+        self.run_dir = run_dir
+        self.n_bits, self.ber_threshold = n_bits, ber_threshold
+        self.keep_audit_stages = keep_audit_stages
+        self.key = PartyKey.generate()
+        self.ledger: Ledger | None = None
+        self._stage_links: dict[int, bytes] = {}  # link that closed stage t (0: genesis)
 
     def handle(self, msg: Message) -> None:
-        if msg.kind != Kind.REGISTER:
+        handler = {
+            Kind.REGISTER: self._on_register,
+            Kind.CONTROL: self._on_control,
+            Kind.RECORD: self._on_record,
+            Kind.AUDIT: self._on_audit,
+        }.get(msg.kind)
+        if handler is None:
             raise ProtocolError(f"verifier does not accept {msg.kind} messages")
+        handler(msg)
+
+    def _reply(self, to: str, step: int, **meta: Any) -> None:
+        self.send(Message(Kind.REPLY, step, self.name, to, {}, meta))
+
+    def _on_register(self, msg: Message) -> None:
         if msg.meta.get("party") != msg.sender or msg.sender in self.registered:
             raise ProtocolError(f"{msg.sender} cannot register (again or as another party)")
+        if self.ledger is not None:
+            raise ProtocolError("the session is already open: registration is closed")
         self.registered[msg.sender] = dict(msg.meta)
-        self.send(
-            Message(
-                Kind.REPLY,
-                msg.step,
-                self.name,
-                msg.sender,
-                {},
-                {"op": "register", "session_id": self.session_id, "nonce": self.nonce},
-            )
+        self._reply(
+            msg.sender,
+            msg.step,
+            op="register",
+            session_id=self.session_id.hex(),
+            nonce=self.nonce.hex(),
         )
+
+    def _on_control(self, msg: Message) -> None:
+        if msg.sender != "do" or msg.meta.get("op") != "open":
+            raise ProtocolError(f"verifier does not take control op {msg.meta.get('op')!r}")
+        self.open()
+        self._reply(
+            "do", msg.step, op="open", session_id=self.session_id.hex(), tip=self.ledger.tip().hex()
+        )
+
+    def open(self) -> None:
+        """Create the ledger: parties do, t1..tn, verifier with keys and commitments."""
+        if self.run_dir is None:
+            raise ProtocolError("the verifier has no run directory for its ledger")
+        trainers = sorted((n for n in self.registered if n != "do"), key=trainer_index)
+        if "do" not in self.registered or not trainers:
+            raise ProtocolError("the data owner and at least one trainer must register first")
+        parties = [("do", bytes.fromhex(self.registered["do"]["public_key"]), None)]
+        secrets = {}
+        for name in trainers:
+            info = self.registered[name]
+            secrets[name] = bytes.fromhex(info["watermark_secret"])
+            parties.append((name, bytes.fromhex(info["public_key"]), commitment(secrets[name])))
+        parties.append((self.name, self.key.public_bytes(), None))
+        vdir = private_dir(self.run_dir / "verifier")
+        self.key.save(vdir / "verifier.key")
+        write_private(
+            vdir / SECRETS_FILE, json.dumps({k: v.hex() for k, v in secrets.items()}).encode()
+        )
+        self.secrets = secrets
+        self.ledger = Ledger.create(
+            self.run_dir / "ledger.sqlite", self.session_id, self.nonce, parties
+        )
+        self._stage_links = {0: self.ledger.genesis}
+
+    def _append(self, record: Record) -> bytes:
+        try:
+            return self.ledger.append(record)
+        except LedgerError as exc:
+            raise ProtocolError(f"verifier refused a record: {exc}") from None
+
+    def _on_record(self, msg: Message) -> None:
+        from clicooper.parties.watermarking import record_from_meta
+
+        record = record_from_meta(msg.meta.get("record"))
+        if msg.sender != "do" or record.party != "do":
+            raise ProtocolError("only the data owner sends bare records")
+        self._reply("do", msg.step, op="record", tip=self._append(record).hex())
+
+    def _on_audit(self, msg: Message) -> None:
+        """Check a trainer's segment against its record, keep a copy, append, attest."""
+        from clicooper.parties.watermarking import record_from_meta
+
+        if self.ledger is None:
+            raise ProtocolError("no session is open")
+        record = record_from_meta(msg.meta.get("record"))
+        if record.party != msg.sender or record.kind != "trainer":
+            raise ProtocolError(f"{msg.sender} sent a record for {record.party}")
+        state = {k: v.contiguous() for k, v in msg.tensors.items()}
+        hash_ok = segment_hash(state).hex() == record.body["segment_hash"]
+        ber = self._ber(record, state)
+        save_segment(
+            self.run_dir / "audit" / str(record.stage) / f"{record.party}.safetensors", state
+        )
+        subject_link = self._append(record)
+        ok = hash_ok and ber is not None and ber <= self.ber_threshold
+        attestation = sign(
+            Record(
+                session_id=self.session_id.hex(),
+                stage=record.stage,
+                party=self.name,
+                kind="attestation",
+                public_key=self.key.public_bytes().hex(),
+                prev=subject_link.hex(),
+                body={
+                    "subject": record.party,
+                    "subject_link": subject_link.hex(),
+                    "ber": ber,
+                    "verdict": "ok" if ok else "fail",
+                    "time": time.time(),
+                },
+            ),
+            self.key,
+        )
+        tip = self._append(attestation)
+        if trainer_index(record.party) == len(self.secrets):
+            self._stage_links[record.stage] = tip
+            self._prune_audit(record.stage)
+        self._reply(
+            "do",
+            msg.step,
+            op="stage_end",
+            party=record.party,
+            stage=record.stage,
+            ber=ber,
+            verdict="ok" if ok else "fail",
+            tip=tip.hex(),
+        )
+
+    def _ber(self, record: Record, state: dict[str, torch.Tensor]) -> float | None:
+        """BER of the segment against the bits of its stage, derived from the previous stage."""
+        param = record.body.get("param")
+        weight = state.get(param) if isinstance(param, str) else None
+        prev = self._stage_links.get(record.stage - 1)
+        if weight is None or prev is None:
+            return None
+        mark = StageWatermark.derive(
+            self.secrets[record.party],
+            prev,
+            trainer_index(record.party),
+            record.stage,
+            param,
+            weight.numel(),
+            self.n_bits,
+        )
+        if bits_hash(mark.bits).hex() != record.body["bits_hash"]:
+            return 1.0  # the trainer embedded bits other than this stage's
+        return mark.ber(state)
+
+    def _prune_audit(self, stage: int) -> None:
+        if self.keep_audit_stages is None:
+            return
+        old = self.run_dir / "audit" / str(stage - self.keep_audit_stages)
+        if old.is_dir():
+            shutil.rmtree(old)
+
+    def close(self) -> None:
+        if self.ledger is not None:
+            self.ledger.close()

@@ -9,6 +9,7 @@ order, so their accuracies and times compare directly.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,16 +20,19 @@ import torch
 from safetensors.torch import save as st_save
 from torch import nn
 
-from clicooper.config import RunConfig
+from clicooper.config import RunConfig, WatermarkConfig
 from clicooper.data import Dataset, default_dataset, load_dataset
 from clicooper.models import SplitModel, build_preset, split_blocks
 from clicooper.models.presets import DEFAULT_CUT
 from clicooper.parties import DataOwner, Recorder, Trainer, Verifier
+from clicooper.parties.verifier import SECRETS_FILE
+from clicooper.parties.watermarking import OwnerChain, TrainerChain
 from clicooper.privacy import accounting
 from clicooper.privacy.activation import ActivationNoise
 from clicooper.privacy.labels import LabelObfuscator
 from clicooper.privacy.secrets import OwnerSecret, private_dir, write_private
 from clicooper.runtime.transport.inprocess import InProcessTransport
+from clicooper.watermark import PartyKey, VerifyReport, verify_ledger
 
 ProgressFn = Callable[[int, int, int, float], None]
 ModelFactory = Callable[[int], SplitModel]  # n_outputs -> head and segments
@@ -74,11 +78,15 @@ def run(
     data: Dataset | None = None,
     model_factory: ModelFactory | None = None,
     progress: ProgressFn | None = None,
+    overwrite: bool = False,
 ) -> Session:
     """Train in ``cfg.mode`` and write ``out_dir``; returns the session."""
+    prepare_run_dir(out_dir, overwrite)
     data = resolve_dataset(cfg, data)
     factory = model_factory or preset_factory(cfg, data)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Small per-party models gain little from intra-op threads, and oversubscribed
+    # threads spin: one thread per process is several times faster on a busy machine.
+    torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     if cfg.mode == "centralized":
         session = _run_centralized(cfg, data, factory, progress)
@@ -87,6 +95,35 @@ def run(
     session.results.update(_describe(cfg, data, session))
     (out_dir / "results.json").write_text(json.dumps(session.results, indent=2))
     return session
+
+
+RUN_ARTIFACTS = (
+    "results.json",
+    "report.md",
+    "ledger.sqlite",
+    "segments",
+    "audit",
+    "owner",
+    "parties",
+    "verifier",
+    "records",
+    "figures",
+    "checkpoints",
+)
+
+
+def prepare_run_dir(out_dir: Path, overwrite: bool) -> None:
+    """Create ``out_dir``; refuse to mix two runs in one directory unless told to replace."""
+    present = [name for name in RUN_ARTIFACTS if (out_dir / name).exists()]
+    if present and not overwrite:
+        raise ValueError(
+            f"{out_dir} already holds a run ({present[0]}): choose another --out "
+            "or pass --overwrite to replace it"
+        )
+    for name in present:
+        path = out_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def _run_centralized(
@@ -155,7 +192,9 @@ def _run_split(
         Trainer(i, cfg.trainers, seg, cfg.lr, out_dir, Recorder(cfg.record))
         for i, seg in enumerate(split.segments, start=1)
     ]
-    for party in (*trainers, Verifier()):
+    wm = cfg.watermark
+    verifier = Verifier(out_dir, wm.bits, wm.ber_threshold, wm.keep_audit_stages)
+    for party in (*trainers, verifier):
         transport.attach(party)
     transport.add_mailbox("do")
     owner = DataOwner(
@@ -168,8 +207,10 @@ def _run_split(
         cfg.micro_batches,
         cfg.privacy.noise_at_inference,
     )
-    for name in owner.trainers:
-        owner.control(name, "register")
+    chain = None
+    if defended and wm.enabled:
+        chain = _open_chain(owner, trainers, secret, owner_dir, out_dir, wm)
+        chain.total_steps = cfg.epochs * -(-len(data.train) // cfg.batch_size)
     if labels is not None:
         with torch.no_grad():
             labels.fit(split.head(data.train.x), data.train.y)
@@ -178,6 +219,8 @@ def _run_split(
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
         stats = owner.fit_epoch(data.train, epoch, cfg.batch_size, cfg.seed, progress)
+        if chain is not None:
+            chain.on_epoch_end(more=epoch < cfg.epochs)
         train_seconds += time.perf_counter() - start
         history.append(
             {
@@ -189,8 +232,11 @@ def _run_split(
         )
     if noise is not None and cfg.privacy.noise_at_inference:
         owner.releases += 1  # the test pass released noisy activations too
+    if chain is not None:
+        chain.finish()
     for name in owner.trainers:
         owner.control(name, "finish")
+    verifier.close()
     _save_owner(owner_dir, owner, labels, cfg.record)
     results = {
         "accuracy": {"test": history[-1]["test_accuracy"], "train": history[-1]["train_accuracy"]},
@@ -198,8 +244,70 @@ def _run_split(
         "timing": {"train_seconds": train_seconds},
         "transport": {"name": "inprocess", "bytes_sent": transport.bytes_sent},
         "privacy": _privacy(cfg, noise, owner.releases),
+        "watermark": _watermark_summary(chain, out_dir, wm) if chain else {"enabled": False},
     }
     return Session(results, owner, trainers, split.full(), data)
+
+
+def _open_chain(
+    owner: DataOwner,
+    trainers: list[Trainer],
+    secret: OwnerSecret,
+    owner_dir: Path,
+    out_dir: Path,
+    wm: WatermarkConfig,
+) -> OwnerChain:
+    """Keys for every party, registration with the verifier, the ledger, stage 1."""
+    for trainer in trainers:
+        TrainerChain(trainer, wm, out_dir / "parties" / trainer.name)
+    key = PartyKey.generate()
+    key.save(owner_dir / "do.key")
+    chain = OwnerChain(owner, key, secret.commitment(), wm)
+    chain.open()
+    owner.stage_hooks.append(chain.on_step)
+    return chain
+
+
+def _watermark_summary(chain: OwnerChain, out_dir: Path, wm: WatermarkConfig) -> dict[str, Any]:
+    """The verifier's verdicts and an offline verification of the finished run."""
+    report = verify_run(out_dir, wm)
+    last: dict[str, Any] = {}
+    for verdict in chain.verdicts:
+        last[verdict["party"]] = verdict
+    return {
+        "enabled": True,
+        "bits": wm.bits,
+        "strength": wm.strength,
+        "stages": chain.stage,
+        "ber_threshold": wm.ber_threshold,
+        "final_ber": {p: v["ber"] for p, v in last.items()},
+        "attestations_failed": sum(v["verdict"] != "ok" for v in chain.verdicts),
+        "verified": report.ok,
+        "first_failure": report.first_failure,
+    }
+
+
+def verify_run(
+    run_dir: Path, wm: WatermarkConfig | None = None, secrets_file: Path | None = None
+) -> VerifyReport:
+    """Verify a run directory: ledger, audit copies, final segments, trainers' BER."""
+    wm = wm or WatermarkConfig()
+    secrets_file = secrets_file or run_dir / "verifier" / SECRETS_FILE
+    secrets = None
+    if secrets_file.is_file():
+        try:
+            raw = json.loads(secrets_file.read_text())
+            secrets = {k: bytes.fromhex(v) for k, v in raw.items()}
+        except (ValueError, AttributeError, TypeError):
+            raise ValueError(f"{secrets_file} is not a verifier secrets file") from None
+    return verify_ledger(
+        run_dir / "ledger.sqlite",
+        run_dir / "audit",
+        run_dir / "segments",
+        secrets,
+        wm.bits,
+        wm.ber_threshold,
+    )
 
 
 def noise_multiplier(cfg: RunConfig) -> float:

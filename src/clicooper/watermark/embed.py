@@ -33,6 +33,9 @@ from clicooper.watermark.chain import target_bits
 PROJECTION_INFO = b"clicooper-v1/watermark/projection/"
 
 StateOrModule = nn.Module | dict[str, torch.Tensor]
+DEFAULT_STRENGTH = 0.01
+DEFAULT_MARGIN = 0.5
+_TINY = 1e-12
 
 
 def select_weight(module: nn.Module, name: str | None = None) -> str:
@@ -93,6 +96,7 @@ class StageWatermark:
     matrix: torch.Tensor
     bits: torch.Tensor
     strength: float
+    margin: float = DEFAULT_MARGIN
 
     def __post_init__(self) -> None:
         if self.matrix.dim() != 2 or self.bits.shape != (self.matrix.shape[0],):
@@ -111,7 +115,8 @@ class StageWatermark:
         param_name: str,
         dim: int,
         n_bits: int = 256,
-        strength: float = 0.01,
+        strength: float = DEFAULT_STRENGTH,
+        margin: float = DEFAULT_MARGIN,
     ) -> StageWatermark:
         """The watermark of trainer ``party_index`` for ``stage`` after link ``prev_link``.
 
@@ -123,6 +128,7 @@ class StageWatermark:
             matrix=projection(secret, stage, n_bits, dim),
             bits=target_bits(secret, prev_link, party_index, stage, n_bits),
             strength=float(strength),
+            margin=float(margin),
         )
 
     @property
@@ -140,10 +146,19 @@ class StageWatermark:
         return matrix @ flat
 
     def regulariser(self, module: nn.Module) -> torch.Tensor:
-        """``lambda * sum_j BCEWithLogits((A w)_j, b_j)``, differentiable in ``w``."""
-        logits = self._logits(_weight(module, self.param_name))
-        bits = self.bits.to(device=logits.device, dtype=logits.dtype)
-        return self.strength * F.binary_cross_entropy_with_logits(logits, bits, reduction="sum")
+        """``lambda * sum_j BCEWithLogits(c_j, b_j)`` on margin-capped normalised logits.
+
+        ``u = A w / ||w||`` (norm detached) and ``c_j = min(u_j, kappa)`` for ``b_j = 1``,
+        ``max(u_j, -kappa)`` for ``b_j = 0``; differentiable in ``w``, zero gradient for
+        bits already ``kappa`` deep on their side.
+        """
+        weight = _weight(module, self.param_name)
+        scores = self._logits(weight) / weight.detach().norm().clamp_min(_TINY)
+        bits = self.bits.to(device=scores.device, dtype=scores.dtype)
+        capped = torch.where(
+            bits > 0, scores.clamp(max=self.margin), scores.clamp(min=-self.margin)
+        )
+        return self.strength * F.binary_cross_entropy_with_logits(capped, bits, reduction="sum")
 
     def extract(self, state_or_module: StateOrModule) -> torch.Tensor:
         """Bool bits ``(A w) > 0`` read from a module or a state dict."""
