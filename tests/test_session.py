@@ -109,3 +109,20 @@ def test_cnn_preset_and_laplace(tmp_path, small_digits):
     cfg = quick_config(model="cnn", epochs=1, **{"privacy.mechanism": "laplace"})
     res = run(cfg, tmp_path, data=small_digits).results
     assert res["privacy"]["mechanism"] == "laplace" and res["privacy"]["epsilon"] > 0
+
+
+def test_existing_run_is_not_overwritten_without_consent(tmp_path, small_digits):
+    run(quick_config(mode="vanilla", epochs=1), tmp_path, data=small_digits)
+    before = (tmp_path / "results.json").read_text()
+    with pytest.raises(ValueError, match="--overwrite"):
+        run(quick_config(mode="vanilla", epochs=1), tmp_path, data=small_digits)
+    assert (tmp_path / "results.json").read_text() == before  # nothing already done is lost
+    run(quick_config(mode="vanilla", epochs=1, seed=5), tmp_path, data=small_digits, overwrite=True)
+    assert json.loads((tmp_path / "results.json").read_text())["seed"] == 5
+
+
+def test_batch_size_defaults_to_the_dataset_size(tmp_path, small_digits):
+    cfg = quick_config(mode="vanilla", epochs=1, batch_size=None)
+    assert cfg.effective_batch_size(400) == 32 and cfg.effective_batch_size(60_000) == 128
+    res = run(cfg, tmp_path, data=small_digits).results
+    assert res["config"]["batch_size"] == 32

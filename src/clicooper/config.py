@@ -63,7 +63,9 @@ class RunConfig(_Strict):
     cut: str | None = None
     trainers: int = Field(2, ge=1, le=8)
     epochs: int = Field(5, ge=1, le=1000)
-    batch_size: int = Field(128, ge=1, le=65536)
+    batch_size: int | None = Field(
+        None, ge=1, le=65536, description="None: 32 below 10,000 training samples, else 128"
+    )
     lr: float = Field(1e-3, gt=0)
     seed: int = Field(0, ge=0)
     train_subset: int | None = Field(None, ge=1)
@@ -71,6 +73,12 @@ class RunConfig(_Strict):
     micro_batches: int = Field(1, ge=1, le=64)
     record: int = Field(0, ge=0, description="samples per epoch each party records (0: off)")
     transport: Literal["inprocess", "grpc"] = "inprocess"
+    checkpoint_steps: int = Field(
+        0,
+        ge=0,
+        description="also checkpoint every N steps (0: only before stage and epoch ends; "
+        "checkpoints are always on over grpc, in-process only when N > 0)",
+    )
     threads: int = Field(1, ge=1, le=256, description="torch intra-op threads per process")
     privacy: PrivacyConfig = PrivacyConfig()
     labels: LabelConfig = LabelConfig()
@@ -78,9 +86,15 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _micro_fits(self) -> RunConfig:
-        if self.micro_batches > self.batch_size:
+        if self.batch_size is not None and self.micro_batches > self.batch_size:
             raise ValueError("micro_batches cannot exceed batch_size")
         return self
+
+    def effective_batch_size(self, n_train: int) -> int:
+        """The configured batch size, or 32 for small datasets (< 10,000) and 128 otherwise."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return 32 if n_train < 10_000 else 128
 
     @classmethod
     def load(cls, path: Path | None = None, **overrides: Any) -> RunConfig:

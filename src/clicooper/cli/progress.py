@@ -49,9 +49,10 @@ def summary_table(results: dict[str, Any]) -> Table:
         ("pseudo-classes", str(results["labels"]["pseudo_classes"])),
         ("train seconds", f"{results['timing']['train_seconds']:.1f}"),
     ]
-    wm = results.get("watermark")
-    if wm:
-        rows.append(("ledger verifies", str(wm.get("verified"))))
+    wm = results.get("watermark") or {}
+    if wm.get("enabled"):
+        rows.append(("watermark stages", str(wm["stages"])))
+        rows.append(("ledger verifies", "yes" if wm["verified"] else f"NO: {wm['first_failure']}"))
     for row in rows:
         table.add_row(*row)
     return table

@@ -31,6 +31,9 @@ from clicooper.privacy import accounting
 from clicooper.privacy.activation import ActivationNoise
 from clicooper.privacy.labels import LabelObfuscator
 from clicooper.privacy.secrets import OwnerSecret, private_dir, write_private
+from clicooper.runtime import checkpoint
+from clicooper.runtime.deploy import Deployment, Remote, party_settings
+from clicooper.runtime.driver import Driver
 from clicooper.runtime.transport.inprocess import InProcessTransport
 from clicooper.watermark import PartyKey, VerifyReport, verify_ledger
 
@@ -63,13 +66,17 @@ def resolve_dataset(cfg: RunConfig, data: Dataset | None) -> Dataset:
 
 
 def preset_factory(cfg: RunConfig, data: Dataset) -> ModelFactory:
-    cut = cfg.cut or DEFAULT_CUT[cfg.model]
-
     def factory(n_outputs: int) -> SplitModel:
-        blocks = build_preset(cfg.model, data.image_shape, n_outputs, cfg.trainers)
-        return split_blocks(blocks, cut, cfg.trainers)
+        return preset_split(cfg, data.image_shape, n_outputs)
 
     return factory
+
+
+def preset_split(cfg: RunConfig, image_shape: tuple[int, int, int], n_outputs: int) -> SplitModel:
+    """The preset model, seeded with ``cfg.seed``: every process builds the same weights."""
+    torch.manual_seed(cfg.seed)
+    blocks = build_preset(cfg.model, image_shape, n_outputs, cfg.trainers)
+    return split_blocks(blocks, cfg.cut or DEFAULT_CUT[cfg.model], cfg.trainers)
 
 
 def run(
@@ -79,10 +86,21 @@ def run(
     model_factory: ModelFactory | None = None,
     progress: ProgressFn | None = None,
     overwrite: bool = False,
+    deployment: Deployment | None = None,
 ) -> Session:
-    """Train in ``cfg.mode`` and write ``out_dir``; returns the session."""
+    """Train in ``cfg.mode`` and write ``out_dir``; returns the session.
+
+    With ``cfg.transport == "grpc"`` the trainers and the verifier are remote
+    processes described by ``deployment``; this process is the data owner.
+    """
+    if cfg.transport == "grpc" and (deployment is None or model_factory is not None):
+        raise ValueError(
+            "transport grpc needs the parties' addresses (--peers FILE --certs DIR) and a "
+            "preset model; or use `clicooper launch`"
+        )
     prepare_run_dir(out_dir, overwrite)
     data = resolve_dataset(cfg, data)
+    cfg = cfg.model_copy(update={"batch_size": cfg.effective_batch_size(len(data.train))})
     factory = model_factory or preset_factory(cfg, data)
     # Small per-party models gain little from intra-op threads, and oversubscribed
     # threads spin: one thread per process is several times faster on a busy machine.
@@ -91,7 +109,7 @@ def run(
     if cfg.mode == "centralized":
         session = _run_centralized(cfg, data, factory, progress)
     else:
-        session = _run_split(cfg, data, factory, out_dir, progress)
+        session = _run_split(cfg, data, factory, out_dir, progress, deployment)
     session.results.update(_describe(cfg, data, session))
     (out_dir / "results.json").write_text(json.dumps(session.results, indent=2))
     return session
@@ -169,7 +187,12 @@ def _run_centralized(
 
 
 def _run_split(
-    cfg: RunConfig, data: Dataset, factory: ModelFactory, out_dir: Path, progress: ProgressFn | None
+    cfg: RunConfig,
+    data: Dataset,
+    factory: ModelFactory,
+    out_dir: Path,
+    progress: ProgressFn | None,
+    deployment: Deployment | None = None,
 ) -> Session:
     defended = cfg.mode == "clicooper"
     owner_dir = private_dir(out_dir / "owner")
@@ -181,22 +204,23 @@ def _run_split(
         if defended
         else None
     )
-    split = factory(labels.pseudo_classes if labels else data.num_classes)
+    n_outputs = labels.pseudo_classes if labels else data.num_classes
+    split = factory(n_outputs)
     noise = None
     if defended:
         noise = ActivationNoise(cfg.privacy.clip_norm, noise_multiplier(cfg), cfg.privacy.mechanism)
         secret.save(owner_dir)
 
-    transport = InProcessTransport()
-    trainers = [
-        Trainer(i, cfg.trainers, seg, cfg.lr, out_dir, Recorder(cfg.record))
-        for i, seg in enumerate(split.segments, start=1)
-    ]
     wm = cfg.watermark
-    verifier = Verifier(out_dir, wm.bits, wm.ber_threshold, wm.keep_audit_stages)
-    for party in (*trainers, verifier):
-        transport.attach(party)
-    transport.add_mailbox("do")
+    with_chain = defended and wm.enabled
+    parties = [f"t{i}" for i in range(1, cfg.trainers + 1)] + (["verifier"] if with_chain else [])
+    checkpoints = cfg.transport == "grpc" or cfg.checkpoint_steps > 0
+    remote, trainers, verifier = None, [], None
+    if cfg.transport == "grpc":
+        remote = _remote(cfg, deployment, parties, data.image_shape, n_outputs, with_chain)
+        transport = remote.transport
+    else:
+        transport, trainers, verifier = _local(cfg, split, out_dir, checkpoints and parties)
     owner = DataOwner(
         transport,
         split.head,
@@ -208,45 +232,105 @@ def _run_split(
         cfg.privacy.noise_at_inference,
     )
     chain = None
-    if defended and wm.enabled:
+    if with_chain:
         chain = _open_chain(owner, trainers, secret, owner_dir, out_dir, wm)
         chain.total_steps = cfg.epochs * -(-len(data.train) // cfg.batch_size)
     if labels is not None:
         with torch.no_grad():
             labels.fit(split.head(data.train.x), data.train.y)
 
-    history, train_seconds = [], 0.0
-    for epoch in range(1, cfg.epochs + 1):
-        start = time.perf_counter()
-        stats = owner.fit_epoch(data.train, epoch, cfg.batch_size, cfg.seed, progress)
-        if chain is not None:
-            chain.on_epoch_end(more=epoch < cfg.epochs)
-        train_seconds += time.perf_counter() - start
-        history.append(
-            {
-                "epoch": epoch,
-                "loss": stats.loss,
-                "train_accuracy": stats.train_accuracy,
-                "test_accuracy": owner.accuracy(data.test),
-            }
-        )
+    driver = Driver(
+        owner,
+        chain,
+        data,
+        epochs=cfg.epochs,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        parties=parties,
+        checkpoint_dir=owner_dir / "checkpoints" if checkpoints else None,
+        checkpoint_steps=cfg.checkpoint_steps,
+        recovery=remote,
+        progress=progress,
+    )
+    history = driver.run()
     if noise is not None and cfg.privacy.noise_at_inference:
         owner.releases += 1  # the test pass released noisy activations too
-    if chain is not None:
-        chain.finish()
-    for name in owner.trainers:
-        owner.control(name, "finish")
-    verifier.close()
+    finished = {name: owner.control(name, "finish").meta for name in owner.trainers}
+    bytes_sent = remote.close() if remote else transport.bytes_sent
+    if verifier is not None:
+        verifier.close()
     _save_owner(owner_dir, owner, labels, cfg.record)
     results = {
         "accuracy": {"test": history[-1]["test_accuracy"], "train": history[-1]["train_accuracy"]},
         "history": history,
-        "timing": {"train_seconds": train_seconds},
-        "transport": {"name": "inprocess", "bytes_sent": transport.bytes_sent},
+        "timing": {"train_seconds": driver.train_seconds},
+        "transport": {
+            "name": cfg.transport,
+            "bytes_sent": bytes_sent,
+            "steps": owner.step,
+            "steps_applied": {name: meta["steps_applied"] for name, meta in finished.items()},
+            "recoveries": driver.recoveries,
+        },
         "privacy": _privacy(cfg, noise, owner.releases),
         "watermark": _watermark_summary(chain, out_dir, wm) if chain else {"enabled": False},
     }
+    if remote is not None:
+        _load_remote_segments(split, out_dir)
     return Session(results, owner, trainers, split.full(), data)
+
+
+def _local(
+    cfg: RunConfig, split: SplitModel, out_dir: Path, checkpoint_parties: list[str] | bool
+) -> tuple[InProcessTransport, list[Trainer], Verifier]:
+    """Every party in this process, on the in-process transport."""
+    transport = InProcessTransport()
+    trainers = [
+        Trainer(i, cfg.trainers, seg, cfg.lr, out_dir, Recorder(cfg.record))
+        for i, seg in enumerate(split.segments, start=1)
+    ]
+    wm = cfg.watermark
+    verifier = Verifier(out_dir, wm.bits, wm.ber_threshold, wm.keep_audit_stages)
+    for party in (*trainers, verifier):
+        transport.attach(party)
+    transport.add_mailbox("do")
+    if checkpoint_parties:
+        for trainer in trainers:
+            checkpoint.attach_trainer(trainer, out_dir / "checkpoints" / trainer.name)
+        checkpoint.attach_verifier(verifier, out_dir / "checkpoints" / "verifier")
+    return transport, trainers, verifier
+
+
+def _remote(
+    cfg: RunConfig,
+    deployment: Deployment,
+    parties: list[str],
+    image_shape: tuple[int, int, int],
+    n_outputs: int,
+    with_chain: bool,
+) -> Remote:
+    """The trainers and the verifier as remote processes, connected and set up."""
+    trainer = {
+        "settings": party_settings(cfg, "trainer"),
+        "image_shape": list(image_shape),
+        "n_outputs": n_outputs,
+        "chain": with_chain,
+    }
+    setup = {p: trainer for p in parties if p != "verifier"}
+    if with_chain:
+        setup["verifier"] = {"settings": party_settings(cfg, "verifier")}
+    remote = Remote(deployment, parties, setup)
+    remote.start()
+    return remote
+
+
+def _load_remote_segments(split: SplitModel, out_dir: Path) -> None:
+    """The trainers' final segments, when they wrote them to this run directory."""
+    from safetensors.torch import load_file
+
+    for i, segment in enumerate(split.segments, start=1):
+        path = out_dir / "segments" / f"t{i}.safetensors"
+        if path.is_file():
+            segment.load_state_dict(load_file(str(path)))
 
 
 def _open_chain(

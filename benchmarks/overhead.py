@@ -1,0 +1,80 @@
+"""Training-time overhead of split learning and of CliCooper's defences.
+
+Trains centralized, vanilla and clicooper on the same data, seed and
+architecture for one epoch each, interleaved (C, V, K, C, V, K, ...) so that
+machine noise hits all three alike, and prints the median time ratios
+vanilla/centralized and clicooper/centralized with the three accuracies.
+Goals: vanilla/centralized <= 1.10, clicooper/centralized <= 1.20.
+
+    python benchmarks/overhead.py [--dataset fashion-mnist] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import warnings
+from pathlib import Path
+
+from clicooper.config import RunConfig
+from clicooper.data import load_dataset
+from clicooper.runtime.session import run
+
+warnings.filterwarnings("ignore")
+MODES = ("centralized", "vanilla", "clicooper")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="fashion-mnist")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--train-subset", type=int, default=None)
+    ap.add_argument("--watermark", action=argparse.BooleanOptionalAction, default=True)
+    args = ap.parse_args()
+
+    data = load_dataset(args.dataset, seed=0)
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    accuracy: dict[str, list[float]] = {m: [] for m in MODES}
+    for rep in range(args.repeats):
+        for mode in MODES:
+            cfg = RunConfig.load(
+                None,
+                dataset=args.dataset,
+                mode=mode,
+                epochs=args.epochs,
+                train_subset=args.train_subset,
+                seed=0,
+                **{"watermark.enabled": args.watermark},
+            )
+            with tempfile.TemporaryDirectory() as tmp:
+                res = run(cfg, Path(tmp), data=data).results
+            times[mode].append(res["timing"]["train_seconds"])
+            accuracy[mode].append(res["accuracy"]["test"])
+            print(
+                json.dumps(
+                    {
+                        "repeat": rep,
+                        "mode": mode,
+                        "train_seconds": round(res["timing"]["train_seconds"], 2),
+                        "test_accuracy": round(res["accuracy"]["test"], 4),
+                    }
+                ),
+                flush=True,
+            )
+    med = {m: statistics.median(times[m]) for m in MODES}
+    marks = "on" if args.watermark else "off"
+    print(
+        f"\nmedian train seconds over {args.repeats} interleaved repeats "
+        f"({args.dataset}, {args.epochs} epoch(s), watermark {marks})"
+    )
+    for m in MODES:
+        print(f"  {m:<12} {med[m]:8.2f} s   test accuracy {statistics.median(accuracy[m]):.4f}")
+    print(f"vanilla/centralized   {med['vanilla'] / med['centralized']:.3f}  (goal <= 1.10)")
+    print(f"clicooper/centralized {med['clicooper'] / med['centralized']:.3f}  (goal <= 1.20)")
+
+
+if __name__ == "__main__":
+    main()
