@@ -31,6 +31,12 @@ def main() -> None:
     ap.add_argument("--label-modes", nargs="+", default=["feature", "keyed"])
     ap.add_argument("--expansion", type=int, default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    ap.add_argument(
+        "--vanilla",
+        type=float,
+        default=None,
+        help="vanilla accuracy measured before (same seed): skip retraining it",
+    )
     args = ap.parse_args()
 
     rows = []
@@ -53,7 +59,10 @@ def main() -> None:
         rows.append(row)
         print(json.dumps(row), flush=True)
 
-    one("vanilla")
+    if args.vanilla is None:
+        one("vanilla")
+    else:
+        rows.append({"mode": "vanilla", "test": args.vanilla, "train": None, "epsilon": None})
     for label_mode in args.label_modes:
         for nm in args.noise:
             extra = {"labels.expansion": args.expansion} if args.expansion else {}

@@ -33,7 +33,7 @@ def main(out: str) -> None:
         digits.images, digits.target, test_size=0.25, random_state=0, stratify=digits.target
     )
     data = clicooper.Dataset.from_arrays("my-digits", x_tr, y_tr, x_te, y_te, scale=16.0)
-    config = clicooper.RunConfig(mode="clicooper", trainers=2, epochs=8, batch_size=32)
+    config = clicooper.RunConfig(mode="clicooper", trainers=2, epochs=12, batch_size=32)
     config.privacy.noise_multiplier = 0.1
     session = clicooper.train(config, out, data=data, model=model, cuts=[3, 5])
     result = session.results

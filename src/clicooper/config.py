@@ -28,7 +28,7 @@ class PrivacyConfig(_Strict):
 
     mechanism: Literal["gaussian", "laplace"] = "gaussian"
     clip_norm: float = Field(1.0, gt=0)
-    noise_multiplier: float = Field(0.5, ge=0)
+    noise_multiplier: float = Field(0.2, ge=0)
     target_epsilon: float | None = Field(None, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
     noise_at_inference: bool = False
@@ -39,7 +39,7 @@ class LabelConfig(_Strict):
 
     expansion: int = Field(4, ge=1, le=64)
     decoys: int = Field(0, ge=0, le=1024)
-    mode: Literal["keyed", "feature"] = "feature"
+    mode: Literal["keyed", "feature"] = "keyed"
 
 
 class WatermarkConfig(_Strict):
@@ -47,7 +47,7 @@ class WatermarkConfig(_Strict):
 
     enabled: bool = True
     bits: int = Field(256, ge=16, le=4096)
-    strength: float = Field(0.001, ge=0)
+    strength: float = Field(0.003, ge=0)  # = clicooper.watermark.embed.DEFAULT_STRENGTH
     stage_steps: int | None = Field(None, ge=1)
     ber_threshold: float = Field(0.05, ge=0, le=0.5)
     claim_p_value: float = Field(1e-6, gt=0, lt=1)

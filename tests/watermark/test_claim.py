@@ -71,7 +71,7 @@ def test_claim_survives_fine_tuning_and_overwriting(built_chain) -> None:
     """A thief fine-tunes the stolen layer on its own task while embedding its own mark."""
     segment = nn.Linear(32, 32)
     segment.load_state_dict(final_t1(built_chain))
-    thief = StageWatermark.derive(os.urandom(32), os.urandom(32), 1, 1, "weight", 1024)
+    thief = StageWatermark.derive(os.urandom(32), os.urandom(32), 1, 1, "weight", 1024, 256, 0.01)
     gen = torch.Generator().manual_seed(7)
     x, y = torch.randn(64, 32, generator=gen), torch.randn(64, 32, generator=gen)
     opt = torch.optim.Adam(segment.parameters(), lr=1e-3)

@@ -91,3 +91,93 @@ def test_extract_rejects_a_resized_or_missing_tensor() -> None:
         mark.extract({"1.weight": torch.zeros(32, 32)})
     with pytest.raises(ValueError, match=r"matrix must be \(B, d\)"):
         StageWatermark("w", torch.zeros(4, 3), torch.zeros(5), 0.01)
+
+
+def _scores(mark: StageWatermark, model: nn.Module) -> torch.Tensor:
+    """``s_j u_j``: each bit's normalised logit on the side of its target."""
+    w = model[0].weight.detach().reshape(-1)
+    return (mark.matrix @ w) / w.norm() * (mark.bits.float() * 2 - 1)
+
+
+def test_regulariser_is_capped_bce_on_normalised_logits() -> None:
+    torch.manual_seed(3)
+    model, mark = _model(), _mark(strength=0.02)
+    _train(model, mark, steps=20)  # part way: some bits past the margin, some not
+    deep = _scores(mark, model) >= mark.margin
+    assert 0 < int(deep.sum()) < mark.n_bits
+    w = model[0].weight
+    u = (mark.matrix @ w.reshape(-1)) / w.detach().norm()
+    bits = mark.bits.float()
+    capped = torch.where(bits > 0, u.clamp(max=mark.margin), u.clamp(min=-mark.margin))
+    expected = 0.02 * nn.functional.binary_cross_entropy_with_logits(capped, bits, reduction="sum")
+    value = mark.regulariser(model)
+    assert torch.allclose(value, expected)
+    grad = torch.autograd.grad(value, w)[0].reshape(-1)
+    # only bits short of the margin pull: the gradient lies in the span of their rows
+    active = mark.matrix[~deep]
+    coeffs = torch.linalg.lstsq(active.T, grad.unsqueeze(1)).solution
+    assert torch.allclose(active.T @ coeffs.squeeze(1), grad, atol=1e-6)
+
+
+def _embed_only(model: nn.Module, mark: StageWatermark, steps: int = 300) -> None:
+    """Adam (lr 1e-3) on the regulariser alone: no task pulls the bits back."""
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        mark.regulariser(model).backward()
+        opt.step()
+
+
+def test_bits_past_the_margin_stop_pulling() -> None:
+    torch.manual_seed(4)
+    model, mark = _model(), _mark()
+    _embed_only(model, mark)
+    assert bool((_scores(mark, model) >= mark.margin).all())
+    value = mark.regulariser(model)
+    floor = 0.01 * 256 * float(nn.functional.softplus(torch.tensor(-mark.margin)))
+    assert float(value.detach()) == pytest.approx(floor)
+    value.backward()
+    assert float(model[0].weight.grad.abs().max()) == 0.0
+
+
+def test_cap_stops_where_plain_bce_keeps_pushing() -> None:
+    """Both reach BER 0; the capped loss stops once every bit is margin deep."""
+    moved = {}
+    for margin in (0.5, float("inf")):
+        torch.manual_seed(5)
+        model = _model()
+        start = model[0].weight.detach().clone()
+        mark = StageWatermark.derive(SECRET, LINK, 1, 1, "0.weight", 1024, 256, 0.01, margin)
+        _embed_only(model, mark)
+        assert mark.ber(model) == 0.0
+        moved[margin] = float((model[0].weight.detach() - start).norm() / start.norm())
+    assert moved[0.5] < 0.5 * moved[float("inf")]
+    assert moved[0.5] < 1.0  # about sqrt(B E[(0.5 - Z)_+^2] / d) = 0.51 at least
+
+
+def test_normalised_logits_are_standard_normal_for_unmarked_weights() -> None:
+    torch.manual_seed(6)
+    mark = _mark()
+    u = torch.cat([_scores(mark, _model()) for _ in range(20)])  # 5120 draws
+    assert abs(float(u.mean())) < 0.05 and abs(float(u.std()) - 1) < 0.05
+
+
+def test_margin_deep_bits_survive_a_small_random_change() -> None:
+    torch.manual_seed(7)
+    model, mark = _model(), _mark()
+    _train(model, mark)
+    w = model[0].weight.detach()
+    noise = torch.randn(w.shape, generator=torch.Generator().manual_seed(8))
+    moved = {"0.weight": w + noise * (0.1 * w.norm() / noise.norm())}  # |A_j . dw| ~ 0.1 ||w||
+    assert mark.ber(moved) == 0.0  # a flip needs |N(0, 1)| > margin / 0.1 = 5
+
+
+def test_margin_and_strength_defaults() -> None:
+    from clicooper.config import WatermarkConfig
+    from clicooper.watermark.embed import DEFAULT_MARGIN, DEFAULT_STRENGTH
+
+    assert WatermarkConfig().strength == DEFAULT_STRENGTH  # the run default is the library's
+    mark = StageWatermark.derive(SECRET, LINK, 1, 1, "0.weight", 1024)
+    assert (mark.strength, mark.margin) == (DEFAULT_STRENGTH, DEFAULT_MARGIN)
+    with pytest.raises(ValueError, match="margin must be >= 0"):
+        StageWatermark("w", torch.zeros(4, 3), torch.zeros(4), 0.01, margin=-1.0)

@@ -59,10 +59,18 @@ def _surrogate(
     observed: ArrayLike,
     epochs: int,
     seed: int,
+    shadow_head: nn.Module | None = None,
 ) -> nn.Sequential:
-    """Shadow head + a frozen copy of the stolen segments, in eval mode."""
+    """Shadow head + a frozen copy of the stolen segments, in eval mode.
+
+    A ``shadow_head`` already trained by :func:`train_shadow_head` on the same inputs is
+    deep-copied instead of trained again (it is deterministic for a given seed).
+    """
     tail = copy.deepcopy(stolen_segments).eval().requires_grad_(False)
-    head = train_shadow_head(shadow_head_factory, aux_images, observed, epochs, seed)
+    if shadow_head is None:
+        head = train_shadow_head(shadow_head_factory, aux_images, observed, epochs, seed)
+    else:
+        head = copy.deepcopy(shadow_head).eval()
     return nn.Sequential(head, tail).eval()
 
 
@@ -89,6 +97,7 @@ def extract_surrogate(
     pseudo_to_class: ArrayLike | None = None,
     epochs: int = 60,
     seed: int = 0,
+    shadow_head: nn.Module | None = None,
 ) -> dict[str, float]:
     """Non-adaptive extraction: shadow head + stolen segments, named without labels.
 
@@ -106,7 +115,9 @@ def extract_surrogate(
     and ``n_pseudo`` = M.
     """
     x, y = _test_set(test_images, test_labels)
-    surrogate = _surrogate(stolen_segments, shadow_head_factory, aux_images, observed, epochs, seed)
+    surrogate = _surrogate(
+        stolen_segments, shadow_head_factory, aux_images, observed, epochs, seed, shadow_head
+    )
     pred = _pseudo_probs(surrogate, x).argmax(1).numpy()
     n_pseudo = last_linear(stolen_segments).out_features
     if pseudo_to_class is None:
@@ -168,6 +179,7 @@ def adaptive_extraction(
     finetune_epochs: int = 50,
     seed: int = 0,
     lr: float = 1e-3,
+    shadow_head: nn.Module | None = None,
 ) -> dict[str, float]:
     """Adaptive extraction: the colluders also hold m labelled examples per class.
 
@@ -180,7 +192,9 @@ def adaptive_extraction(
     """
     x, y = _test_set(test_images, test_labels)
     xl, yl = _labelled(labelled_images, labelled_labels, n_classes)
-    surrogate = _surrogate(stolen_segments, shadow_head_factory, aux_images, observed, epochs, seed)
+    surrogate = _surrogate(
+        stolen_segments, shadow_head_factory, aux_images, observed, epochs, seed, shadow_head
+    )
     mapping = learn_mapping(surrogate, xl, yl, n_classes)
     before = float(np.mean(mapping[_pseudo_probs(surrogate, x).argmax(1).numpy()] == y))
     map_t, yl_t = torch.as_tensor(mapping), torch.as_tensor(yl)

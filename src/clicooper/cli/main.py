@@ -85,7 +85,13 @@ def run(
     ] = None,
     stage_steps: Annotated[int | None, Opt(help="watermark stage length in steps")] = None,
     threads: Annotated[int | None, Opt(help="torch threads per process")] = None,
+    checkpoint_steps: Annotated[
+        int | None, Opt(help="checkpoint every N steps too (always on over grpc)")
+    ] = None,
     overwrite: Annotated[bool, Opt(help="replace a run already in --out")] = False,
+    transport: Annotated[str | None, Opt(help="inprocess or grpc (with --peers, --certs)")] = None,
+    peers: Annotated[Path | None, Opt(help="peers file of served parties (grpc)")] = None,
+    certs: Annotated[Path | None, Opt(help="certificate directory (grpc)")] = None,
 ) -> None:
     """Train with every party in this process (the embedded default)."""
     cfg = build_config(
@@ -104,6 +110,8 @@ def run(
         micro_batches=micro_batches,
         record=record,
         threads=threads,
+        checkpoint_steps=checkpoint_steps,
+        transport=transport,
         **{
             "privacy.noise_multiplier": noise_multiplier,
             "privacy.clip_norm": clip_norm,
@@ -118,8 +126,8 @@ def run(
             "watermark.stage_steps": stage_steps,
         },
     )
+    from clicooper.cli.deploy import session_runner
     from clicooper.runtime.session import resolve_dataset
-    from clicooper.runtime.session import run as run_session
 
     if cfg.dataset == "auto":
         cfg.dataset = default_dataset()
@@ -127,7 +135,8 @@ def run(
     try:
         data = resolve_dataset(cfg, None)
         with training_progress(cfg.epochs, cfg.mode) as progress:
-            session = run_session(cfg, out, data=data, progress=progress, overwrite=overwrite)
+            runner = session_runner(cfg, peers, certs)
+            session = runner(cfg, out, data=data, progress=progress, overwrite=overwrite)
     except (DataError, ValueError) as exc:
         fail(str(exc).splitlines()[0])
     console.print(summary_table(session.results))
@@ -246,3 +255,5 @@ def claim(
     console.print(result.reason)
     if not result.holds:
         raise typer.Exit(1)
+from clicooper.cli import deploy as _deploy  # noqa: E402,F401
+from clicooper.cli import evaluate as _evaluate  # noqa: E402,F401

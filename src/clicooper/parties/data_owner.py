@@ -40,6 +40,12 @@ class StepLog:
     sample_ids: list[torch.Tensor] = field(default_factory=list)
 
 
+def epoch_batches(n: int, epoch: int, batch_size: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """Sample ids of each batch of ``epoch``: a permutation seeded by ``seed + epoch``."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+    return order.split(batch_size)
+
+
 class DataOwner:
     """Drives a split-learning session over a transport."""
 
@@ -80,13 +86,12 @@ class DataOwner:
     ) -> EpochStats:
         """One pass over ``data`` in a seeded order; returns loss and running accuracy."""
         self.head.train()
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed + epoch))
-        batches = order.split(batch_size)
+        batches = epoch_batches(len(data), epoch, batch_size, seed)
         total_loss, correct = 0.0, 0
         for b, ids in enumerate(batches):
-            loss, pseudo_logits = self.train_step(data.x[ids], data.y[ids], ids, epoch)
+            loss, right = self.train_batch(data, ids, epoch)
             total_loss += loss * len(ids)
-            correct += int((self.to_true(pseudo_logits).argmax(1) == data.y[ids]).sum())
+            correct += right
             if progress:
                 progress(epoch, b + 1, len(batches), loss)
             for hook in self.stage_hooks:
@@ -94,6 +99,11 @@ class DataOwner:
         if self.noise is not None:
             self.releases += 1
         return EpochStats(epoch, total_loss / len(data), correct / len(data))
+
+    def train_batch(self, data: Split, ids: torch.Tensor, epoch: int) -> tuple[float, int]:
+        """One training step on samples ``ids``: (mean loss, correctly predicted samples)."""
+        loss, pseudo_logits = self.train_step(data.x[ids], data.y[ids], ids, epoch)
+        return loss, int((self.to_true(pseudo_logits).argmax(1) == data.y[ids]).sum())
 
     def train_step(
         self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, epoch: int

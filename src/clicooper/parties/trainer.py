@@ -54,6 +54,14 @@ class Trainer(Party):
         self.steps_applied = 0
         self.registration: dict[str, Any] = {}  # what this trainer tells the verifier
         self.session: dict[str, Any] = {}
+        self.chain: Any = None  # its TrainerChain, when the watermark chain runs
+
+    def reset_transient(self) -> None:
+        """Forget half-done work (after a rollback): stashed passes, labels, gradients."""
+        self._stash.clear()
+        self._labels.clear()
+        self._waiting.clear()
+        self.optimizer.zero_grad(set_to_none=True)
 
     @property
     def is_last(self) -> bool:
@@ -180,7 +188,7 @@ class Trainer(Party):
     def _on_control(self, msg: Message) -> None:
         op = msg.meta.get("op")
         if op == "finish":
-            answer = self.save_segment()
+            answer = {**self.save_segment(), "steps_applied": self.steps_applied}
         elif op == "register":
             self.send(
                 Message(

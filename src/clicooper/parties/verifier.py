@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from clicooper.watermark import (
     StageWatermark,
     bits_hash,
     commitment,
+    load_segment,
     save_segment,
     segment_hash,
     sign,
@@ -59,6 +61,62 @@ class Verifier(Party):
         self.key = PartyKey.generate()
         self.ledger: Ledger | None = None
         self._stage_links: dict[int, bytes] = {}  # link that closed stage t (0: genesis)
+        self.control_handlers: dict[str, Callable[[Message], dict[str, Any]]] = {}
+
+    @classmethod
+    def resume(
+        cls,
+        run_dir: Path,
+        n_bits: int = 256,
+        ber_threshold: float = 0.05,
+        keep_audit_stages: int | None = None,
+    ) -> Verifier:
+        """A restarted verifier: ledger, key and secrets from ``run_dir``.
+
+        A trainer record whose attestation was lost in the crash is attested
+        now, from the audit copy kept before the record was appended.
+        """
+        self = cls(run_dir, n_bits, ber_threshold, keep_audit_stages)
+        vdir = run_dir / "verifier"
+        try:
+            self.key = PartyKey.load(vdir / "verifier.key")
+            raw = json.loads((vdir / SECRETS_FILE).read_text())
+            self.secrets = {k: bytes.fromhex(v) for k, v in raw.items()}
+            self.ledger = Ledger.open(run_dir / "ledger.sqlite")
+        except (OSError, ValueError, LedgerError) as exc:
+            raise ProtocolError(f"verifier cannot resume from {run_dir}: {exc}") from None
+        self.session_id, self.nonce = self.ledger.session_id, self.ledger.nonce
+        self.registered = {entry.name: {} for entry in self.ledger.parties()}
+        self._stage_links = {0: self.ledger.genesis}
+        last = None
+        for row, record in zip(self.ledger.rows(), self.ledger.records(), strict=True):
+            if record.kind == "attestation" and record.body["subject"] == f"t{len(self.secrets)}":
+                self._stage_links[record.stage] = bytes.fromhex(row.link)
+            last = (row, record)
+        if last is not None and last[1].kind == "trainer":
+            row, record = last
+            path = run_dir / "audit" / str(record.stage) / f"{record.party}.safetensors"
+            self._attest(record, load_segment(path), bytes.fromhex(row.link))
+        return self
+
+    def stage_records(self, stage: int) -> dict[str, dict[str, Any]]:
+        """Records of ``stage`` already in the ledger: ``do``'s link, trainers' verdicts."""
+        done: dict[str, dict[str, Any]] = {}
+        for row, record in zip(self.ledger.rows(), self.ledger.records(), strict=True):
+            if record.stage != stage:
+                continue
+            if record.kind == "do":
+                done["do"] = {"tip": row.link}
+            elif record.kind == "attestation":
+                body = record.body
+                done[body["subject"]] = {
+                    "stage": stage,
+                    "party": body["subject"],
+                    "ber": body["ber"],
+                    "verdict": body["verdict"],
+                    "tip": row.link,
+                }
+        return done
 
     def handle(self, msg: Message) -> None:
         handler = {
@@ -89,7 +147,12 @@ class Verifier(Party):
         )
 
     def _on_control(self, msg: Message) -> None:
-        if msg.sender != "do" or msg.meta.get("op") != "open":
+        op = msg.meta.get("op")
+        if msg.sender == "do" and op in self.control_handlers:
+            answer = self.control_handlers[op](msg)
+            self.send(Message(Kind.REPLY, msg.step, self.name, "do", {}, {**answer, "op": op}))
+            return
+        if msg.sender != "do" or op != "open":
             raise ProtocolError(f"verifier does not take control op {msg.meta.get('op')!r}")
         self.open()
         self._reply(
@@ -145,12 +208,16 @@ class Verifier(Party):
         if record.party != msg.sender or record.kind != "trainer":
             raise ProtocolError(f"{msg.sender} sent a record for {record.party}")
         state = {k: v.contiguous() for k, v in msg.tensors.items()}
-        hash_ok = segment_hash(state).hex() == record.body["segment_hash"]
-        ber = self._ber(record, state)
         save_segment(
             self.run_dir / "audit" / str(record.stage) / f"{record.party}.safetensors", state
         )
-        subject_link = self._append(record)
+        verdict = self._attest(record, state, self._append(record))
+        self._reply("do", msg.step, op="stage_end", party=record.party, **verdict)
+
+    def _attest(self, record: Record, state: dict[str, torch.Tensor], subject_link: bytes) -> dict:
+        """Append the signed attestation of ``record``; its stage, BER, verdict and link."""
+        hash_ok = segment_hash(state).hex() == record.body["segment_hash"]
+        ber = self._ber(record, state)
         ok = hash_ok and ber is not None and ber <= self.ber_threshold
         attestation = sign(
             Record(
@@ -174,16 +241,12 @@ class Verifier(Party):
         if trainer_index(record.party) == len(self.secrets):
             self._stage_links[record.stage] = tip
             self._prune_audit(record.stage)
-        self._reply(
-            "do",
-            msg.step,
-            op="stage_end",
-            party=record.party,
-            stage=record.stage,
-            ber=ber,
-            verdict="ok" if ok else "fail",
-            tip=tip.hex(),
-        )
+        return {
+            "stage": record.stage,
+            "ber": ber,
+            "verdict": "ok" if ok else "fail",
+            "tip": tip.hex(),
+        }
 
     def _ber(self, record: Record, state: dict[str, torch.Tensor]) -> float | None:
         """BER of the segment against the bits of its stage, derived from the previous stage."""

@@ -40,16 +40,24 @@ SECRET_FILE = "watermark.secret"
 class TrainerChain:
     """A trainer's side of the chain: its key, its watermark secret, the stage's mark."""
 
-    def __init__(self, trainer: Any, settings: WatermarkConfig, party_dir: Path) -> None:
+    def __init__(
+        self, trainer: Any, settings: WatermarkConfig, party_dir: Path, resume: bool = False
+    ) -> None:
+        """``resume``: reload the key and secret of ``party_dir`` (a restarted trainer)."""
         self.trainer = trainer
         self.settings = settings
-        self.key = PartyKey.generate()
-        self.secret = new_watermark_secret()
-        private_dir(party_dir)
-        self.key.save(party_dir / KEY_FILE)
-        write_private(party_dir / SECRET_FILE, self.secret)
+        if resume:
+            self.key = PartyKey.load(party_dir / KEY_FILE)
+            self.secret = (party_dir / SECRET_FILE).read_bytes()
+        else:
+            self.key = PartyKey.generate()
+            self.secret = new_watermark_secret()
+            private_dir(party_dir)
+            self.key.save(party_dir / KEY_FILE)
+            write_private(party_dir / SECRET_FILE, self.secret)
         self.param = select_weight(trainer.segment)
         self.mark: StageWatermark | None = None
+        self.stage, self.link = 0, ""
         self.losses: list[float] = []
         self.steps = 0
         trainer.registration = {
@@ -57,12 +65,20 @@ class TrainerChain:
             "watermark_secret": self.secret.hex(),  # to the verifier only (DESIGN §5)
             "param": self.param,
         }
+        trainer.chain = self
         trainer.control_handlers["stage_begin"] = self.begin
         trainer.control_handlers["stage_end"] = self.end
         trainer.loss_observers.append(self._observe)
 
     def begin(self, msg: Message) -> dict[str, Any] | None:
-        stage, link = int(msg.meta["stage"]), bytes.fromhex(msg.meta["link"])
+        self.start(int(msg.meta["stage"]), msg.meta["link"])
+        self.losses, self.steps = [], 0
+        return {"stage": int(msg.meta["stage"])}
+
+    def start(self, stage: int, link_hex: str) -> None:
+        """Derive stage ``stage``'s watermark from the link that closed the stage before."""
+        self.stage, self.link = stage, link_hex
+        link = bytes.fromhex(link_hex)
         weight = dict(self.trainer.segment.named_parameters())[self.param]
         self.mark = StageWatermark.derive(
             self.secret,
@@ -75,8 +91,17 @@ class TrainerChain:
             self.settings.strength,
         )
         self.trainer.regulariser = self.mark.regulariser if self.settings.strength > 0 else None
-        self.losses, self.steps = [], 0
-        return {"stage": stage}
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the stage, its link, the stage's losses and step count."""
+        if self.mark is None:
+            return {}
+        return {"stage": self.stage, "link": self.link, "losses": self.losses, "steps": self.steps}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if state:
+            self.start(int(state["stage"]), state["link"])
+            self.losses, self.steps = list(state["losses"]), int(state["steps"])
 
     def _observe(self, loss: float | None, applied: bool) -> None:
         if loss is not None:
@@ -180,10 +205,27 @@ class OwnerChain:
 
     def on_step(self, step: int) -> None:
         """Close a stage every ``stage_steps`` steps; a shorter remainder joins the last stage."""
+        if self.count_step(step):
+            self.close_stage(more=True)
+
+    def count_step(self, step: int) -> bool:
+        """Count ``step`` in the stage; True when the stage must close after it."""
         self.steps_in_stage += 1
         size = self.settings.stage_steps
-        if size and self.steps_in_stage >= size and self.total_steps - step >= size:
-            self.close_stage(more=True)
+        return bool(size and self.steps_in_stage >= size and self.total_steps - step >= size)
+
+    def epoch_close_due(self) -> bool:
+        """True when stages are epochs and this one has steps to close."""
+        return not self.settings.stage_steps and self.steps_in_stage > 0
+
+    def state(self) -> dict[str, Any]:
+        """The owner's ledger position, for a checkpoint."""
+        keys = ("session_id", "link", "stage", "steps_in_stage", "verdicts")
+        return {k: getattr(self, k) for k in keys}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
 
     def on_epoch_end(self, more: bool) -> None:
         if not self.settings.stage_steps and self.steps_in_stage:
@@ -194,7 +236,33 @@ class OwnerChain:
         if self.steps_in_stage:
             self.close_stage(more=False)
 
-    def close_stage(self, more: bool) -> None:
+    def close_stage(self, more: bool, done: dict[str, dict[str, Any]] | None = None) -> None:
+        """Append the stage's records in chain order, then begin the next stage.
+
+        ``done`` (after a crash) holds the records of this stage already in the
+        ledger, by party: ``{"tip": link}`` for ``do``, the verifier's verdict
+        with ``tip`` = link of the attestation for trainers. They are not sent again.
+        """
+        done = done or {}
+        do = self.owner
+        if "do" in done:
+            self.link = done["do"]["tip"]
+        else:
+            self._send_record()
+        for name in do.trainers:
+            if name in done:
+                meta = done[name]
+            else:
+                meta = do.control(
+                    name, "stage_end", stage=self.stage, prev=self.link, session_id=self.session_id
+                ).meta
+            self.link = meta["tip"]
+            self.verdicts.append({k: meta[k] for k in ("stage", "party", "ber", "verdict")})
+        self.steps_in_stage = 0
+        if more:
+            self._begin(self.stage + 1)
+
+    def _send_record(self) -> None:
         do = self.owner
         record = sign(
             Record(
@@ -219,15 +287,6 @@ class OwnerChain:
             )
         )
         self.link = self._expect_reply("record").meta["tip"]
-        for name in do.trainers:
-            reply = do.control(
-                name, "stage_end", stage=self.stage, prev=self.link, session_id=self.session_id
-            )
-            self.link = reply.meta["tip"]
-            self.verdicts.append({k: reply.meta[k] for k in ("stage", "party", "ber", "verdict")})
-        self.steps_in_stage = 0
-        if more:
-            self._begin(self.stage + 1)
 
     def _expect_reply(self, op: str) -> Message:
         reply = self.owner.transport.recv(self.owner.name)

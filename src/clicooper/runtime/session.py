@@ -22,7 +22,7 @@ from torch import nn
 
 from clicooper.config import RunConfig, WatermarkConfig
 from clicooper.data import Dataset, default_dataset, load_dataset
-from clicooper.models import SplitModel, build_preset, split_blocks
+from clicooper.models import SplitModel
 from clicooper.models.presets import DEFAULT_CUT
 from clicooper.parties import DataOwner, Recorder, Trainer, Verifier
 from clicooper.parties.verifier import SECRETS_FILE
@@ -32,7 +32,7 @@ from clicooper.privacy.activation import ActivationNoise
 from clicooper.privacy.labels import LabelObfuscator
 from clicooper.privacy.secrets import OwnerSecret, private_dir, write_private
 from clicooper.runtime import checkpoint
-from clicooper.runtime.deploy import Deployment, Remote, party_settings
+from clicooper.runtime.deploy import Deployment, Remote, party_settings, preset_split
 from clicooper.runtime.driver import Driver
 from clicooper.runtime.transport.inprocess import InProcessTransport
 from clicooper.watermark import PartyKey, VerifyReport, verify_ledger
@@ -70,13 +70,6 @@ def preset_factory(cfg: RunConfig, data: Dataset) -> ModelFactory:
         return preset_split(cfg, data.image_shape, n_outputs)
 
     return factory
-
-
-def preset_split(cfg: RunConfig, image_shape: tuple[int, int, int], n_outputs: int) -> SplitModel:
-    """The preset model, seeded with ``cfg.seed``: every process builds the same weights."""
-    torch.manual_seed(cfg.seed)
-    blocks = build_preset(cfg.model, image_shape, n_outputs, cfg.trainers)
-    return split_blocks(blocks, cfg.cut or DEFAULT_CUT[cfg.model], cfg.trainers)
 
 
 def run(
@@ -237,7 +230,7 @@ def _run_split(
         chain.total_steps = cfg.epochs * -(-len(data.train) // cfg.batch_size)
     if labels is not None:
         with torch.no_grad():
-            labels.fit(split.head(data.train.x), data.train.y)
+            labels.fit(torch.cat([split.head(x) for x in data.train.x.split(4096)]), data.train.y)
 
     driver = Driver(
         owner,

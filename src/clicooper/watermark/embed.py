@@ -1,25 +1,50 @@
-"""White-box weight watermark (Uchida et al., ICMR 2017).
+"""White-box weight watermark (Uchida et al., ICMR 2017) with a margin cap.
 
 A trainer marks one weight tensor ``W`` of its segment, flattened to
 ``w in R^d``. For stage ``t`` it holds a secret projection ``A in R^{B x d}``
 (entries i.i.d. N(0, 1), generated from ``HKDF(w_i, t)``) and target bits
-``b in {0, 1}^B``. Training adds the regulariser
+``b in {0, 1}^B``; write ``s_j = 2 b_j - 1``. Training adds the regulariser
 
-    E_R(w) = lambda * sum_j BCE(sigmoid((A w)_j), b_j)
+    E_R(w) = lambda * sum_j BCE(sigmoid(c_j), b_j),
+    c_j = s_j * min(s_j u_j, kappa),   u = A w / ||w||   (||w|| held constant)
 
-to the task loss (a sum over bits, as in Uchida et al., so lambda = 0.01 works
-with B = 256 against an ordinary task loss; a mean would need lambda ~ B times
-larger), and extraction reads ``b_hat_j = [(A w)_j > 0]``. The bit
-error rate is ``BER = (1/B) * sum_j [b_hat_j != b_j]``. For weights that never
-saw ``(A, b)``, each ``b_hat_j`` is a fair coin independent of ``b_j``, so the
-number of matching bits is Binomial(B, 1/2) and BER is about 0.5.
+to the task loss, and extraction reads ``b_hat_j = [(A w)_j > 0] = [u_j > 0]``.
+The bit error rate is ``BER = (1/B) * sum_j [b_hat_j != b_j]``. For weights that
+never saw ``(A, b)``, ``u_j = A_j . w / ||w||`` is N(0, 1) and each ``b_hat_j`` is a
+fair coin independent of ``b_j``, so the number of matching bits is Binomial(B, 1/2)
+and BER is about 0.5.
+
+Why normalise and cap (Uchida's loss is the case ``u = A w``, ``kappa = inf``):
+
+- ``u_j`` has unit standard deviation under the null for every layer size and
+  weight scale, so the margin ``kappa`` means the same everywhere: a bit that is
+  ``kappa`` deep flips under a later change ``dw`` only if ``s_j A_j . dw < -kappa ||w||``;
+  for a random ``dw`` that is ``P[N(0, 1) > kappa ||w|| / ||dw||]``.
+- The target bits change every stage (DESIGN §5), so every stage must move ``w``
+  until about half of its bits flip. The plain BCE never stops pushing (its
+  gradient on a satisfied bit shrinks, but Adam rescales it per coordinate), which
+  grows ``A w`` all stage long and costs accuracy (0.972 -> 0.906 test accuracy on
+  digits at lambda = 0.01). With the cap, a bit ``kappa`` deep adds the constant
+  ``softplus(-kappa)`` and no gradient, so a stage moves ``w`` about as little as
+  the bits need: the least change that puts every bit ``kappa`` deep has norm about
+  ``sqrt(B E[(kappa - Z)_+^2] / d) ||w||`` with Z ~ N(0, 1) (0.23 ||w|| for B = 256,
+  d = 5120, kappa = 0.5).
+
+Defaults ``lambda = DEFAULT_STRENGTH``, ``kappa = DEFAULT_MARGIN``: at one stage per
+Fashion-MNIST epoch (469 Adam steps) every bit is in place within about 100 steps.
+Adam moves each weight by at most about its learning rate per step, so a stage
+needs enough steps whatever lambda is: on digits (MLP, lr 1e-3) 25 steps per stage
+always reached BER <= 0.05 and 20 or fewer often did not.
 
 Cost: ``A`` holds ``B * d`` float32 numbers, so mark a tensor of moderate size
-(a 16k-weight layer and B = 256 give a 16 MB matrix).
+(a 16k-weight layer and B = 256 give a 16 MB matrix). Each step computes ``A w``
+and, while some bit is short of its margin, the backward product ``A^T g``
+(about 1.5 ms of CPU per step for d = 8192 on the development machine).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +58,7 @@ from clicooper.watermark.chain import target_bits
 PROJECTION_INFO = b"clicooper-v1/watermark/projection/"
 
 StateOrModule = nn.Module | dict[str, torch.Tensor]
-DEFAULT_STRENGTH = 0.01
+DEFAULT_STRENGTH = 0.003
 DEFAULT_MARGIN = 0.5
 _TINY = 1e-12
 
@@ -104,6 +129,9 @@ class StageWatermark:
                 f"matrix must be (B, d) and bits (B,); got {tuple(self.matrix.shape)} "
                 f"and {tuple(self.bits.shape)}"
             )
+        if self.margin < 0:
+            raise ValueError(f"margin must be >= 0, got {self.margin}")
+        self._signs = self.bits.to(torch.float32) * 2 - 1  # s_j = 2 b_j - 1
 
     @classmethod
     def derive(
@@ -142,23 +170,25 @@ class StageWatermark:
                 f"tensor {self.param_name!r} has {flat.numel()} entries but the projection "
                 f"expects {self.matrix.shape[1]}: the segment's shape changed"
             )
-        matrix = self.matrix.to(device=flat.device, dtype=flat.dtype)
-        return matrix @ flat
+        return self.matrix.to(flat) @ flat
 
     def regulariser(self, module: nn.Module) -> torch.Tensor:
-        """``lambda * sum_j BCEWithLogits(c_j, b_j)`` on margin-capped normalised logits.
+        """``lambda * sum_j BCEWithLogits(c_j, b_j)``, differentiable in ``w``.
 
-        ``u = A w / ||w||`` (norm detached) and ``c_j = min(u_j, kappa)`` for ``b_j = 1``,
-        ``max(u_j, -kappa)`` for ``b_j = 0``; differentiable in ``w``, zero gradient for
-        bits already ``kappa`` deep on their side.
+        ``u = A w / ||w||`` (norm detached), ``s_j = 2 b_j - 1`` and the capped logit
+        ``c_j = s_j * min(s_j u_j, kappa)``: a bit already ``kappa`` deep on its side adds
+        the constant ``softplus(-kappa)`` and no gradient. When every bit is that deep
+        the value is ``lambda * B * softplus(-kappa)`` with a zero gradient, and the
+        backward product with ``A`` is skipped.
         """
         weight = _weight(module, self.param_name)
-        scores = self._logits(weight) / weight.detach().norm().clamp_min(_TINY)
-        bits = self.bits.to(device=scores.device, dtype=scores.dtype)
-        capped = torch.where(
-            bits > 0, scores.clamp(max=self.margin), scores.clamp(min=-self.margin)
-        )
-        return self.strength * F.binary_cross_entropy_with_logits(capped, bits, reduction="sum")
+        scale = 1.0 / max(float(weight.detach().norm()), _TINY)
+        signed = self._logits(weight) * self._signs.to(weight) * scale  # s_j u_j
+        if bool((signed.detach() >= self.margin).all()):
+            floor = self.n_bits * math.log1p(math.exp(-self.margin))  # B * softplus(-kappa)
+            return weight.sum() * 0 + self.strength * floor
+        capped = signed.clamp(max=self.margin)  # s_j c_j; BCE(c_j, b_j) = softplus(-s_j c_j)
+        return self.strength * F.softplus(-capped).sum()
 
     def extract(self, state_or_module: StateOrModule) -> torch.Tensor:
         """Bool bits ``(A w) > 0`` read from a module or a state dict."""

@@ -1,0 +1,82 @@
+"""Cost of real deployment: clicooper epochs in-process vs over gRPC with mutual TLS.
+
+Trains the same clicooper session (3 trainers, same seed, data and model)
+with every party in one process, and with each trainer and the verifier in
+its own process on 127.0.0.1 over gRPC with TLS (``clicooper launch``),
+without and with micro-batch pipelining. Prints the training time of each,
+the ratios grpc/inprocess and grpc+pipelining/inprocess, and the bytes per
+training sample on the wire (every party's sent bytes, per sample and epoch).
+Goal: grpc with pipelining at most 1.5 x in-process.
+
+    python benchmarks/transport.py [--dataset fashion-mnist] [--train-subset 2000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import warnings
+from pathlib import Path
+
+from clicooper.config import RunConfig
+from clicooper.data import load_dataset
+from clicooper.runtime.deploy import launch
+from clicooper.runtime.session import run
+
+warnings.filterwarnings("ignore")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="fashion-mnist")
+    ap.add_argument("--model", default="cnn")
+    ap.add_argument("--trainers", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--micro-batches", type=int, default=4)
+    ap.add_argument("--train-subset", type=int, default=None)
+    ap.add_argument("--test-subset", type=int, default=1000)
+    args = ap.parse_args()
+
+    data = load_dataset(args.dataset, seed=0).limit(args.train_subset, args.test_subset, 0)
+    base = RunConfig.load(
+        None,
+        dataset=args.dataset,
+        model=args.model,
+        trainers=args.trainers,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=0,
+    )
+    runs = {
+        "inprocess": (base, run),
+        "grpc": (base.model_copy(update={"transport": "grpc"}), launch),
+        f"grpc+pipelining (micro_batches={args.micro_batches})": (
+            base.model_copy(update={"transport": "grpc", "micro_batches": args.micro_batches}),
+            launch,
+        ),
+    }
+    seconds, per_sample = {}, {}
+    samples = len(data.train) * args.epochs
+    print(
+        f"clicooper on {data.name}: {len(data.train)} training samples, {args.epochs} epoch(s), "
+        f"{args.trainers} trainers, model {args.model}, batch {args.batch_size}"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, (name, (cfg, runner)) in enumerate(runs.items()):
+            results = runner(cfg, Path(tmp) / str(i), data=data).results
+            seconds[name] = results["timing"]["train_seconds"]
+            per_sample[name] = results["transport"]["bytes_sent"] / samples
+            acc = results["accuracy"]["test"]
+            print(
+                f"  {name:38s} {seconds[name]:8.2f} s   {per_sample[name]:10.0f} bytes/sample"
+                f"   test accuracy {acc:.3f}"
+            )
+    inproc = seconds["inprocess"]
+    names = list(runs)
+    print(f"ratio grpc/inprocess:             {seconds[names[1]] / inproc:.2f}")
+    print(f"ratio grpc+pipelining/inprocess:  {seconds[names[2]] / inproc:.2f}  (goal <= 1.5)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,577 @@
+"""Watermark benchmark (DESIGN §5, §7): cost, verification, claims under attack, false positives.
+
+(a) Cost: clicooper with and without the watermark chain, same seed, runs
+    interleaved (with, without; then without, with on a repeat). The two runs of a
+    pair also share the owner secret and the activation-noise stream (both are
+    drawn from the OS CSPRNG in a real run; here they are derived from the seed),
+    so the accuracy difference is the watermark's and not the noise's. Reports test
+    accuracy, the difference in points and the ratio of ``timing.train_seconds``.
+(b) The watermarked run verifies (``results["watermark"]["verified"]``); the largest
+    audited BER over all stages.
+(c) Claims of t1 and t2 (secret from ``RUN_DIR/parties/<t>/watermark.secret``,
+    inputs from the ledger) on a stolen copy: the whole chain (``owner/head`` plus
+    ``segments/``), attacked with fresh data: the first half of the test split
+    (images the data owner never trained on) labelled with the stolen model's own
+    pseudo-class predictions (a thief has no true labels). Attacks: fine-tuning for
+    10%, 20%, 50% of the training steps (Adam, the run's lr and batch size);
+    magnitude pruning of 10%..60% of every weight tensor; overwriting (the thief
+    embeds its own fresh watermark, own secret, in the same tensors while
+    fine-tuning, for one stage's steps, with the run's strength and with 10x).
+    Accuracy after an attack is measured on the other half of the test split with
+    the owner's label decoding (for the benchmark only; a thief cannot decode).
+(d) False positives: the owners' claims against ``--fp-models`` segment chains trained
+    independently (fresh seeded init, ``--fp-steps`` Adam steps on the real head's
+    clipped, noised cut activations and the owner's pseudo-labels: the same task,
+    no watermark), against the no-watermark twin run of (a) (same seed: same init
+    and batch order), and ``--fp-models`` outsiders with fresh secrets against the
+    real segments: with the ledger's commitment (rejected outright) and as if each
+    had registered its own commitment (the binomial test alone decides).
+
+A claim holds when ``P[Binomial(B, 1/2) >= matching bits] <= claim_p_value``.
+
+Usage::
+
+    python benchmarks/watermark.py                          # Fashion-MNIST, defaults
+    python benchmarks/watermark.py --dataset digits --epochs 3 \
+        --set model=mlp --set batch_size=32 --json /tmp/wm.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+from torch import nn
+
+from clicooper.attacks._common import seeded
+from clicooper.attacks.removal import magnitude_prune
+from clicooper.config import RunConfig
+from clicooper.data import Dataset, Split
+from clicooper.privacy import activation, secrets
+from clicooper.privacy.activation import ActivationNoise
+from clicooper.privacy.labels import LabelObfuscator
+from clicooper.runtime.session import Session, preset_factory, run, verify_run
+from clicooper.watermark import (
+    ClaimInputs,
+    Ledger,
+    StageWatermark,
+    claim,
+    claim_inputs,
+    commitment,
+    load_segment,
+    new_watermark_secret,
+)
+
+warnings.filterwarnings("ignore")
+State = dict[str, torch.Tensor]
+
+
+# -- (a) cost --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def paired_randomness(seed: int) -> Iterator[None]:
+    """Derive the owner secret and the activation-noise stream from ``seed`` (experiments only)."""
+    owner = secrets.OwnerSecret(hashlib.sha256(b"benchmark-owner-%d" % seed).digest())
+    real_init = activation.ActivationNoise.__init__
+
+    def init(self: ActivationNoise, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        self._gen = torch.Generator().manual_seed(10_007 + seed)
+
+    with (
+        mock.patch.object(secrets.OwnerSecret, "generate", classmethod(lambda cls: owner)),
+        mock.patch.object(activation.ActivationNoise, "__init__", init),
+    ):
+        yield
+
+
+def config(args: argparse.Namespace, watermark: bool) -> RunConfig:
+    overrides: dict[str, Any] = {"dataset": args.dataset, "seed": args.seed, "mode": "clicooper"}
+    if args.epochs is not None:
+        overrides["epochs"] = args.epochs
+    for item in args.set:
+        key, _, raw = item.partition("=")
+        try:
+            overrides[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            overrides[key] = raw
+    overrides["watermark.enabled"] = watermark
+    return RunConfig.load(None, **overrides)
+
+
+def cost(args: argparse.Namespace, root: Path) -> tuple[list[dict[str, Any]], Session, Session]:
+    """Interleaved pairs; returns the rows and the first pair's (watermarked, plain) sessions."""
+    rows, kept = [], {}
+    for repeat in range(args.repeats):
+        order = (True, False) if repeat % 2 == 0 else (False, True)
+        pair, cpus = {}, {}
+        for marked in order:
+            cfg = config(args, marked)
+            cfg.seed = args.seed + repeat
+            out = root / f"{'wm' if marked else 'plain'}-{repeat}"
+            cpu = time.process_time()
+            with paired_randomness(cfg.seed):
+                session = run(cfg, out, overwrite=True)
+            cpus[marked] = time.process_time() - cpu
+            pair[marked] = session
+            res = session.results
+            print(
+                f"  repeat {repeat} watermark={marked}: test {res['accuracy']['test']:.4f} "
+                f"train_seconds {res['timing']['train_seconds']:.1f}",
+                flush=True,
+            )
+        if repeat == 0:
+            kept = pair
+        on, off = pair[True].results, pair[False].results
+        rows.append(
+            {
+                "seed": args.seed + repeat,
+                "acc_watermark": on["accuracy"]["test"],
+                "acc_plain": off["accuracy"]["test"],
+                "acc_diff_points": 100 * (on["accuracy"]["test"] - off["accuracy"]["test"]),
+                "seconds_watermark": on["timing"]["train_seconds"],
+                "seconds_plain": off["timing"]["train_seconds"],
+                "time_ratio": on["timing"]["train_seconds"] / off["timing"]["train_seconds"],
+                "cpu_seconds_watermark": cpus[True],
+                "cpu_seconds_plain": cpus[False],
+                "cpu_ratio": cpus[True] / cpus[False],
+                "verified": on["watermark"]["verified"],
+                "stages": on["watermark"]["stages"],
+            }
+        )
+    return rows, kept[True], kept[False]
+
+
+# -- (c) the stolen chain -------------------------------------------------------------------
+
+
+@dataclass
+class Claimant:
+    """A trainer's claim material: its secret and what the ledger says about it."""
+
+    party: str
+    secret: bytes
+    inputs: ClaimInputs
+    shape: tuple[int, ...]
+
+
+class Lab:
+    """The watermarked run as a thief and the owners see it."""
+
+    def __init__(self, session: Session, run_dir: Path, cfg: RunConfig, seed: int) -> None:
+        self.cfg, self.run_dir, self.seed = cfg, run_dir, seed
+        self.data: Dataset = session.dataset
+        assert session.owner is not None and session.owner.labels is not None
+        self.labels: LabelObfuscator = session.owner.labels
+        order = torch.randperm(len(self.data.test), generator=torch.Generator().manual_seed(seed))
+        half = len(order) // 2
+        self.fresh: Split = self.data.test.subset(order[:half])  # the thief's images
+        self.held: Split = self.data.test.subset(order[half:])  # accuracy after attacks
+        self.parties = [f"t{i}" for i in range(1, cfg.trainers + 1)]
+        self.stolen = self.build()
+        with Ledger.open(run_dir / "ledger.sqlite", readonly=True) as ledger:
+            self.claimants = {p: self._claimant(ledger, p) for p in self.parties}
+        steps_per_epoch = math.ceil(len(self.data.train) / cfg.batch_size)
+        self.train_steps = cfg.epochs * steps_per_epoch
+        self.stage_steps = cfg.watermark.stage_steps or steps_per_epoch
+
+    def _claimant(self, ledger: Ledger, party: str) -> Claimant:
+        inputs = claim_inputs(ledger, party)
+        secret = (self.run_dir / "parties" / party / "watermark.secret").read_bytes()
+        seg = load_segment(self.run_dir / "segments" / f"{party}.safetensors")
+        return Claimant(party, secret, inputs, tuple(seg[inputs.param_name].shape))
+
+    def build(self) -> nn.Sequential:
+        """The whole stolen chain: the owner's head file and the trainers' segment files."""
+        split = preset_factory(self.cfg, self.data)(self.labels.pseudo_classes)
+        split.head.load_state_dict(load_segment(self.run_dir / "owner" / "head.safetensors"))
+        for party, seg in zip(self.parties, split.segments, strict=True):
+            seg.load_state_dict(load_segment(self.run_dir / "segments" / f"{party}.safetensors"))
+        return split.full()
+
+    def segments(self, model: nn.Sequential) -> dict[str, State]:
+        return {p: _state(model[i + 1]) for i, p in enumerate(self.parties)}
+
+    def claim(
+        self, party: str, state: State, secret: bytes | None = None, own_commitment: bool = False
+    ) -> Any:
+        c = self.claimants[party]
+        secret = c.secret if secret is None else secret
+        com = commitment(secret) if own_commitment else c.inputs.commitment
+        wm = self.cfg.watermark
+        return claim(
+            state,
+            secret,
+            com,
+            c.inputs.prev_link,
+            c.inputs.party_index,
+            c.inputs.stage,
+            c.inputs.param_name or "",
+            wm.bits,
+            wm.claim_p_value,
+            c.shape,
+        )
+
+    def accuracy(self, model: nn.Module) -> float:
+        """True-label accuracy on the held-out half, decoded with the owner's secret mapping."""
+        model.eval()
+        with torch.no_grad():
+            scores = torch.cat(
+                [self.labels.decode_logits(model(x)) for x in self.held.x.split(1024)]
+            )
+        model.train()
+        return float((scores.argmax(1) == self.held.y).float().mean())
+
+    def row(
+        self, attack: str, steps: int, model: nn.Module, states: dict[str, State], **extra: Any
+    ) -> dict[str, Any]:
+        row: dict[str, Any] = {"attack": attack, "steps": steps, "accuracy": self.accuracy(model)}
+        for party, state in states.items():
+            result = self.claim(party, state)
+            row[party] = {"ber": result.ber, "p_value": result.p_value, "holds": result.holds}
+        row.update(extra)
+        return row
+
+
+def _state(module: nn.Module) -> State:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+Loss = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (model, batch ids) -> loss
+
+
+def train_chain(
+    model: nn.Module,
+    loss: Loss,
+    n: int,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    at: dict[int, Callable[[], None]] | None = None,
+) -> None:
+    """``steps`` Adam steps on ``loss(model, ids)`` over seeded shuffled batches of ``range(n)``.
+
+    ``at[k]`` is called after step k.
+    """
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    batches: list[torch.Tensor] = []
+    for step in range(1, steps + 1):
+        if not batches:
+            batches = list(torch.randperm(n, generator=gen).split(batch_size))
+        value = loss(model, batches.pop())
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        if at and step in at:
+            at[step]()
+
+
+def thief_losses(lab: Lab) -> dict[str, Loss]:
+    """Fine-tuning targets on the fresh images.
+
+    ``pseudo``: cross-entropy on the stolen model's own arg-max pseudo-classes (what a
+    thief can do); ``true``: NLL of the true labels through the owner's decoding (a
+    stronger thief that also holds the label secret).
+    """
+    x, y = lab.fresh.x, lab.fresh.y
+    with torch.no_grad():
+        pseudo = lab.stolen.eval()(x).argmax(1)
+    lab.stolen.train()
+    return {
+        "pseudo": lambda m, ids: nn.functional.cross_entropy(m(x[ids]), pseudo[ids]),
+        "true": lambda m, ids: nn.functional.nll_loss(lab.labels.decode_logits(m(x[ids])), y[ids]),
+    }
+
+
+def robustness(lab: Lab) -> list[dict[str, Any]]:
+    """Claims after fine-tuning, pruning and overwriting the stolen chain."""
+    cfg = lab.cfg
+    rows = [lab.row("none (stolen as is)", 0, lab.stolen, lab.segments(lab.stolen))]
+    losses = thief_losses(lab)
+    n = len(lab.fresh)
+    for name, loss in losses.items():
+        model = copy.deepcopy(lab.stolen)
+        marks = {round(f * lab.train_steps): f for f in (0.1, 0.2, 0.5)}
+
+        def report(k: int, f: float, name: str = name, model: nn.Module = model) -> None:
+            label = f"fine-tune {f:.0%} ({name} labels)"
+            rows.append(lab.row(label, k, model, lab.segments(model)))
+
+        hooks = {k: (lambda k=k, f=f: report(k, f)) for k, f in marks.items()}
+        train_chain(model, loss, n, max(marks), cfg.lr, cfg.batch_size, lab.seed, hooks)
+    for fraction in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6):
+        pruned = copy.deepcopy(lab.stolen)
+        for i, state in enumerate(lab.segments(pruned).values()):
+            pruned[i + 1].load_state_dict(magnitude_prune(state, fraction))
+        rows.append(
+            lab.row(f"prune {fraction:.0%} of each weight", 0, pruned, lab.segments(pruned))
+        )
+    for factor in (1, 10):
+        rows.append(overwrite(lab, losses["pseudo"], cfg.watermark.strength * factor, factor))
+    return rows
+
+
+def overwrite(lab: Lab, loss: Loss, strength: float, factor: int) -> dict[str, Any]:
+    """A thief embeds its own fresh stage watermark in every marked tensor, for one stage."""
+    model = copy.deepcopy(lab.stolen)
+    thieves = {}
+    for i, party in enumerate(lab.parties):
+        c = lab.claimants[party]
+        thieves[party] = StageWatermark.derive(
+            new_watermark_secret(),
+            os.urandom(32),
+            i + 1,
+            1,
+            c.inputs.param_name or "",
+            math.prod(c.shape),
+            lab.cfg.watermark.bits,
+            strength,
+        )
+
+    def marked_loss(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+        marks = sum(mark.regulariser(m[i + 1]) for i, mark in enumerate(thieves.values()))
+        return loss(m, ids) + marks
+
+    train_chain(
+        model,
+        marked_loss,
+        len(lab.fresh),
+        lab.stage_steps,
+        lab.cfg.lr,
+        lab.cfg.batch_size,
+        lab.seed + 1,
+    )
+    segs = lab.segments(model)
+    own = {p: thieves[p].ber(segs[p]) for p in lab.parties}
+    label = f"overwrite ({factor}x strength, pseudo labels)"
+    return lab.row(label, lab.stage_steps, model, segs, thief_ber=own)
+
+
+# -- (d) false positives ----------------------------------------------------------------------
+
+
+def false_positives(
+    lab: Lab, plain_dir: Path, noise_multiplier: float, n_models: int, steps: int
+) -> dict[str, Any]:
+    """Owner claims on independent segments, and outsider claims on the real ones."""
+    cfg = lab.cfg
+    n = min(len(lab.data.train), steps * cfg.batch_size)
+    ids = torch.randperm(len(lab.data.train), generator=torch.Generator().manual_seed(1))[:n]
+    noise = ActivationNoise(cfg.privacy.clip_norm, noise_multiplier, cfg.privacy.mechanism)
+    with torch.no_grad():
+        z = noise.clip(lab.stolen[0](lab.data.train.x[ids]))
+    y = lab.labels.encode(lab.data.train.y[ids], ids)
+    independent: dict[str, list[Any]] = {p: [] for p in lab.parties}
+    for k in range(n_models):
+        with seeded(100_000 + k):
+            split = preset_factory(cfg, lab.data)(lab.labels.pseudo_classes)
+        chain = nn.Sequential(*split.segments)
+        noisy = _Noisy(chain, noise)
+        train_chain(
+            noisy,
+            lambda m, b: nn.functional.cross_entropy(m(z[b]), y[b]),
+            len(y),
+            steps,
+            cfg.lr,
+            cfg.batch_size,
+            200_000 + k,
+        )
+        for i, party in enumerate(lab.parties):
+            independent[party].append(lab.claim(party, _state(chain[i])))
+    twin = {
+        p: lab.claim(p, load_segment(plain_dir / "segments" / f"{p}.safetensors"))
+        for p in lab.parties
+    }
+    real = lab.segments(lab.stolen)
+    outsiders: dict[str, dict[str, list[Any]]] = {p: {"ledger": [], "own": []} for p in lab.parties}
+    for _ in range(n_models):
+        secret = new_watermark_secret()
+        for party in lab.parties:
+            outsiders[party]["ledger"].append(lab.claim(party, real[party], secret))
+            outsiders[party]["own"].append(lab.claim(party, real[party], secret, True))
+    summary: dict[str, Any] = {"models": n_models, "train_steps": steps, "parties": {}}
+    for party in lab.parties:
+        summary["parties"][party] = {
+            "independent": _fp(independent[party]),
+            "twin_no_watermark": _fp([twin[party]]),
+            "outsider_ledger_commitment": _fp(outsiders[party]["ledger"]),
+            "outsider_own_commitment": _fp(outsiders[party]["own"]),
+        }
+    return summary
+
+
+class _Noisy(nn.Module):
+    """A segment chain fed the clipped cut activations plus fresh noise, as in training."""
+
+    def __init__(self, chain: nn.Module, noise: ActivationNoise) -> None:
+        super().__init__()
+        self.chain, self.noise = chain, noise
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.chain(z + self.noise.noise(z.shape))
+
+
+def _fp(results: list[Any]) -> dict[str, Any]:
+    return {
+        "claims": len(results),
+        "false_positives": sum(r.holds for r in results),
+        "min_p_value": min(r.p_value for r in results),
+        "max_matching": max(r.matching for r in results),
+    }
+
+
+# -- report ----------------------------------------------------------------------------------
+
+
+def table(
+    cost_rows: list[dict[str, Any]],
+    verify: dict[str, Any],
+    robust: list[dict[str, Any]],
+    fp: dict[str, Any],
+    parties: list[str],
+) -> str:
+    lines = [
+        "(a) cost: with vs without the watermark (same seed, interleaved)",
+        f"{'seed':>4} {'acc wm':>8} {'acc plain':>9} {'diff pts':>8} "
+        f"{'s wm':>7} {'s plain':>7} {'ratio':>6} {'cpu ratio':>9} verified",
+    ]
+    for r in cost_rows:
+        lines.append(
+            f"{r['seed']:>4} {r['acc_watermark']:>8.4f} {r['acc_plain']:>9.4f} "
+            f"{r['acc_diff_points']:>+8.2f} {r['seconds_watermark']:>7.1f} "
+            f"{r['seconds_plain']:>7.1f} {r['time_ratio']:>6.3f} {r['cpu_ratio']:>9.3f} "
+            f"{r['verified']}"
+        )
+    if len(cost_rows) > 1:
+        diff = sum(r["acc_diff_points"] for r in cost_rows) / len(cost_rows)
+        ratio = sum(r["seconds_watermark"] for r in cost_rows) / sum(
+            r["seconds_plain"] for r in cost_rows
+        )
+        cpu = sum(r["cpu_seconds_watermark"] for r in cost_rows) / sum(
+            r["cpu_seconds_plain"] for r in cost_rows
+        )
+        lines.append(
+            f"mean accuracy difference {diff:+.2f} points, total train-time ratio {ratio:.3f}, "
+            f"total CPU-time ratio {cpu:.3f}"
+        )
+    lines += [
+        "",
+        f"(b) verification: verified={verify['verified']} stages={verify['stages']} "
+        f"max audited BER={verify['max_ber']:.4f} (threshold {verify['threshold']})",
+        "",
+        "(c) claims on the stolen chain (head + segments), attacked with fresh data: half "
+        "the test split; accuracy on the other half",
+    ]
+    head = f"{'attack':<38} {'steps':>5} {'acc':>6}"
+    for p in parties:
+        head += f" {p + ' BER':>7} {p + ' p':>9} {p + ' claim':>8}"
+    lines.append(head)
+    for r in robust:
+        line = f"{r['attack']:<38} {r['steps']:>5} {r['accuracy']:>6.3f}"
+        for p in parties:
+            c = r[p]
+            line += (
+                f" {c['ber']:>7.3f} {c['p_value']:>9.2e} {'holds' if c['holds'] else 'FAILS':>8}"
+            )
+        if "thief_ber" in r:
+            line += "  thief BER " + " ".join(f"{p}={b:.3f}" for p, b in r["thief_ber"].items())
+        lines.append(line)
+    lines += ["", f"(d) false positives (claims that hold; must be 0), {fp['models']} each"]
+    for p, d in fp["parties"].items():
+        for kind, s in d.items():
+            lines.append(
+                f"{p} {kind:<28} {s['false_positives']:>3}/{s['claims']:<3} "
+                f"min p {s['min_p_value']:.2e}  max matching {s['max_matching']}"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="fashion-mnist")
+    ap.add_argument("--epochs", type=int, default=None, help="default: the run config's")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=1, help="interleaved cost pairs")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run config override, dotted keys (e.g. watermark.strength=0.01)",
+    )
+    ap.add_argument("--fp-models", type=int, default=100)
+    ap.add_argument("--fp-steps", type=int, default=300)
+    ap.add_argument("--out", type=Path, default=None, help="keep the run directories here")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+
+    start = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        root = args.out or Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        print("(a) training", flush=True)
+        cost_rows, marked, _ = cost(args, root)
+        run_dir = root / "wm-0"
+        cfg = config(args, True)
+        report = verify_run(run_dir, cfg.watermark)
+        bers = [
+            line.ber for line in report.lines if line.kind == "trainer" and line.ber is not None
+        ]
+        verify = {
+            "verified": marked.results["watermark"]["verified"],
+            "offline_ok": report.ok,
+            "stages": marked.results["watermark"]["stages"],
+            "max_ber": max(bers),
+            "threshold": cfg.watermark.ber_threshold,
+            "first_failure": report.first_failure,
+        }
+        torch.set_num_threads(cfg.threads)
+        print("(c) attacks", flush=True)
+        lab = Lab(marked, run_dir, cfg, args.seed)
+        robust = robustness(lab)
+        print("(d) false positives", flush=True)
+        fp = false_positives(
+            lab,
+            root / "plain-0",
+            marked.results["privacy"]["noise_multiplier"],
+            args.fp_models,
+            args.fp_steps,
+        )
+    text = table(cost_rows, verify, robust, fp, lab.parties)
+    print(text)
+    print(f"benchmark wall time {time.perf_counter() - start:.0f} s")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "config": cfg.model_dump(mode="json"),
+                    "cost": cost_rows,
+                    "verify": verify,
+                    "robustness": robust,
+                    "false_positives": fp,
+                    "table": text,
+                },
+                indent=2,
+                default=float,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

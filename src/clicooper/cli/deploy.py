@@ -1,0 +1,175 @@
+"""Deployment commands: ``certs init``, ``serve`` and ``launch`` (DESIGN §8, §11).
+
+``launch`` takes exactly the flags of ``run`` (its signature is copied from
+it) plus the gRPC timeouts, and runs the same session with each trainer and
+the verifier in its own process.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import logging
+import signal
+import threading
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from clicooper.cli import main as cli_main
+from clicooper.cli.main import Opt, app, build_config, console, fail
+from clicooper.config import RunConfig
+
+certs_app = typer.Typer(
+    no_args_is_help=True, help="Session certificates for mutual TLS between parties."
+)
+app.add_typer(certs_app, name="certs")
+
+#: Timeouts of a ``launch`` in progress (None: an ordinary ``run``).
+_LAUNCH: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
+    "launch", default=None
+)
+
+
+@certs_app.command("init")
+def certs_init(
+    parties: Annotated[str, Opt(help="comma-separated party names, e.g. do,t1,t2,verifier")],
+    out: Annotated[Path, Opt(help="directory for the CA and the party keys (mode 0700)")],
+    valid_days: Annotated[int, Opt(help="certificate lifetime in days")] = 30,
+    overwrite: Annotated[bool, Opt(help="replace an existing CA (invalidates its certs)")] = False,
+) -> None:
+    """Create a session CA and one key and certificate per party (keys mode 0600)."""
+    from clicooper.runtime.certs import create_certificates
+
+    names = [p.strip() for p in parties.split(",") if p.strip()]
+    try:
+        create_certificates(names, out, valid_days, overwrite=overwrite)
+    except (ValueError, FileExistsError, OSError) as exc:
+        fail(str(exc).splitlines()[0])
+    console.print(f"certificates for {', '.join(names)} in {out}")
+
+
+@app.command()
+def serve(
+    role: Annotated[str, typer.Argument(help="trainer or verifier")],
+    config: Annotated[Path, Opt(help="TOML config: the same as the data owner's")],
+    listen: Annotated[str, Opt(help="HOST:PORT this party listens on")],
+    certs: Annotated[Path, Opt(help="certificate directory from `clicooper certs init`")],
+    peers: Annotated[Path, Opt(help="peers file (TOML): session id and every party's address")],
+    name: Annotated[str | None, Opt(help="party name: t1 .. tn (trainers)")] = None,
+    out: Annotated[Path, Opt(help="this party's directory (segments, keys, checkpoints)")] = Path(
+        "runs/latest"
+    ),
+    send_timeout: Annotated[float, Opt(help="seconds one delivery may take")] = 30.0,
+    exit_with_parent: Annotated[
+        int | None, Opt(hidden=True, help="exit when this parent process is gone")
+    ] = None,
+) -> None:
+    """Run one party (a trainer or the verifier) until the data owner shuts it down."""
+    from clicooper.runtime.deploy import EpochTransport, PartyHost, read_peers, serve
+
+    if role not in ("trainer", "verifier"):
+        fail(f"unknown role {role!r}: serve trainer or verifier")
+    name = name or ("verifier" if role == "verifier" else None)
+    if name is None:
+        fail("a trainer needs --name t1 .. tn")
+    cfg = build_config(config)
+    try:
+        session, addresses = read_peers(peers)
+        if addresses.get(name) != listen:
+            addresses = {**addresses, name: listen}
+        host = PartyHost(role, name, cfg, out)
+        transport = EpochTransport(name, addresses, certs, session, send_timeout)
+    except (ValueError, OSError) as exc:
+        fail(str(exc).splitlines()[0])
+    import torch
+
+    torch.set_num_threads(cfg.threads)
+    # The first optimizer imports torch's compiler stack (seconds): do it before the owner waits.
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {name} %(message)s")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        serve(host, transport, stop, parent_pid=exit_with_parent)
+    except OSError as exc:  # e.g. the port is taken
+        fail(str(exc).splitlines()[0])
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        raise typer.Exit(130) from None
+
+
+def session_runner(cfg: RunConfig, peers: Path | None, certs: Path | None) -> Callable[..., Any]:
+    """What ``clicooper run`` calls: in-process, over gRPC to served parties, or a launch."""
+    from clicooper.runtime import deploy
+    from clicooper.runtime.session import run
+
+    timeouts = _LAUNCH.get()
+    if timeouts is not None:
+        return functools.partial(deploy.launch, **timeouts)
+    if cfg.transport == "inprocess":
+        if peers or certs:
+            fail("--peers and --certs need --transport grpc")
+        return run
+    if peers is None or certs is None:
+        fail("--transport grpc needs --peers FILE and --certs DIR (or use `clicooper launch`)")
+    try:
+        deployment = deploy.Deployment.from_file(peers, certs, **deploy.peers_timeouts(peers))
+    except ValueError as exc:
+        fail(str(exc).splitlines()[0])
+    return functools.partial(run, deployment=deployment)
+
+
+def _launch(
+    send_timeout: float = 30.0, step_timeout: float = 120.0, resume_timeout: float = 120.0, **flags
+) -> None:
+    token = _LAUNCH.set(
+        {
+            "send_timeout": send_timeout,
+            "step_timeout": step_timeout,
+            "resume_timeout": resume_timeout,
+        }
+    )
+    try:
+        cli_main.run(**flags, transport="grpc", peers=None, certs=None)
+    except KeyboardInterrupt:
+        console.print("interrupted: every party process was stopped")
+        raise typer.Exit(130) from None
+    finally:
+        _LAUNCH.reset(token)
+
+
+def _launch_signature() -> inspect.Signature:
+    """``run``'s parameters without the deployment ones, plus the three timeouts."""
+    hints = typing.get_type_hints(cli_main.run, include_extras=True)
+    params = [
+        p.replace(annotation=hints[p.name])
+        for p in inspect.signature(cli_main.run).parameters.values()
+        if p.name not in ("transport", "peers", "certs")
+    ]
+    for name, default, what in (
+        ("send_timeout", 30.0, "seconds one delivery may take"),
+        ("step_timeout", 120.0, "seconds the data owner waits for an answer"),
+        ("resume_timeout", 120.0, "seconds to wait for a restarted party"),
+    ):
+        annotation = Annotated[float, Opt(help=what)]
+        params.append(
+            inspect.Parameter(
+                name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation
+            )
+        )
+    return inspect.Signature(params)
+
+
+def launch(**kwargs: Any) -> None:
+    """Run the session with every trainer and the verifier in its own process (loopback, TLS)."""
+    _launch(**kwargs)
+
+
+launch.__signature__ = _launch_signature()  # type: ignore[attr-defined]
+launch.__annotations__ = {p.name: p.annotation for p in launch.__signature__.parameters.values()}
+app.command()(launch)

@@ -1,0 +1,70 @@
+"""Budgets of the evaluation: how long each party trains and how hard each attacker tries."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Every knob of one evaluation (quick and full presets below)."""
+
+    seed: int = 0
+    epochs: int = 10
+    batch_size: int = 128
+    train_subset: int | None = None
+    test_subset: int | None = None
+    aux_fraction: float = 0.1  # of the training split, held out for the attackers
+    record: int = 1024  # samples per epoch each trainer records
+    n_invert: int = 256
+    cluster_trials: int = 20
+    cluster_subset: int = 500
+    permutations: int = 200
+    unsplit_rounds: int = 20
+    unsplit_steps: int = 20
+    aux_epochs: int = 40
+    decoder_epochs: int = 40
+    extraction_epochs: int = 30
+    finetune_epochs: int = 50
+    scratch_epochs: int = 100
+    adaptive_m: tuple[int, ...] = (1, 5, 10, 50)
+    sweep_noise: tuple[float, ...] = (0.1, 0.25, 1.0, 2.0)
+    sweep_epochs: int | None = None  # None: the main runs' epochs
+    sweep_train_subset: int | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def with_seed(self, seed: int) -> EvalSettings:
+        return replace(self, seed=seed)
+
+
+QUICK = EvalSettings(
+    epochs=15,
+    batch_size=64,
+    aux_fraction=0.25,
+    record=512,
+    cluster_subset=256,
+    unsplit_rounds=10,
+    aux_epochs=30,
+    decoder_epochs=40,
+    extraction_epochs=20,
+    finetune_epochs=30,
+    scratch_epochs=60,
+    adaptive_m=(1, 5, 10),
+    sweep_noise=(0.1, 2.0),
+)
+
+# Sized for Fashion-MNIST in under 30 minutes on two (shared) cores: each UnSplit round
+# or auxiliary-autoencoder epoch over 1,500 28x28 images costs about 10 s on one thread.
+FULL = EvalSettings(
+    epochs=5,
+    aux_fraction=0.05,
+    unsplit_rounds=5,
+    aux_epochs=8,
+    decoder_epochs=30,
+    extraction_epochs=8,
+    finetune_epochs=30,
+    scratch_epochs=60,
+    sweep_noise=(0.1, 1.0, 2.0),
+    sweep_epochs=2,
+    sweep_train_subset=10000,
+)

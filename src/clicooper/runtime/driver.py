@@ -1,0 +1,287 @@
+"""The data owner's training loop: resumable, with coordinated checkpoints.
+
+The loop is a sequence of units, each either one training step or the end of
+an epoch (stage close, test accuracy). Its position is the owner's step count
+plus the number of finished epochs, so it can restart from any checkpoint.
+
+Checkpoints (when enabled) are coordinated by the data owner after a step has
+fully completed (every trainer has applied it, nothing is in flight): it asks
+every party to checkpoint that step, waits for all of them, then writes its
+own. They happen every ``checkpoint_steps`` steps and *before* every stage
+close and epoch end (so the state a ledger record commits to is a checkpoint).
+
+Resume protocol, on a transport error, a timeout or an ERROR from a party:
+
+1. the :class:`Recovery` (gRPC deployment) moves every party to a new
+   transport epoch (fresh session id and sequence counters, so nothing from
+   before the failure is accepted), waiting for restarted parties;
+2. every party lists its checkpoints; the last step common to all parties
+   (and the owner) is chosen and every party restores it: segment or head,
+   optimizer, RNG states, step counters, watermark stage and ledger position;
+3. a stage close interrupted by the failure is finished without appending
+   again the records the verifier already holds (the ledger is append-only);
+4. training continues from that step with the same batch order, so no step
+   is lost or applied twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from clicooper.common.messages import Kind, Message, ProtocolError
+from clicooper.data.base import Dataset
+from clicooper.parties.data_owner import DataOwner, epoch_batches
+from clicooper.parties.watermarking import OwnerChain
+from clicooper.runtime import checkpoint as ckpt
+
+log = logging.getLogger(__name__)
+ProgressFn = Callable[[int, int, int, float], None]
+#: What a failed party looks like to the owner.
+FAILURES = (ConnectionError, TimeoutError, ProtocolError)
+MAX_RECOVERIES = 10
+
+
+class Recovery(Protocol):
+    """Brings every party back after a failure (see :class:`clicooper.runtime.deploy.Remote`)."""
+
+    def reconnect(self) -> None:
+        """Every party reachable in a fresh transport epoch and set up again."""
+
+
+@dataclass
+class Position:
+    """Where the loop is, besides ``owner.step``; checkpointed with the owner."""
+
+    epochs_done: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Driver:
+    """Runs ``epochs`` epochs of ``owner`` over ``data`` with checkpoints and recovery."""
+
+    def __init__(
+        self,
+        owner: DataOwner,
+        chain: OwnerChain | None,
+        data: Dataset,
+        *,
+        epochs: int,
+        batch_size: int,
+        seed: int,
+        parties: list[str],
+        checkpoint_dir: Path | None = None,
+        checkpoint_steps: int = 0,
+        recovery: Recovery | None = None,
+        progress: ProgressFn | None = None,
+    ) -> None:
+        self.owner, self.chain, self.data = owner, chain, data
+        self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
+        self.parties = parties
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_steps = checkpoint_steps
+        self.recovery = recovery
+        self.progress = progress
+        self.pos = Position()
+        self.steps_per_epoch = math.ceil(len(data.train) / batch_size)
+        self.train_seconds = 0.0
+        self.recoveries: list[dict[str, Any]] = []
+        self._pending: bool | None = None  # a stage close to finish after a restore (its `more`)
+        self._done: dict[str, dict[str, Any]] | None = None  # records already in the ledger
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(self) -> list[dict[str, Any]]:
+        """Train to the end; the per-epoch history."""
+        self._checkpoint(pending=False)  # step 0: a common point before any failure
+        while not self._finished():
+            try:
+                self._unit()
+            except FAILURES as exc:
+                if self.recovery is None or self.checkpoint_dir is None:
+                    raise
+                self._recover_retrying(exc)
+        return self.pos.history
+
+    def _recover_retrying(self, exc: BaseException) -> None:
+        """Recover; a failure during recovery (a party lost again) starts it over."""
+        while True:
+            try:
+                self._recover(exc)
+                return
+            except FAILURES as again:
+                exc = again
+
+    def _finished(self) -> bool:
+        return self.pos.epochs_done == self.epochs and self._pending is None and not self._tail()
+
+    def _tail(self) -> bool:
+        """A partly done last stage (``stage_steps``) still to close."""
+        return self.chain is not None and self.chain.steps_in_stage > 0
+
+    def _unit(self) -> None:
+        start = time.perf_counter()
+        if self._pending is not None:
+            self._close(self._pending)
+        elif self.pos.epochs_done == self.epochs:
+            self._checkpoint(pending=True, more=False)  # the partly done last stage
+            self._close(False)
+        elif self.owner.step < (self.pos.epochs_done + 1) * self.steps_per_epoch:
+            self._step()
+        else:
+            self._end_epoch()
+            return  # _end_epoch times itself (the test pass is not training)
+        self.train_seconds += time.perf_counter() - start
+
+    def _step(self) -> None:
+        owner, epoch = self.owner, self.pos.epochs_done + 1
+        batch = owner.step - (epoch - 1) * self.steps_per_epoch
+        ids = epoch_batches(len(self.data.train), epoch, self.batch_size, self.seed)[batch]
+        owner.head.train()
+        loss, right = owner.train_batch(self.data.train, ids, epoch)
+        self.pos.loss_sum += loss * len(ids)
+        self.pos.correct += right
+        if self.progress:
+            self.progress(epoch, batch + 1, self.steps_per_epoch, loss)
+        if self.chain is not None and self.chain.count_step(owner.step):
+            self._checkpoint(pending=True)
+            self._close(True)
+        elif self.checkpoint_steps and owner.step % self.checkpoint_steps == 0:
+            self._checkpoint(pending=False)
+
+    def _end_epoch(self) -> None:
+        start = time.perf_counter()
+        epoch = self.pos.epochs_done + 1
+        closing = self.chain is not None and self.chain.epoch_close_due()
+        self._checkpoint(pending=closing, more=epoch < self.epochs)
+        if closing:
+            self._close(epoch < self.epochs)
+        self.train_seconds += time.perf_counter() - start
+        test_accuracy = self.owner.accuracy(self.data.test)
+        n = len(self.data.train)
+        if self.owner.noise is not None:
+            self.owner.releases += 1
+        self.pos.history.append(
+            {
+                "epoch": epoch,
+                "loss": self.pos.loss_sum / n,
+                "train_accuracy": self.pos.correct / n,
+                "test_accuracy": test_accuracy,
+            }
+        )
+        self.pos.epochs_done, self.pos.loss_sum, self.pos.correct = epoch, 0.0, 0
+
+    def _close(self, more: bool) -> None:
+        done, self._done = self._done, None
+        self.chain.close_stage(more, done)
+        self._pending = None
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def _checkpoint(self, pending: bool, more: bool = True) -> None:
+        """Every party, then the owner, saves the state after ``owner.step``."""
+        if self.checkpoint_dir is None:
+            return
+        step = self.owner.step
+        self.ask_all("checkpoint", step=step)
+        self._save_owner(step, {"pending_close": more if pending else None})
+
+    def ask_all(self, op: str, **meta: Any) -> dict[str, Message]:
+        """Send control ``op`` to every party at once, then collect every reply."""
+        owner = self.owner
+        for party in self.parties:
+            owner.transport.send(
+                Message(Kind.CONTROL, owner.step, owner.name, party, {}, {"op": op, **meta})
+            )
+        replies: dict[str, Message] = {}
+        while len(replies) < len(self.parties):
+            msg = owner.transport.recv(owner.name)
+            if msg.kind != Kind.REPLY or msg.meta.get("op") != op or msg.sender in replies:
+                raise ProtocolError(
+                    f"do expected replies to {op!r}, got {msg.kind} from {msg.sender}: "
+                    f"{msg.meta.get('error', '')}"
+                )
+            replies[msg.sender] = msg
+        return replies
+
+    def _generators(self) -> dict[str, torch.Generator]:
+        noise = self.owner.noise
+        return {"noise": noise._gen} if noise is not None else {}  # noqa: SLF001
+
+    def _save_owner(self, step: int, extra: dict[str, Any]) -> None:
+        owner = self.owner
+        opt_tensors, opt_doc = ckpt.optimizer_state(owner.optimizer)
+        tensors = {
+            **ckpt.module_tensors(owner.head, "head"),
+            **opt_tensors,
+            **ckpt.rng_tensors(self._generators()),
+        }
+        meta = {
+            "optim": opt_doc,
+            "releases": owner.releases,
+            "position": vars(self.pos),
+            "chain": self.chain.state() if self.chain is not None else {},
+            **extra,
+        }
+        ckpt.save(self.checkpoint_dir, step, tensors, meta)
+
+    def restore_owner(self, step: int) -> None:
+        """The owner's state after ``step`` from its checkpoint."""
+        owner = self.owner
+        tensors, meta = ckpt.load(self.checkpoint_dir, step)
+        ckpt.load_module(owner.head, tensors, "head")
+        owner.optimizer.zero_grad(set_to_none=True)
+        ckpt.load_optimizer(owner.optimizer, tensors, meta["optim"])
+        ckpt.load_rng(tensors, self._generators())
+        owner.step, owner.releases = step, int(meta["releases"])
+        keep = sum(1 for s in owner.log.steps if s <= step)
+        for seq in (owner.log.steps, owner.log.epochs, owner.log.sample_ids):
+            del seq[keep:]
+        self.pos = Position(**meta["position"])
+        if self.chain is not None:
+            self.chain.load_state(meta["chain"])
+        self._pending = meta["pending_close"]
+
+    # -- recovery ---------------------------------------------------------------------------
+
+    def _recover(self, exc: BaseException) -> None:
+        if len(self.recoveries) >= MAX_RECOVERIES:
+            raise RuntimeError(f"giving up after {MAX_RECOVERIES} recoveries: {exc}") from exc
+        log.warning("do: party failure at step %d (%s); resuming", self.owner.step, exc)
+        failed_at = self.owner.step
+        self.recovery.reconnect()
+        listed = self.ask_all("checkpoints")
+        available = {p: list(m.meta["steps"]) for p, m in listed.items()}
+        available["do"] = ckpt.steps(self.checkpoint_dir)
+        step = ckpt.common_step(available)
+        restored = self.ask_all("restore", step=step)
+        self.restore_owner(step)
+        self.owner.head.train()
+        if self._pending is not None and self.chain is not None:
+            self._done = self.ask_ledger(self.chain.stage)
+        self.recoveries.append(
+            {
+                "error": " ".join(str(exc).split())[:300],
+                "failed_at_step": failed_at,
+                "resumed_from_step": step,
+                "steps_applied": {
+                    p: m.meta["steps_applied"]
+                    for p, m in restored.items()
+                    if "steps_applied" in m.meta
+                },
+            }
+        )
+
+    def ask_ledger(self, stage: int) -> dict[str, dict[str, Any]]:
+        """The verifier's records of ``stage`` (to finish an interrupted stage close)."""
+        reply = self.owner.control("verifier", "ledger", stage=stage)
+        return dict(reply.meta["done"])

@@ -1,0 +1,85 @@
+"""`clicooper launch`: real processes on 127.0.0.1.
+
+Vanilla split learning has no secret randomness, so the same seed must give
+the same weights (hence the same accuracy) over gRPC with 4 micro-batches in
+flight as in-process without pipelining. (A clicooper launch through the CLI,
+with its run directory and ledger, is in test_deploy_resume.py.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from cc_helpers import quick_config
+from conftest import alive, cli, env, pids, wait_for
+
+from clicooper.runtime.deploy import launch
+from clicooper.runtime.session import run
+
+VANILLA = {"mode": "vanilla", "trainers": 3, "epochs": 2, "train_subset": 320}
+
+
+def _params(session):
+    return [p.detach() for p in session.model.parameters()]
+
+
+@pytest.fixture(scope="module")
+def inprocess(tmp_path_factory, digits):
+    out = tmp_path_factory.mktemp("inproc") / "run"
+    return run(quick_config(**VANILLA), out, data=digits.limit(320, 200, seed=0))
+
+
+@pytest.fixture(scope="module")
+def over_grpc(tmp_path_factory, digits):
+    out = tmp_path_factory.mktemp("grpc") / "run"
+    cfg = quick_config(**VANILLA, micro_batches=4)
+    return out, launch(cfg, out, data=digits.limit(320, 200, seed=0), send_timeout=10)
+
+
+def test_same_seed_same_training_in_process_and_over_grpc_with_pipelining(inprocess, over_grpc):
+    """4 micro-batches in flight across 3 trainer processes: same maths as one batch in-process."""
+    out, session = over_grpc
+    assert session.results["transport"]["name"] == "grpc"
+    assert session.results["transport"]["steps_applied"] == {"t1": 20, "t2": 20, "t3": 20}
+    for a, b in zip(_params(inprocess), _params(session), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert abs(inprocess.results["accuracy"]["test"] - session.results["accuracy"]["test"]) < 0.005
+    # the segments were written by the trainer processes, the head by the owner
+    assert {p.name for p in (out / "segments").iterdir()} == {
+        f"t{i}.safetensors" for i in (1, 2, 3)
+    }
+
+
+def test_ctrl_c_stops_every_process(tmp_path):
+    out = tmp_path / "run"
+    argv = cli("launch", "--dataset", "digits", "--model", "mlp", "--trainers", "2")
+    argv += ["--epochs", "50", "--mode", "vanilla", "--out", str(out)]
+    proc = subprocess.Popen(
+        argv, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        wait_for(lambda: len(pids(out)) == 3, 120, "both trainer processes")
+        time.sleep(1.0)
+        children = {n: p for n, p in pids(out).items() if n != "launcher"}
+        assert set(children) == {"t1", "t2"} and all(alive(p) for p in children.values())
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        assert proc.wait(timeout=30) == 130, proc.stderr.read()[-2000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    time.sleep(0.2)
+    assert not [n for n, p in children.items() if alive(p)]
+    mine = [p for p in os.listdir("/proc") if p.isdigit()]
+    for pid in mine:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        assert str(out) not in cmdline or not alive(int(pid)), f"process {pid} left: {cmdline}"

@@ -1,0 +1,131 @@
+"""`clicooper evaluate --quick` on digits: in time; attacks work on vanilla, worse on CliCooper."""
+
+from __future__ import annotations
+
+import json
+import time
+from functools import reduce
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(900)  # the module fixture runs the whole evaluation
+
+MODES = ("vanilla", "clicooper")
+STRENGTHS = ("data_free", "aux_no_query", "query_decoder", "query_decoder_nonadaptive")
+FIGURES = (
+    "reconstructions.png",
+    "accuracy_curves.png",
+    "privacy_utility.png",
+    "adaptive_extraction.png",
+    "activations_pca.png",
+)
+
+
+def _get(d: dict, dotted: str):
+    return reduce(lambda node, key: node[key], dotted.split("."), d)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, float]:
+    import sys
+    from unittest import mock
+
+    from clicooper.cli import main as cli_main
+
+    out = tmp_path_factory.mktemp("eval")
+    argv = ["clicooper", "evaluate", "--dataset", "digits", "--out", str(out), "--quick"]
+    start = time.process_time()
+    with mock.patch.object(sys, "argv", argv), pytest.raises(SystemExit) as exc:
+        cli_main.main()
+    elapsed = time.process_time() - start
+    assert exc.value.code == 0
+    return json.loads((out / "results.json").read_text()), out, elapsed
+
+
+def test_quick_finishes_within_three_minutes(quick) -> None:
+    """CPU seconds of this process (one torch thread): the wall time on two idle cores.
+
+    Wall time on a host shared with other jobs measures the neighbours, not this work.
+    """
+    assert quick[2] < 180, f"quick evaluation used {quick[2]:.0f} CPU s"
+
+
+def test_results_hold_every_required_key(quick) -> None:
+    r, _, _ = quick
+    assert 0 <= _get(r, "runs.vanilla.accuracy.test") <= 1
+    assert 0 <= _get(r, "runs.clicooper.accuracy.test") <= 1
+    for mode in MODES:
+        a = r["attacks"][mode]
+        for party in ("T1", "T2"):
+            for key in ("matched_accuracy", "ari", "success_rate", "naming_accuracy"):
+                assert isinstance(a["clustering"][party][key], float)
+                for source in ("activations", "gradients"):
+                    if key != "naming_accuracy":
+                        assert isinstance(a["clustering"][party][source][key], float)
+            assert len(a["clustering"][party]["activations"]["p_values"]) >= 20
+        for strength in STRENGTHS:
+            assert set(a["inversion"][strength]) >= {"ssim", "psnr"}
+        assert a["inversion"]["ssim"] == max(
+            a["inversion"]["data_free"]["ssim"], a["inversion"]["aux_no_query"]["ssim"]
+        )
+        assert set(a["inversion"]["baselines"]) >= {"dataset_mean", "class_mean"}
+        assert a["extraction"]["chance"] == pytest.approx(0.1)
+        assert 0 <= a["extraction"]["accuracy"] <= 1
+        assert [p["m"] for p in a["extraction"]["adaptive"]] == [1, 5, 10]
+        for point in a["extraction"]["adaptive"]:
+            assert set(point) >= {"m", "accuracy", "scratch_accuracy"}
+    assert r["epsilon"]["vanilla"] is None and r["epsilon"]["clicooper"] > 0
+    assert r["data"]["auxiliary"] > 0 and r["data"]["test"] >= 256
+    assert len(r["privacy_utility"]["points"]) >= 3
+
+
+def test_report_and_figures_exist(quick) -> None:
+    r, out, _ = quick
+    report = (out / "report.md").read_text()
+    for needle in (
+        "| metric | vanilla | clicooper |",
+        "test accuracy",
+        "clustering success at T1",
+        "extraction chance",
+        "epsilon",
+        "Adaptive extraction",
+        "False-positive floor",
+    ):
+        assert needle in report
+    for name in FIGURES:
+        path = out / "figures" / name
+        assert path.stat().st_size > 5_000
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_attacks_work_on_vanilla(quick) -> None:
+    a = quick[0]["attacks"]["vanilla"]
+    assert a["clustering"]["T1"]["success_rate"] >= 0.9
+    assert a["clustering"]["T2"]["naming_accuracy"] == 1.0  # labels received in clear
+    inv = a["inversion"]
+    assert inv["query_decoder"]["ssim"] > inv["baselines"]["dataset_mean"] + 0.1
+
+
+def test_attacks_do_worse_on_clicooper(quick) -> None:
+    van, cc = (quick[0]["attacks"][m] for m in MODES)
+    for source in ("activations", "gradients"):
+        assert (
+            van["clustering"]["T1"][source]["matched_accuracy"]
+            > cc["clustering"]["T1"][source]["matched_accuracy"]
+        )
+    assert van["clustering"]["T1"]["matched_accuracy"] > cc["clustering"]["T1"]["matched_accuracy"]
+    assert (
+        van["clustering"]["T1"]["activations"]["success_rate"]
+        > cc["clustering"]["T1"]["activations"]["success_rate"]
+    )
+    assert van["clustering"]["T2"]["naming_accuracy"] > cc["clustering"]["T2"]["naming_accuracy"]
+    assert (
+        van["inversion"]["query_decoder"]["ssim"] > cc["inversion"]["query_decoder"]["ssim"] + 0.1
+    )
+
+
+def test_bad_dataset_is_one_line_exit_2(cli_inprocess, tmp_path: Path) -> None:
+    code, err, _ = cli_inprocess("evaluate", "--dataset", "nope", "--out", str(tmp_path), "--quick")
+    assert code == 2
+    assert "unknown dataset 'nope'" in err and len(err.strip().splitlines()) == 1

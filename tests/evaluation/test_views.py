@@ -1,0 +1,151 @@
+"""Attackers see only what their party received, plus auxiliary data disjoint from training."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+
+from clicooper.config import RunConfig
+from clicooper.data import Dataset
+from clicooper.evaluation import adapters
+from clicooper.evaluation.orchestrate import mode_config, prepare_data
+from clicooper.evaluation.settings import QUICK
+from clicooper.evaluation.truth import row_sample_ids
+from clicooper.evaluation.views import (
+    RECEIVED_KEYS,
+    PartyView,
+    assert_disjoint,
+    query_activations,
+    view_of,
+)
+from clicooper.parties.trainer import Trainer
+from clicooper.runtime.session import Session, run
+
+FORBIDDEN = {"owner", "session", "dataset", "head", "secret", "labels_secret", "data"}
+
+
+def _session(tmp: Path, data: Dataset, mode: str) -> Session:
+    cfg = RunConfig.load(None, mode=mode, model="mlp", epochs=2, batch_size=32, record=64)
+    cfg.watermark.enabled = False
+    return run(cfg, tmp / mode, data=data)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, digits: Dataset) -> dict[str, Session]:
+    torch.set_num_threads(1)
+    data = digits.limit(300, 100, seed=0)
+    tmp = tmp_path_factory.mktemp("runs")
+    return {mode: _session(tmp, data, mode) for mode in ("vanilla", "clicooper")}
+
+
+def test_auxiliary_split_is_disjoint_from_owner_training_data() -> None:
+    cfg = RunConfig.load(None, dataset="digits")
+    owner_data, aux, aux_split = prepare_data(cfg, QUICK)
+    owner_rows = {r.tobytes() for r in owner_data.train.x.flatten(1).numpy()}
+    assert len(aux_split) > 300
+    assert not any(r.tobytes() in owner_rows for r in aux_split.x.flatten(1).numpy())
+    assert len(aux.images) + len(aux.pool_labels) == len(aux_split)
+    assert aux.max_m() >= 10
+
+
+def test_assert_disjoint_rejects_a_leaked_training_image(digits: Dataset) -> None:
+    leaked = torch.cat([digits.test.x[:5], digits.train.x[7:8]])
+    with pytest.raises(ValueError, match="1 auxiliary images are owner training images"):
+        assert_disjoint(leaked, digits.train.x)
+
+
+def test_view_holds_only_received_records_and_a_copy_of_the_segment(runs) -> None:
+    trainer = runs["clicooper"].trainers[0]
+    view = view_of(trainer)
+    assert set(view.records) <= set(RECEIVED_KEYS)
+    assert {f for f in PartyView.__dataclass_fields__} == {
+        "name",
+        "index",
+        "is_last",
+        "records",
+        "segment",
+    }
+    first = next(view.segment.parameters())
+    with torch.no_grad():
+        next(trainer.segment.parameters()).add_(1.0)
+    assert not torch.equal(first, next(trainer.segment.parameters()))
+    with torch.no_grad():
+        next(trainer.segment.parameters()).sub_(1.0)
+
+
+def test_adapters_take_no_owner_data_or_parameters() -> None:
+    for name in ("clustering", "inversion", "extraction", "naming_accuracy"):
+        params = set(inspect.signature(getattr(adapters, name)).parameters)
+        assert not params & FORBIDDEN, (name, params & FORBIDDEN)
+
+
+def test_head_factory_is_architecture_only(runs) -> None:
+    """The shadow head the attackers build shares the owner's shapes, never its weights."""
+    from clicooper.runtime.session import preset_factory
+
+    session = runs["vanilla"]
+    cfg = RunConfig.load(None, model="mlp")
+    fresh = preset_factory(cfg, session.dataset)(10).head
+    owner_head = session.owner.head
+    for a, b in zip(fresh.parameters(), owner_head.parameters(), strict=True):
+        assert a.shape == b.shape and not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "clicooper"])
+def test_truth_join_recovers_each_rows_label(runs, mode: str) -> None:
+    """Joined to the owner's log, Tn's received labels decode to the true labels of the rows."""
+    session = runs[mode]
+    view = view_of(session.trainers[-1])
+    log = session.owner.log
+    ids = row_sample_ids(view, log.steps, log.sample_ids, 1)
+    received = view.records["pseudo_labels"]
+    if session.owner.labels is not None:
+        received = session.owner.labels.decode_labels(received)
+    assert torch.equal(received, session.dataset.train.y[ids])
+
+
+def test_truth_join_rejects_records_that_do_not_match_the_log(runs) -> None:
+    session = runs["vanilla"]
+    view = view_of(session.trainers[0])
+    log = session.owner.log
+    short = [ids[:-1] for ids in log.sample_ids]
+    with pytest.raises(ValueError, match="do not match the owner's log"):
+        row_sample_ids(view, log.steps, short, 1)
+
+
+def test_query_capture_sees_what_t1_receives(runs) -> None:
+    vanilla, defended = runs["vanilla"], runs["clicooper"]
+    x = vanilla.dataset.test.x[:20]
+    got = query_activations(vanilla.owner, vanilla.trainers[0], x, noisy=True)
+    with torch.no_grad():
+        vanilla.owner.head.eval()
+        expected = vanilla.owner.head(x)
+        vanilla.owner.head.train()
+    assert torch.allclose(got, expected, atol=1e-6)  # vanilla: no noise to add
+    assert vanilla.trainers[0].handle.__func__ is Trainer.handle  # observer removed
+
+    clean = query_activations(defended.owner, defended.trainers[0], x, noisy=False)
+    noisy = query_activations(defended.owner, defended.trainers[0], x, noisy=True)
+    noise = (noisy - defended.owner.noise.clip(clean)).std()
+    nm = defended.owner.noise.noise_multiplier * defended.owner.noise.clip_norm
+    assert abs(float(noise) - nm) < 0.25 * nm
+    assert defended.owner.noise_at_inference is False  # setting restored
+
+
+def test_inversion_targets_come_from_t1s_last_epoch(runs) -> None:
+    view = view_of(runs["clicooper"].trainers[0])
+    rows = adapters.inversion_targets(view, 32)
+    assert bool((view.records["epoch"][rows] == view.epochs[-1]).all())
+    with pytest.raises(ValueError, match="raise record"):
+        adapters.inversion_targets(view, 10_000)
+
+
+def test_mode_config_keeps_everything_but_the_mode() -> None:
+    cfg = RunConfig.load(None, dataset="digits", model="mlp", trainers=3)
+    a, b = (mode_config(cfg, QUICK, m) for m in ("vanilla", "clicooper"))
+    da, db = a.model_dump(), b.model_dump()
+    assert da.pop("mode") == "vanilla" and db.pop("mode") == "clicooper"
+    assert da == db and a.record == QUICK.record and a.train_subset is None
