@@ -11,12 +11,14 @@
 (c) Claims of t1 and t2 (secret from ``RUN_DIR/parties/<t>/watermark.secret``,
     inputs from the ledger) on a stolen copy: the whole chain (``owner/head`` plus
     ``segments/``), attacked with fresh data: the first half of the test split
-    (images the data owner never trained on) labelled with the stolen model's own
-    pseudo-class predictions (a thief has no true labels). Attacks: fine-tuning for
-    10%, 20%, 50% of the training steps (Adam, the run's lr and batch size);
-    magnitude pruning of 10%..60% of every weight tensor; overwriting (the thief
-    embeds its own fresh watermark, own secret, in the same tensors while
-    fine-tuning, for one stage's steps, with the run's strength and with 10x).
+    (images the data owner never trained on). Attacks: fine-tuning the whole chain
+    for 10%, 20%, 50% of the run's training steps (Adam, the run's lr and batch
+    size), once on the stolen model's own arg-max pseudo-classes (what a thief can
+    do) and once on the true labels through the owner's decoding (a stronger thief
+    that also holds the label secret); magnitude pruning of 10%..60% of every weight
+    tensor of the segments; overwriting: the thief embeds its own fresh watermark
+    (own secret, this library's regulariser) in the same tensors while fine-tuning on
+    pseudo-classes, for one stage's steps, at the run's strength and at 10x.
     Accuracy after an attack is measured on the other half of the test split with
     the owner's label decoding (for the benchmark only; a thief cannot decode).
 (d) False positives: the owners' claims against ``--fp-models`` segment chains trained
@@ -529,6 +531,9 @@ def main() -> None:
         cost_rows, marked, _ = cost(args, root)
         run_dir = root / "wm-0"
         cfg = config(args, True)
+        cfg = cfg.model_copy(
+            update={"batch_size": cfg.effective_batch_size(len(marked.dataset.train))}
+        )
         report = verify_run(run_dir, cfg.watermark)
         bers = [
             line.ber for line in report.lines if line.kind == "trainer" and line.ber is not None

@@ -30,21 +30,24 @@ Why normalise and cap (Uchida's loss is the case ``u = A w``, ``kappa = inf``):
   ``sqrt(B E[(kappa - Z)_+^2] / d) ||w||`` with Z ~ N(0, 1) (0.23 ||w|| for B = 256,
   d = 5120, kappa = 0.5).
 
-Defaults ``lambda = DEFAULT_STRENGTH``, ``kappa = DEFAULT_MARGIN``: at one stage per
-Fashion-MNIST epoch (469 Adam steps) every bit is in place within about 100 steps.
-Adam moves each weight by at most about its learning rate per step, so a stage
-needs enough steps whatever lambda is: on digits (MLP, lr 1e-3) 25 steps per stage
-always reached BER <= 0.05 and 20 or fewer often did not.
+Lazy schedule (cost): ``A`` holds ``B * d`` float32 numbers (16 MB for a 16k-weight
+layer and B = 256), and reading it twice a step (``A w``, then ``A^T g``) costs about
+1.5 ms of CPU for d = 8192. Between stage starts the bits only need guarding, so a
+mark that has every bit ``kappa`` deep rests: it returns its last value with a zero
+gradient and re-reads ``A w`` only every ``recheck`` calls (default 8); when some bit
+has slipped below ``kappa / 2`` it pushes again until every bit is ``kappa`` deep.
+Bits therefore stay at least about ``kappa / 2`` deep once placed.
 
-Cost: ``A`` holds ``B * d`` float32 numbers, so mark a tensor of moderate size
-(a 16k-weight layer and B = 256 give a 16 MB matrix). Each step computes ``A w``
-and, while some bit is short of its margin, the backward product ``A^T g``
-(about 1.5 ms of CPU per step for d = 8192 on the development machine).
+Defaults ``lambda = DEFAULT_STRENGTH``, ``kappa = DEFAULT_MARGIN``: at one stage per
+Fashion-MNIST epoch (469 Adam steps, lr 1e-3) every bit was in place (BER 0)
+within 120 steps of each stage start. Adam moves each weight by at most about its
+learning rate per step, so a stage needs enough steps whatever lambda is: on
+digits (MLP, lr 1e-3) 25 steps per stage always reached BER <= 0.05 and 20 or fewer
+often did not, at lambda from 0.003 to 0.1.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +63,7 @@ PROJECTION_INFO = b"clicooper-v1/watermark/projection/"
 StateOrModule = nn.Module | dict[str, torch.Tensor]
 DEFAULT_STRENGTH = 0.003
 DEFAULT_MARGIN = 0.5
+DEFAULT_RECHECK = 8
 _TINY = 1e-12
 
 
@@ -115,13 +119,18 @@ def _weight(state_or_module: StateOrModule, name: str) -> torch.Tensor:
 
 @dataclass(eq=False)
 class StageWatermark:
-    """One stage's watermark: parameter name, projection ``A`` (B x d), bits ``b``, lambda."""
+    """One stage's watermark: parameter name, projection ``A`` (B x d), bits ``b``, lambda.
+
+    ``margin`` is kappa and ``recheck`` the resting period of the lazy schedule; the
+    object keeps the schedule's state, so use one per trainer and stage.
+    """
 
     param_name: str
     matrix: torch.Tensor
     bits: torch.Tensor
     strength: float
     margin: float = DEFAULT_MARGIN
+    recheck: int = DEFAULT_RECHECK
 
     def __post_init__(self) -> None:
         if self.matrix.dim() != 2 or self.bits.shape != (self.matrix.shape[0],):
@@ -129,9 +138,12 @@ class StageWatermark:
                 f"matrix must be (B, d) and bits (B,); got {tuple(self.matrix.shape)} "
                 f"and {tuple(self.bits.shape)}"
             )
-        if self.margin < 0:
-            raise ValueError(f"margin must be >= 0, got {self.margin}")
+        if self.margin < 0 or self.recheck < 1:
+            raise ValueError(
+                f"need margin >= 0 and recheck >= 1 (got {self.margin}, {self.recheck})"
+            )
         self._signs = self.bits.to(torch.float32) * 2 - 1  # s_j = 2 b_j - 1
+        self._pushing, self._rest, self._value = True, 0, 0.0
 
     @classmethod
     def derive(
@@ -145,6 +157,7 @@ class StageWatermark:
         n_bits: int = 256,
         strength: float = DEFAULT_STRENGTH,
         margin: float = DEFAULT_MARGIN,
+        recheck: int = DEFAULT_RECHECK,
     ) -> StageWatermark:
         """The watermark of trainer ``party_index`` for ``stage`` after link ``prev_link``.
 
@@ -157,6 +170,7 @@ class StageWatermark:
             bits=target_bits(secret, prev_link, party_index, stage, n_bits),
             strength=float(strength),
             margin=float(margin),
+            recheck=int(recheck),
         )
 
     @property
@@ -173,22 +187,29 @@ class StageWatermark:
         return self.matrix.to(flat) @ flat
 
     def regulariser(self, module: nn.Module) -> torch.Tensor:
-        """``lambda * sum_j BCEWithLogits(c_j, b_j)``, differentiable in ``w``.
+        """``lambda * sum_j BCEWithLogits(c_j, b_j)``, differentiable in ``w``; see the module.
 
         ``u = A w / ||w||`` (norm detached), ``s_j = 2 b_j - 1`` and the capped logit
         ``c_j = s_j * min(s_j u_j, kappa)``: a bit already ``kappa`` deep on its side adds
-        the constant ``softplus(-kappa)`` and no gradient. When every bit is that deep
-        the value is ``lambda * B * softplus(-kappa)`` with a zero gradient, and the
-        backward product with ``A`` is skipped.
+        the constant ``softplus(-kappa)`` and no gradient. Lazy schedule: once every bit
+        is ``kappa`` deep the mark rests (value only, zero gradient) and re-reads ``A w``
+        every ``recheck`` calls; it pushes again, until every bit is ``kappa`` deep, when
+        some bit is less than ``kappa / 2`` deep.
         """
         weight = _weight(module, self.param_name)
+        if not self._pushing and self._rest > 0:
+            self._rest -= 1
+            return weight.sum() * 0 + self._value
         scale = 1.0 / max(float(weight.detach().norm()), _TINY)
         signed = self._logits(weight) * self._signs.to(weight) * scale  # s_j u_j
-        if bool((signed.detach() >= self.margin).all()):
-            floor = self.n_bits * math.log1p(math.exp(-self.margin))  # B * softplus(-kappa)
-            return weight.sum() * 0 + self.strength * floor
+        depth = float(signed.detach().min())
+        self._pushing = depth < (self.margin if self._pushing else self.margin / 2)
         capped = signed.clamp(max=self.margin)  # s_j c_j; BCE(c_j, b_j) = softplus(-s_j c_j)
-        return self.strength * F.softplus(-capped).sum()
+        value = self.strength * F.softplus(-capped).sum()
+        if self._pushing:
+            return value
+        self._rest, self._value = self.recheck - 1, float(value.detach())
+        return weight.sum() * 0 + self._value
 
     def extract(self, state_or_module: StateOrModule) -> torch.Tensor:
         """Bool bits ``(A w) > 0`` read from a module or a state dict."""
