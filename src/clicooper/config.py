@@ -54,6 +54,12 @@ class WatermarkConfig(_Strict):
     keep_audit_stages: int | None = Field(None, ge=1)
 
 
+# 8x8 digits (1,437 training images): a CNN with 5 epochs is undertrained. Measured with
+# every other default (clicooper, noise 0.2, K=4, watermark): CNN 5 epochs vanilla 0.864 vs
+# clicooper 0.578; MLP 5 epochs 0.936 vs 0.906; MLP 10 epochs 0.956 vs 0.961.
+SMALL_DATA_DEFAULTS: dict[str, dict[str, Any]] = {"digits": {"model": "mlp", "epochs": 10}}
+
+
 class RunConfig(_Strict):
     """Everything a run needs; the same config drives every transport."""
 
@@ -83,6 +89,21 @@ class RunConfig(_Strict):
     privacy: PrivacyConfig = PrivacyConfig()
     labels: LabelConfig = LabelConfig()
     watermark: WatermarkConfig = WatermarkConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_defaults(cls, data: Any) -> Any:
+        """Resolve ``auto`` and apply small-data defaults for settings the user left unset."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("dataset", "auto") == "auto":
+            from clicooper.data import default_dataset
+
+            data["dataset"] = default_dataset()
+        for key, value in SMALL_DATA_DEFAULTS.get(data["dataset"], {}).items():
+            data.setdefault(key, value)
+        return data
 
     @model_validator(mode="after")
     def _micro_fits(self) -> RunConfig:

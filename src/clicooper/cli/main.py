@@ -16,7 +16,7 @@ from typer.exceptions import TyperException
 
 from clicooper.cli.progress import console, summary_table, training_progress
 from clicooper.config import ConfigError, RunConfig
-from clicooper.data import DataError, default_dataset
+from clicooper.data import DataError
 
 app = typer.Typer(
     add_completion=False,
@@ -129,11 +129,10 @@ def run(
     from clicooper.cli.deploy import session_runner
     from clicooper.runtime.session import resolve_dataset
 
-    if cfg.dataset == "auto":
-        cfg.dataset = default_dataset()
-        console.print(f"dataset: {cfg.dataset} (auto: fashion-mnist when installed, else digits)")
+    how = "auto: fashion-mnist when installed, else digits" if dataset is None else "given"
     try:
         data = resolve_dataset(cfg, None)
+        console.print(f"dataset: {cfg.dataset} ({how}); model {cfg.model}, {cfg.epochs} epochs")
         with training_progress(cfg.epochs, cfg.mode) as progress:
             runner = session_runner(cfg, peers, certs)
             session = runner(cfg, out, data=data, progress=progress, overwrite=overwrite)
