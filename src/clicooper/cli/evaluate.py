@@ -29,7 +29,9 @@ def evaluate(
     train_subset: Annotated[int | None, Opt(help="owner trains on a seeded subset")] = None,
     test_subset: Annotated[int | None, Opt()] = None,
     noise_multiplier: Annotated[float | None, Opt(help="CliCooper noise std / clip norm")] = None,
-    model: Annotated[str | None, Opt(help="mlp or cnn")] = None,
+    model: Annotated[
+        str, Opt(help="mlp or cnn (default cnn: the inversion attacks assume an image head)")
+    ] = "cnn",
     cut: Annotated[str | None, Opt(help="named cut point of the preset")] = None,
 ) -> None:
     """Train vanilla and CliCooper alike, run every attack on both, write the report."""
