@@ -52,7 +52,7 @@ def test_stage_steps_setting_makes_more_stages(tmp_path, small_digits):
 
 
 def test_trainer_that_skips_a_stage_is_caught(tmp_path, small_digits, monkeypatch):
-    real_end = watermarking.TrainerChain.end
+    real_end = watermarking.TrainerChain.commit
     kept = {}
 
     def lazy_end(self, msg):
@@ -64,7 +64,7 @@ def test_trainer_that_skips_a_stage_is_caught(tmp_path, small_digits, monkeypatc
                 self.trainer.segment.load_state_dict(kept)
         return real_end(self, msg)
 
-    monkeypatch.setattr(watermarking.TrainerChain, "end", lazy_end)
+    monkeypatch.setattr(watermarking.TrainerChain, "commit", lazy_end)
     session = _run(tmp_path, "r", small_digits)
     assert not session.results["watermark"]["verified"]
     report = verify_run(tmp_path / "r")
@@ -72,7 +72,7 @@ def test_trainer_that_skips_a_stage_is_caught(tmp_path, small_digits, monkeypatc
 
 
 def test_trainer_that_swaps_in_other_weights_is_caught(tmp_path, small_digits, monkeypatch):
-    real_end = watermarking.TrainerChain.end
+    real_end = watermarking.TrainerChain.commit
 
     def swap_end(self, msg):
         if self.trainer.name == "t1" and int(msg.meta["stage"]) == 3:
@@ -80,7 +80,7 @@ def test_trainer_that_swaps_in_other_weights_is_caught(tmp_path, small_digits, m
                 torch.nn.init.normal_(p.data, std=0.05)
         return real_end(self, msg)
 
-    monkeypatch.setattr(watermarking.TrainerChain, "end", swap_end)
+    monkeypatch.setattr(watermarking.TrainerChain, "commit", swap_end)
     _run(tmp_path, "r", small_digits)
     report = verify_run(tmp_path / "r")
     assert not report.ok and "stage 3, t1" in report.first_failure
@@ -178,3 +178,25 @@ def test_claim_and_verify_bad_input(tmp_path, honest, cli_inprocess):
         str(honest[0] / "segments" / "t1.safetensors"),
     )
     assert code == 2 and "secret" in err
+
+
+def test_the_ledger_records_its_bits_for_verify_and_claim(tmp_path, small_digits, cli_inprocess):
+    session = _run(tmp_path, "r", small_digits, epochs=2, **{"watermark.bits": 64})
+    assert session.results["watermark"]["verified"]
+    run_dir = tmp_path / "r"
+    code, err, out = cli_inprocess("verify", str(run_dir))  # no --bits: the ledger's 64
+    assert code == 0, err
+    code, err, _ = cli_inprocess("verify", str(run_dir), "--bits", "256")
+    assert code == 1 and "bits_hash is not the hash" in err
+    segment = str(run_dir / "segments" / "t2.safetensors")
+    code, err, out = cli_inprocess("claim", str(run_dir), "--party", "t2", "--segment", segment)
+    assert code == 0 and "matching bits 64/64" in err + out
+
+
+def test_small_marked_tensor_warns_once_per_trainer(tmp_path, small_digits):
+    with pytest.warns(Warning) as caught:
+        _run(tmp_path, "r", small_digits, epochs=1, **{"watermark.bits": 1024})
+    notes = [str(w.message) for w in caught if "marks a tensor" in str(w.message)]
+    # t1 marks 8,192 weights, t2 16,384 (16 a bit: enough), t3 5,120
+    assert [n.split()[0] for n in notes] == ["t1", "t3"]
+    assert all("1024 bits" in n for n in notes)

@@ -214,3 +214,29 @@ def test_default_strength_places_a_stage_within_thirty_adam_steps() -> None:
         (nn.functional.cross_entropy(model(x), y) + mark.regulariser(model)).backward()
         opt.step()
     assert mark.ber(model) <= 0.05
+
+
+def test_seal_places_every_bit_with_a_small_change_and_no_more() -> None:
+    model = nn.Sequential(nn.Linear(64, 80))  # d = 5120, as the presets' smallest mark
+    mark = StageWatermark.derive(SECRET, LINK, 1, 1, "0.weight", 5120, 256, 0.01)
+    before = model[0].weight.detach().clone()
+    assert mark.ber(model) > 0.3  # fresh weights: about half the bits wrong
+    shallow = mark.seal(model)
+    assert shallow > 100
+    after = model[0].weight.detach()
+    depth = mark._signs * (mark.matrix @ after.reshape(-1)) / after.norm()
+    assert mark.ber(model) == 0 and float(depth.min()) >= mark.margin / 2 - 1e-4
+    # least-norm: about sqrt(B E[(kappa - Z)_+^2] / d) = 0.23 of ||w|| (module docstring)
+    assert float((after - before).norm() / before.norm()) < 0.3
+    again = after.clone()
+    assert mark.seal(model) == 0 and torch.equal(model[0].weight.detach(), again)
+
+
+def test_capacity_note_only_for_small_tensors() -> None:
+    from clicooper.watermark.embed import capacity_note
+
+    assert capacity_note("t1", 5120, 256) is None  # the presets' smallest mark
+    note = capacity_note("t2", 1280, 256)
+    assert note is not None and "t2" in note and "1280 weights" in note and "bits to 80" in note
+    assert "46%" in note  # sqrt(256 * 1.04 / 1280)
+    assert capacity_note("t2", 1280, 64) is None

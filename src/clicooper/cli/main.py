@@ -8,6 +8,7 @@ names the problem.
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -142,8 +143,15 @@ def run(
     console.print(f"run directory: {out}")
 
 
+def _one_line_warning(
+    message: Warning | str, category: type[Warning], *_: object, **__: object
+) -> None:
+    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
-    """Entry point: usage errors become one line with exit status 2."""
+    """Entry point: usage errors become one line with exit status 2; warnings one line each."""
+    warnings.showwarning = _one_line_warning
     try:
         code = app(standalone_mode=False)
     except typer.Exit as exc:
@@ -165,7 +173,7 @@ def verify(
         Path | None, Opt(help="verifier's watermark secrets (default: RUN_DIR/verifier/...)")
     ] = None,
     ber_threshold: Annotated[float | None, Opt()] = None,
-    bits: Annotated[int | None, Opt()] = None,
+    bits: Annotated[int | None, Opt(help="watermark bits B (default: the ledger's)")] = None,
     config: Annotated[Path | None, Opt(help="TOML config; flags override it")] = None,
 ) -> None:
     """Check a run's ledger, audit copies and final segments; exit 0 only if all holds."""
@@ -177,7 +185,7 @@ def verify(
     if not (run_dir / "ledger.sqlite").is_file():
         fail(f"{run_dir} has no ledger.sqlite: give the directory of a clicooper run")
     try:
-        report = verify_run(run_dir, cfg.watermark, secrets)
+        report = verify_run(run_dir, cfg.watermark, secrets, bits)
     except ValueError as exc:
         fail(str(exc).splitlines()[0])
     table = Table(title=f"ledger of {run_dir}")
@@ -215,7 +223,7 @@ def claim(
         Path | None, Opt(help="the claimant's watermark secret (default: its party directory)")
     ] = None,
     p_value: Annotated[float | None, Opt(help="claim holds at or below this p-value")] = None,
-    bits: Annotated[int | None, Opt()] = None,
+    bits: Annotated[int | None, Opt(help="watermark bits B (default: the ledger's)")] = None,
     config: Annotated[Path | None, Opt(help="TOML config; flags override it")] = None,
 ) -> None:
     """Ownership claim on a suspect segment: exit 0 only when the claim holds."""
@@ -232,6 +240,7 @@ def claim(
         suspect = load_segment(segment)
         with Ledger.open(run_dir / "ledger.sqlite", readonly=True) as ledger:
             inputs = claim_inputs(ledger, party)
+            n_bits = ledger.watermark_bits if bits is None else bits
     except (LedgerError, ValueError, OSError) as exc:
         fail(str(exc).splitlines()[0])
     param = inputs.param_name or max(suspect, key=lambda k: suspect[k].numel())
@@ -243,7 +252,7 @@ def claim(
         inputs.party_index,
         inputs.stage,
         param,
-        cfg.watermark.bits,
+        n_bits,
         cfg.watermark.claim_p_value,
     )
     ber = "-" if result.ber is None else f"{result.ber:.4f}"
@@ -254,5 +263,7 @@ def claim(
     console.print(result.reason)
     if not result.holds:
         raise typer.Exit(1)
+
+
 from clicooper.cli import deploy as _deploy  # noqa: E402,F401
 from clicooper.cli import evaluate as _evaluate  # noqa: E402,F401

@@ -21,7 +21,6 @@ class Kind(StrEnum):
     FORWARD = "forward"  # activations along the chain: DO -> T1 -> ... -> Tn
     LABELS = "labels"  # pseudo-labels for a step: DO -> Tn only
     BACKWARD = "backward"  # gradient w.r.t. the receiver's output: Tn -> ... -> T1 -> DO
-    STEP = "step"  # apply accumulated gradients (end of a batch): DO -> every trainer
     INFER = "infer"  # forward without training, Tn answers with LOGITS
     LOGITS = "logits"  # pseudo-logits: Tn -> DO
     LOSS = "loss"  # loss statistics: Tn -> DO

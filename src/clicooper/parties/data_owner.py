@@ -25,13 +25,6 @@ INFER_BATCH = 1024
 
 
 @dataclass
-class EpochStats:
-    epoch: int
-    loss: float
-    train_accuracy: float
-
-
-@dataclass
 class StepLog:
     """Which training samples went into each step (the owner's own bookkeeping)."""
 
@@ -72,33 +65,8 @@ class DataOwner:
         self.step = 0
         self.releases = 0  # noisy releases of each training sample so far
         self.log = StepLog()
-        self.stage_hooks: list[Callable[[int], None]] = []
 
     # -- training ---------------------------------------------------------------
-
-    def fit_epoch(
-        self,
-        data: Split,
-        epoch: int,
-        batch_size: int,
-        seed: int,
-        progress: ProgressFn | None = None,
-    ) -> EpochStats:
-        """One pass over ``data`` in a seeded order; returns loss and running accuracy."""
-        self.head.train()
-        batches = epoch_batches(len(data), epoch, batch_size, seed)
-        total_loss, correct = 0.0, 0
-        for b, ids in enumerate(batches):
-            loss, right = self.train_batch(data, ids, epoch)
-            total_loss += loss * len(ids)
-            correct += right
-            if progress:
-                progress(epoch, b + 1, len(batches), loss)
-            for hook in self.stage_hooks:
-                hook(self.step)
-        if self.noise is not None:
-            self.releases += 1
-        return EpochStats(epoch, total_loss / len(data), correct / len(data))
 
     def train_batch(self, data: Split, ids: torch.Tensor, epoch: int) -> tuple[float, int]:
         """One training step on samples ``ids``: (mean loss, correctly predicted samples)."""

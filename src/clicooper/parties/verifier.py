@@ -180,7 +180,7 @@ class Verifier(Party):
         )
         self.secrets = secrets
         self.ledger = Ledger.create(
-            self.run_dir / "ledger.sqlite", self.session_id, self.nonce, parties
+            self.run_dir / "ledger.sqlite", self.session_id, self.nonce, parties, self.n_bits
         )
         self._stage_links = {0: self.ledger.genesis}
 

@@ -60,6 +60,7 @@ class TrainerChain:
         self.stage, self.link = 0, ""
         self.losses: list[float] = []
         self.steps = 0
+        self.sealed: list[int] = []  # per stage: bits the seal had to deepen
         trainer.registration = {
             "public_key": self.key.public_bytes().hex(),
             "watermark_secret": self.secret.hex(),  # to the verifier only (DESIGN §5)
@@ -109,9 +110,19 @@ class TrainerChain:
         self.steps += int(applied)
 
     def end(self, msg: Message) -> dict[str, Any] | None:
-        """Sign this stage's record and send it with the segment to the verifier."""
+        """Seal the stage's bits, then hand in the segment (:meth:`commit`)."""
+        if self.settings.seal and self.settings.strength > 0:
+            self.sealed.append(self._stage_mark().seal(self.trainer.segment))
+        return self.commit(msg)
+
+    def _stage_mark(self) -> StageWatermark:
         if self.mark is None:
             raise ProtocolError(f"{self.trainer.name} got stage_end before stage_begin")
+        return self.mark
+
+    def commit(self, msg: Message) -> dict[str, Any] | None:
+        """Sign this stage's record and send it with the segment to the verifier."""
+        mark = self._stage_mark()
         state = {k: v.detach().clone() for k, v in self.trainer.segment.state_dict().items()}
         losses = self.losses or [0.0]
         record = sign(
@@ -124,8 +135,8 @@ class TrainerChain:
                 prev=msg.meta["prev"],
                 body={
                     "segment_hash": segment_hash(state).hex(),
-                    "bits_hash": bits_hash(self.mark.bits).hex(),
-                    "ber": self.mark.ber(state),
+                    "bits_hash": bits_hash(mark.bits).hex(),
+                    "ber": mark.ber(state),
                     "loss_mean": sum(losses) / len(losses),
                     "loss_last": losses[-1],
                     "steps": self.steps,
@@ -203,11 +214,6 @@ class OwnerChain:
         for name in self.owner.trainers:
             self.owner.control(name, "stage_begin", stage=stage, link=self.link)
 
-    def on_step(self, step: int) -> None:
-        """Close a stage every ``stage_steps`` steps; a shorter remainder joins the last stage."""
-        if self.count_step(step):
-            self.close_stage(more=True)
-
     def count_step(self, step: int) -> bool:
         """Count ``step`` in the stage; True when the stage must close after it."""
         self.steps_in_stage += 1
@@ -226,15 +232,6 @@ class OwnerChain:
     def load_state(self, state: dict[str, Any]) -> None:
         for key, value in state.items():
             setattr(self, key, value)
-
-    def on_epoch_end(self, more: bool) -> None:
-        if not self.settings.stage_steps and self.steps_in_stage:
-            self.close_stage(more)
-
-    def finish(self) -> None:
-        """Close a partly done last stage so the final segments match the ledger."""
-        if self.steps_in_stage:
-            self.close_stage(more=False)
 
     def close_stage(self, more: bool, done: dict[str, dict[str, Any]] | None = None) -> None:
         """Append the stage's records in chain order, then begin the next stage.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from clicooper.data import Dataset, default_dataset, load_dataset
 from clicooper.models import SplitModel
 from clicooper.models.presets import DEFAULT_CUT
 from clicooper.parties import DataOwner, Recorder, Trainer, Verifier
+from clicooper.parties.data_owner import epoch_batches
 from clicooper.parties.verifier import SECRETS_FILE
 from clicooper.parties.watermarking import OwnerChain, TrainerChain
 from clicooper.privacy import accounting
@@ -36,6 +38,7 @@ from clicooper.runtime.deploy import Deployment, Remote, party_settings, preset_
 from clicooper.runtime.driver import Driver
 from clicooper.runtime.transport.inprocess import InProcessTransport
 from clicooper.watermark import PartyKey, VerifyReport, verify_ledger
+from clicooper.watermark.embed import WatermarkCapacityWarning, capacity_note, select_weight
 
 ProgressFn = Callable[[int, int, int, float], None]
 ModelFactory = Callable[[int], SplitModel]  # n_outputs -> head and segments
@@ -145,10 +148,7 @@ def _run_centralized(
     history, train_seconds = [], 0.0
     for epoch in range(1, cfg.epochs + 1):
         start = time.perf_counter()
-        order = torch.randperm(
-            len(data.train), generator=torch.Generator().manual_seed(cfg.seed + epoch)
-        )
-        batches = order.split(cfg.batch_size)
+        batches = epoch_batches(len(data.train), epoch, cfg.batch_size, cfg.seed)
         total, correct = 0.0, 0
         for b, ids in enumerate(batches):
             logits = model(data.train.x[ids])
@@ -207,6 +207,8 @@ def _run_split(
     wm = cfg.watermark
     with_chain = defended and wm.enabled
     parties = [f"t{i}" for i in range(1, cfg.trainers + 1)] + (["verifier"] if with_chain else [])
+    if with_chain:
+        _warn_capacity(split, wm)
     checkpoints = cfg.transport == "grpc" or cfg.checkpoint_steps > 0
     remote, trainers, verifier = None, [], None
     if cfg.transport == "grpc":
@@ -270,6 +272,15 @@ def _run_split(
     if remote is not None:
         _load_remote_segments(split, out_dir)
     return Session(results, owner, trainers, split.full(), data)
+
+
+def _warn_capacity(split: SplitModel, wm: WatermarkConfig) -> None:
+    """Warn (once per trainer) when a marked tensor is small for ``wm.bits``."""
+    for i, segment in enumerate(split.segments, start=1):
+        weight = dict(segment.named_parameters())[select_weight(segment)]
+        note = capacity_note(f"t{i}", weight.numel(), wm.bits)
+        if note:
+            warnings.warn(note, WatermarkCapacityWarning, stacklevel=3)
 
 
 def _local(
@@ -341,7 +352,6 @@ def _open_chain(
     key.save(owner_dir / "do.key")
     chain = OwnerChain(owner, key, secret.commitment(), wm)
     chain.open()
-    owner.stage_hooks.append(chain.on_step)
     return chain
 
 
@@ -365,9 +375,16 @@ def _watermark_summary(chain: OwnerChain, out_dir: Path, wm: WatermarkConfig) ->
 
 
 def verify_run(
-    run_dir: Path, wm: WatermarkConfig | None = None, secrets_file: Path | None = None
+    run_dir: Path,
+    wm: WatermarkConfig | None = None,
+    secrets_file: Path | None = None,
+    n_bits: int | None = None,
 ) -> VerifyReport:
-    """Verify a run directory: ledger, audit copies, final segments, trainers' BER."""
+    """Verify a run directory: ledger, audit copies, final segments, trainers' BER.
+
+    ``n_bits`` overrides the watermark length the ledger records; ``wm`` gives the
+    BER threshold.
+    """
     wm = wm or WatermarkConfig()
     secrets_file = secrets_file or run_dir / "verifier" / SECRETS_FILE
     secrets = None
@@ -382,7 +399,7 @@ def verify_run(
         run_dir / "audit",
         run_dir / "segments",
         secrets,
-        wm.bits,
+        n_bits,
         wm.ber_threshold,
     )
 

@@ -74,7 +74,34 @@ StateOrModule = nn.Module | dict[str, torch.Tensor]
 DEFAULT_STRENGTH = 0.01
 DEFAULT_MARGIN = 0.5
 DEFAULT_RECHECK = 8
+MIN_WEIGHTS_PER_BIT = 16
 _TINY = 1e-12
+
+
+class WatermarkCapacityWarning(UserWarning):
+    """A marked tensor is small for the number of bits: each stage costs accuracy."""
+
+
+def capacity_note(party: str, dim: int, n_bits: int, margin: float = DEFAULT_MARGIN) -> str | None:
+    """A one-line warning when ``dim < MIN_WEIGHTS_PER_BIT * n_bits``, else None.
+
+    Each stage moves ``w`` by about ``sqrt(B E[(kappa - Z)_+^2] / d) ||w||`` (module
+    docstring); below 16 weights a bit that is over 25% of ``||w||`` at kappa = 0.5.
+    Measured on examples/custom_model.py (digits, 12 stages, tensors of 1,536 and
+    1,280 weights): 256 bits gave test accuracy 0.46 to 0.61, 64 bits 0.89, no mark 0.88.
+    """
+    if dim >= MIN_WEIGHTS_PER_BIT * n_bits:
+        return None
+    z = torch.distributions.Normal(0.0, 1.0)
+    k = torch.tensor(float(margin))
+    shortfall = (k**2 + 1) * z.cdf(k) + k * z.log_prob(k).exp()  # E[(kappa - Z)_+^2]
+    move = float((n_bits * shortfall / dim).sqrt())
+    fitting = max(16, dim // MIN_WEIGHTS_PER_BIT)
+    return (
+        f"{party} marks a tensor of {dim} weights with {n_bits} bits: each stage moves it by "
+        f"about {move:.0%} of its norm and costs accuracy; set watermark.bits to {fitting} "
+        f"or less, or give the segment a larger layer"
+    )
 
 
 def select_weight(module: nn.Module, name: str | None = None) -> str:
@@ -220,6 +247,39 @@ class StageWatermark:
             return value
         self._rest, self._value = self.recheck - 1, float(value.detach())
         return weight.sum() * 0 + self._value
+
+    def seal(self, module: nn.Module, max_rounds: int = 8) -> int:
+        """Put every bit at least ``kappa / 2`` deep with the least change to ``w``.
+
+        The regulariser may end a stage with a few bits short (short stages, a layer the
+        task gradient moves a lot). For the shallow bits ``V`` this solves
+        ``min ||dw||  s.t.  s_j A_j . (w + dw) = kappa ||w||  (j in V)``, the minimum-norm
+        least-squares solution (``torch.linalg.lstsq``, driver gelsd), and repeats
+        (``||w||`` moves a little) up to ``max_rounds`` times. Returns how many bits were
+        shallow before the first round; 0 leaves ``w`` untouched.
+        """
+        weight = _weight(module, self.param_name)
+        with torch.no_grad():
+            flat = weight.detach().reshape(-1).to(torch.float64)
+            matrix = self.matrix.to(torch.float64)
+            signs = self._signs.to(torch.float64)
+            shallow_at_start = 0
+            for round_ in range(max_rounds):
+                norm = max(float(flat.norm()), _TINY)
+                depth = signs * (matrix @ flat) / norm
+                shallow = depth < self.margin / 2
+                if round_ == 0:
+                    shallow_at_start = int(shallow.sum())
+                if not shallow.any():
+                    break
+                wanted = signs[shallow] * (self.margin - depth[shallow]) * norm
+                rows = matrix[shallow]
+                step = torch.linalg.lstsq(rows, wanted.unsqueeze(1), driver="gelsd").solution
+                flat = flat + step.squeeze(1)
+            if shallow_at_start:
+                weight.copy_(flat.reshape(weight.shape).to(weight.dtype))
+        self._pushing, self._rest = False, 0
+        return shallow_at_start
 
     def extract(self, state_or_module: StateOrModule) -> torch.Tensor:
         """Bool bits ``(A w) > 0`` read from a module or a state dict."""

@@ -3,7 +3,9 @@
 Schema version 1 (``PRAGMA application_id`` = 0x436C4350, "ClCP"):
 
 - ``meta(key, value)``: ``schema_version`` = "1", ``session_id``, ``nonce`` and
-  ``genesis`` (lowercase hex).
+  ``genesis`` (lowercase hex), and ``watermark_bits`` (B, decimal; 256 when absent).
+  B is not signed, and needs not be: every trainer record signs the hash of its bits,
+  so a wrong B only makes verification fail.
 - ``parties(name, party_index, public_key, commitment)``: ``do`` (index 0),
   ``t1`` .. ``tn`` (index i), ``verifier`` (index n+1); hex public keys; trainers'
   watermark commitments ``SHA-256(w_i)`` in hex, NULL for the others.
@@ -36,6 +38,7 @@ from clicooper.watermark.records import Record, canonical, from_canonical, link
 SCHEMA_VERSION = 1
 APPLICATION_ID = 0x436C4350
 COMMITMENT_BYTES = 32
+DEFAULT_WATERMARK_BITS = 256
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -175,6 +178,7 @@ class Ledger:
         session_id: bytes,
         nonce: bytes,
         parties: Sequence[tuple[str, bytes, bytes | None]],
+        watermark_bits: int = DEFAULT_WATERMARK_BITS,
     ) -> Ledger:
         """A new ledger at ``path`` (which must not exist) for the given session and parties."""
         path = Path(path)
@@ -195,6 +199,7 @@ class Ledger:
             "session_id": session_id.hex(),
             "nonce": nonce.hex(),
             "genesis": genesis.hex(),
+            "watermark_bits": str(int(watermark_bits)),
         }
         conn = None
         try:
@@ -262,6 +267,7 @@ class Ledger:
             self.session_id = bytes.fromhex(meta["session_id"])
             self.nonce = bytes.fromhex(meta["nonce"])
             self.genesis = bytes.fromhex(meta["genesis"])
+            self.watermark_bits = int(meta.get("watermark_bits", DEFAULT_WATERMARK_BITS))
             self._parties = [
                 PartyEntry(
                     name, int(i), bytes.fromhex(key), None if c is None else bytes.fromhex(c)

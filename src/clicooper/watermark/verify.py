@@ -111,7 +111,7 @@ def verify_ledger(
     audit_dir: Path | None = None,
     final_segments_dir: Path | None = None,
     watermark_secrets: dict[str, bytes] | None = None,
-    n_bits: int = 256,
+    n_bits: int | None = None,
     ber_threshold: float = 0.05,
     param_names: dict[str, str] | None = None,
     expected_stages: int | None = None,
@@ -139,7 +139,7 @@ def verify_ledger(
     settings = _Settings(
         audit_dir=None if audit_dir is None else Path(audit_dir),
         secrets=watermark_secrets,
-        n_bits=n_bits,
+        n_bits=ledger.watermark_bits if n_bits is None else n_bits,
         ber_threshold=ber_threshold,
         param_names=dict(param_names or {}),
     )

@@ -54,8 +54,3 @@ class InProcessTransport(Transport):
                 party.handle(decode_message(queue.popleft()))
                 return True
         return False
-
-    def drain(self) -> None:
-        """Deliver until every hosted party's inbox is empty."""
-        while self._deliver_one(skip=""):
-            pass
