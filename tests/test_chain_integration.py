@@ -38,6 +38,8 @@ def test_honest_run_verifies_with_one_stage_per_epoch(honest, cli_inprocess):
     wm = session.results["watermark"]
     assert wm["verified"] and wm["stages"] == 3 and wm["attestations_failed"] == 0
     assert all(ber <= 0.05 for ber in wm["final_ber"].values())
+    sealed = wm["sealed_bits"]  # one count per trainer and stage
+    assert sorted(sealed) == ["t1", "t2", "t3"] and all(len(n) == 3 for n in sealed.values())
     code, err, out = cli_inprocess("verify", str(run_dir))
     assert code == 0, err
     assert "chain holds: 21 records" in err + out  # 3 stages x (do + 3 x (trainer + attest))

@@ -188,7 +188,12 @@ class Trainer(Party):
     def _on_control(self, msg: Message) -> None:
         op = msg.meta.get("op")
         if op == "finish":
-            answer = {**self.save_segment(), "steps_applied": self.steps_applied}
+            sealed = self.chain.sealed if self.chain is not None else []
+            answer = {
+                **self.save_segment(),
+                "steps_applied": self.steps_applied,
+                "sealed_bits": sealed,
+            }
         elif op == "register":
             self.send(
                 Message(

@@ -97,12 +97,19 @@ class TrainerChain:
         """What a checkpoint keeps: the stage, its link, the stage's losses and step count."""
         if self.mark is None:
             return {}
-        return {"stage": self.stage, "link": self.link, "losses": self.losses, "steps": self.steps}
+        return {
+            "stage": self.stage,
+            "link": self.link,
+            "losses": self.losses,
+            "steps": self.steps,
+            "sealed": self.sealed,
+        }
 
     def load_state(self, state: dict[str, Any]) -> None:
         if state:
             self.start(int(state["stage"]), state["link"])
             self.losses, self.steps = list(state["losses"]), int(state["steps"])
+            self.sealed = [int(n) for n in state.get("sealed", [])]
 
     def _observe(self, loss: float | None, applied: bool) -> None:
         if loss is not None:

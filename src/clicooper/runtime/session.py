@@ -269,6 +269,9 @@ def _run_split(
         "privacy": _privacy(cfg, noise, owner.releases),
         "watermark": _watermark_summary(chain, out_dir, wm) if chain else {"enabled": False},
     }
+    if chain:  # per trainer and stage: how many bits the stage-end seal had to deepen
+        sealed = {name: list(meta.get("sealed_bits", [])) for name, meta in finished.items()}
+        results["watermark"]["sealed_bits"] = sealed
     if remote is not None:
         _load_remote_segments(split, out_dir)
     return Session(results, owner, trainers, split.full(), data)
