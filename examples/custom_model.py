@@ -37,7 +37,7 @@ def main(out: str) -> None:
     config.privacy.noise_multiplier = 0.1
     # The marked tensors here hold 1,536 and 1,280 weights: 256 bits (the default) would
     # move them by over 40% of their norm every stage (0.46 to 0.61 test accuracy, a
-    # WatermarkCapacityWarning says so). 64 bits fit: 0.89, as without the watermark.
+    # WatermarkWarning says so). 64 bits fit: 0.89, as without the watermark.
     config.watermark.bits = 64
     session = clicooper.train(config, out, data=data, model=model, cuts=[3, 5])
     result = session.results

@@ -10,6 +10,7 @@ from cc_helpers import quick_config
 from clicooper.parties import watermarking
 from clicooper.runtime.session import run, verify_run
 from clicooper.watermark import load_segment, save_segment
+from clicooper.watermark.embed import WatermarkWarning
 
 WM = {"watermark.strength": 0.01, "privacy.noise_multiplier": 0.1, "labels.mode": "keyed"}
 
@@ -46,7 +47,8 @@ def test_honest_run_verifies_with_one_stage_per_epoch(honest, cli_inprocess):
 
 
 def test_stage_steps_setting_makes_more_stages(tmp_path, small_digits):
-    session = _run(tmp_path, "r", small_digits, epochs=2, **{"watermark.stage_steps": 20})
+    with pytest.warns(WatermarkWarning, match="stages of 20 steps are shorter than the 25"):
+        session = _run(tmp_path, "r", small_digits, epochs=2, **{"watermark.stage_steps": 20})
     assert session.results["watermark"]["first_failure"] is None
     # 50 steps in stages of 20: the 10-step remainder joins the last stage (20 + 30)
     assert session.results["watermark"]["stages"] == 2
@@ -196,7 +198,7 @@ def test_the_ledger_records_its_bits_for_verify_and_claim(tmp_path, small_digits
 
 
 def test_small_marked_tensor_warns_once_per_trainer(tmp_path, small_digits):
-    with pytest.warns(Warning) as caught:
+    with pytest.warns(WatermarkWarning) as caught:
         _run(tmp_path, "r", small_digits, epochs=1, **{"watermark.bits": 1024})
     notes = [str(w.message) for w in caught if "marks a tensor" in str(w.message)]
     # t1 marks 8,192 weights, t2 16,384 (16 a bit: enough), t3 5,120

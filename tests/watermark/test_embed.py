@@ -240,3 +240,11 @@ def test_capacity_note_only_for_small_tensors() -> None:
     assert note is not None and "t2" in note and "1280 weights" in note and "bits to 80" in note
     assert "46%" in note  # sqrt(256 * 1.04 / 1280)
     assert capacity_note("t2", 1280, 64) is None
+
+
+def test_stage_note_only_for_stages_under_25_steps() -> None:
+    from clicooper.watermark.embed import stage_note
+
+    assert stage_note(25) is None and stage_note(469) is None
+    note = stage_note(13)
+    assert note is not None and "13 steps" in note and "stage_steps to 25" in note

@@ -38,7 +38,7 @@ from clicooper.runtime.deploy import Deployment, Remote, party_settings, preset_
 from clicooper.runtime.driver import Driver
 from clicooper.runtime.transport.inprocess import InProcessTransport
 from clicooper.watermark import PartyKey, VerifyReport, verify_ledger
-from clicooper.watermark.embed import WatermarkCapacityWarning, capacity_note, select_weight
+from clicooper.watermark.embed import WatermarkWarning, capacity_note, select_weight, stage_note
 
 ProgressFn = Callable[[int, int, int, float], None]
 ModelFactory = Callable[[int], SplitModel]  # n_outputs -> head and segments
@@ -77,7 +77,7 @@ def preset_factory(cfg: RunConfig, data: Dataset) -> ModelFactory:
 
 def run(
     cfg: RunConfig,
-    out_dir: Path,
+    out_dir: Path | str,
     data: Dataset | None = None,
     model_factory: ModelFactory | None = None,
     progress: ProgressFn | None = None,
@@ -94,6 +94,7 @@ def run(
             "transport grpc needs the parties' addresses (--peers FILE --certs DIR) and a "
             "preset model; or use `clicooper launch`"
         )
+    out_dir = Path(out_dir)
     prepare_run_dir(out_dir, overwrite)
     data = resolve_dataset(cfg, data)
     cfg = cfg.model_copy(update={"batch_size": cfg.effective_batch_size(len(data.train))})
@@ -208,7 +209,7 @@ def _run_split(
     with_chain = defended and wm.enabled
     parties = [f"t{i}" for i in range(1, cfg.trainers + 1)] + (["verifier"] if with_chain else [])
     if with_chain:
-        _warn_capacity(split, wm)
+        _warn_capacity(split, wm, wm.stage_steps or -(-len(data.train) // cfg.batch_size))
     checkpoints = cfg.transport == "grpc" or cfg.checkpoint_steps > 0
     remote, trainers, verifier = None, [], None
     if cfg.transport == "grpc":
@@ -277,13 +278,14 @@ def _run_split(
     return Session(results, owner, trainers, split.full(), data)
 
 
-def _warn_capacity(split: SplitModel, wm: WatermarkConfig) -> None:
-    """Warn (once per trainer) when a marked tensor is small for ``wm.bits``."""
+def _warn_capacity(split: SplitModel, wm: WatermarkConfig, stage_steps: int) -> None:
+    """Warn when stages are short, and per trainer when its marked tensor is small for B."""
+    notes = [stage_note(stage_steps)] if wm.strength > 0 else []
     for i, segment in enumerate(split.segments, start=1):
         weight = dict(segment.named_parameters())[select_weight(segment)]
-        note = capacity_note(f"t{i}", weight.numel(), wm.bits)
-        if note:
-            warnings.warn(note, WatermarkCapacityWarning, stacklevel=3)
+        notes.append(capacity_note(f"t{i}", weight.numel(), wm.bits))
+    for note in filter(None, notes):
+        warnings.warn(note, WatermarkWarning, stacklevel=3)
 
 
 def _local(

@@ -78,8 +78,29 @@ MIN_WEIGHTS_PER_BIT = 16
 _TINY = 1e-12
 
 
-class WatermarkCapacityWarning(UserWarning):
-    """A marked tensor is small for the number of bits: each stage costs accuracy."""
+MIN_STAGE_STEPS = 25
+
+
+class WatermarkWarning(UserWarning):
+    """A watermark setting that costs accuracy: a tensor small for B, stages too short."""
+
+
+def stage_note(steps: int) -> str | None:
+    """A one-line warning when stages are shorter than ``MIN_STAGE_STEPS`` steps, else None.
+
+    Adam moves each weight by about its learning rate a step, so the regulariser needs
+    about 25 steps to place a stage's bits (measured on digits, lambda 0.003 to 0.1);
+    in shorter stages the stage-end seal places the rest with one jump of the weights.
+    Digits, MLP, 10 epochs of 45 steps: one stage an epoch 0.981 test accuracy; stages
+    of 10 steps 0.933 (45 stages); of 5 steps 0.836 (90 stages, 25,662 bits sealed).
+    """
+    if steps >= MIN_STAGE_STEPS:
+        return None
+    return (
+        f"watermark stages of {steps} steps are shorter than the {MIN_STAGE_STEPS} the "
+        f"regulariser needs to place the bits; the stage-end seal jumps the weights instead "
+        f"and costs accuracy: set watermark.stage_steps to {MIN_STAGE_STEPS} or more"
+    )
 
 
 def capacity_note(party: str, dim: int, n_bits: int, margin: float = DEFAULT_MARGIN) -> str | None:
