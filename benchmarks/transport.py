@@ -8,6 +8,11 @@ the ratios grpc/inprocess and grpc+pipelining/inprocess, and the bytes per
 training sample on the wire (every party's sent bytes, per sample and epoch).
 Goal: grpc with pipelining at most 1.5 x in-process.
 
+Every run shares one owner secret (the ``owner_secret`` setting), hence the label
+permutation and the activation noise; only the trainers' watermark secrets differ.
+So the test accuracies should agree (goal: within 0.5 points of in-process), and
+every run's ledger must verify.
+
     python benchmarks/transport.py [--dataset fashion-mnist] [--train-subset 2000]
 """
 
@@ -20,6 +25,7 @@ from pathlib import Path
 
 from clicooper.config import RunConfig
 from clicooper.data import load_dataset
+from clicooper.privacy.secrets import OwnerSecret
 from clicooper.runtime.deploy import launch
 from clicooper.runtime.session import run
 
@@ -62,20 +68,27 @@ def main() -> None:
         f"clicooper on {data.name}: {len(data.train)} training samples, {args.epochs} epoch(s), "
         f"{args.trainers} trainers, model {args.model}, batch {args.batch_size}"
     )
+    accuracy = {}
     with tempfile.TemporaryDirectory() as tmp:
+        secret = OwnerSecret.generate().save(Path(tmp) / "owner")
         for i, (name, (cfg, runner)) in enumerate(runs.items()):
+            cfg = cfg.model_copy(update={"owner_secret": secret})
             results = runner(cfg, Path(tmp) / str(i), data=data).results
             seconds[name] = results["timing"]["train_seconds"]
             per_sample[name] = results["transport"]["bytes_sent"] / samples
-            acc = results["accuracy"]["test"]
+            accuracy[name] = acc = results["accuracy"]["test"]
+            verified = results["watermark"].get("verified")
             print(
                 f"  {name:38s} {seconds[name]:8.2f} s   {per_sample[name]:10.0f} bytes/sample"
-                f"   test accuracy {acc:.3f}"
+                f"   test accuracy {acc:.4f}   ledger verified {verified}"
             )
     inproc = seconds["inprocess"]
     names = list(runs)
     print(f"ratio grpc/inprocess:             {seconds[names[1]] / inproc:.2f}")
     print(f"ratio grpc+pipelining/inprocess:  {seconds[names[2]] / inproc:.2f}  (goal <= 1.5)")
+    for name in names[1:]:
+        gap = 100 * abs(accuracy[name] - accuracy["inprocess"])
+        print(f"accuracy gap {name} vs inprocess: {gap:.2f} points (goal <= 0.5)")
 
 
 if __name__ == "__main__":

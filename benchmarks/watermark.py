@@ -2,10 +2,10 @@
 
 (a) Cost: clicooper with and without the watermark chain, same seed, runs
     interleaved (with, without; then without, with on a repeat). The two runs of a
-    pair also share the owner secret and the activation-noise stream (both are
-    drawn from the OS CSPRNG in a real run; here they are derived from the seed),
-    so the accuracy difference is the watermark's and not the noise's. Reports test
-    accuracy, the difference in points and the ratio of ``timing.train_seconds``.
+    pair also share the owner secret (``owner_secret`` setting) and so the label
+    permutation and the activation-noise stream, so the accuracy difference is the
+    watermark's and not the noise's. Reports test accuracy, the difference in points
+    and the ratio of ``timing.train_seconds``.
 (b) The watermarked run verifies (``results["watermark"]["verified"]``); the largest
     audited BER over all stages.
 (c) Claims of t1 and t2 (secret from ``RUN_DIR/parties/<t>/watermark.secret``,
@@ -43,18 +43,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import hashlib
 import json
 import math
 import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import torch
 from torch import nn
@@ -63,7 +61,7 @@ from clicooper.attacks._common import seeded
 from clicooper.attacks.removal import magnitude_prune
 from clicooper.config import RunConfig
 from clicooper.data import Dataset, Split
-from clicooper.privacy import activation, secrets
+from clicooper.privacy import secrets
 from clicooper.privacy.activation import ActivationNoise
 from clicooper.privacy.labels import LabelObfuscator
 from clicooper.runtime.session import Session, preset_factory, run, verify_run
@@ -85,21 +83,11 @@ State = dict[str, torch.Tensor]
 # -- (a) cost --------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def paired_randomness(seed: int) -> Iterator[None]:
-    """Derive the owner secret and the activation-noise stream from ``seed`` (experiments only)."""
-    owner = secrets.OwnerSecret(hashlib.sha256(b"benchmark-owner-%d" % seed).digest())
-    real_init = activation.ActivationNoise.__init__
-
-    def init(self: ActivationNoise, *args: Any, **kwargs: Any) -> None:
-        real_init(self, *args, **kwargs)
-        self._gen = torch.Generator().manual_seed(10_007 + seed)
-
-    with (
-        mock.patch.object(secrets.OwnerSecret, "generate", classmethod(lambda cls: owner)),
-        mock.patch.object(activation.ActivationNoise, "__init__", init),
-    ):
-        yield
+def owner_secret_file(root: Path, seed: int) -> Path:
+    """One owner secret per seed, shared by the two runs of a pair (the ``owner_secret``
+    setting): the same label permutation and activation noise, with and without the mark."""
+    path = root / f"owner-{seed}" / secrets.SECRET_FILE
+    return path if path.exists() else secrets.OwnerSecret.generate().save(path.parent)
 
 
 def config(args: argparse.Namespace, watermark: bool) -> RunConfig:
@@ -127,8 +115,8 @@ def cost(args: argparse.Namespace, root: Path) -> tuple[list[dict[str, Any]], Se
             cfg.seed = args.seed + repeat
             out = root / f"{'wm' if marked else 'plain'}-{repeat}"
             cpu = time.process_time()
-            with paired_randomness(cfg.seed):
-                session = run(cfg, out, overwrite=True)
+            cfg.owner_secret = owner_secret_file(root, cfg.seed)
+            session = run(cfg, out, overwrite=True)
             cpus[marked] = time.process_time() - cpu
             pair[marked] = session
             res = session.results

@@ -94,3 +94,26 @@ def test_sub_secrets_are_distinct_per_label_and_per_owner():
     assert a.derive("labels/permutation") != b.derive("labels/permutation")
     with pytest.raises(ValueError, match="32 bytes"):
         OwnerSecret(b"short")
+
+
+def test_noise_seeded_by_the_owner_secret_repeats_only_with_that_secret():
+    a, b = OwnerSecret.generate(), OwnerSecret.generate()
+
+    def draws(secret):
+        return ActivationNoise(1.0, 1.0, seed=secret.derive_seed("activation-noise"))(
+            torch.zeros(8, 8)
+        )
+
+    assert torch.equal(draws(a), draws(a))
+    assert not torch.equal(draws(a), draws(b))
+
+
+def test_reading_an_owner_secret_file(tmp_path):
+    secret = OwnerSecret.generate()
+    path = secret.save(tmp_path / "owner")
+    assert OwnerSecret.read(path).derive("x") == secret.derive("x")
+    (tmp_path / "short").write_bytes(b"\x00" * 31)
+    with pytest.raises(ValueError, match="holds 31 bytes, not a 32-byte owner secret"):
+        OwnerSecret.read(tmp_path / "short")
+    with pytest.raises(ValueError, match="cannot read the owner secret"):
+        OwnerSecret.read(tmp_path / "missing")

@@ -89,6 +89,26 @@ def test_same_seed_reproduces_vanilla_and_another_seed_does_not(tmp_path, small_
     assert torch.equal(pa, pb) and not torch.equal(pa, pc)
 
 
+def test_clicooper_repeats_exactly_with_the_owner_secret_of_an_earlier_run(
+    tmp_path, small_digits, cli_inprocess
+):
+    """Same seed and owner secret: same permutation and noise (no watermark: trainers'
+    secrets are their own), so the same weights; a fresh secret gives other weights."""
+    base = {"mode": "clicooper", "watermark.enabled": False}
+    a = run(quick_config(**base), tmp_path / "a", data=small_digits)
+    secret = tmp_path / "a" / "owner" / "owner.secret"
+    b = run(quick_config(**base, owner_secret=secret), tmp_path / "b", data=small_digits)
+    c = run(quick_config(**base), tmp_path / "c", data=small_digits)
+    pa, pb, pc = (next(s.model.parameters()) for s in (a, b, c))
+    assert torch.equal(pa, pb) and not torch.equal(pa, pc)
+    assert a.results["accuracy"] == b.results["accuracy"]
+    assert (tmp_path / "b" / "owner" / "owner.secret").read_bytes() == secret.read_bytes()
+    out = tmp_path / "d"
+    code, err, _ = cli_inprocess("run", "--owner-secret", str(tmp_path / "nope"), "--out", str(out))
+    assert code == 2 and "cannot read the owner secret" in err.splitlines()[-1]
+    assert not out.exists()  # refused before anything was made
+
+
 def test_target_epsilon_sets_the_noise(tmp_path, small_digits):
     res = run(quick_config(**{"privacy.target_epsilon": 5.0}), tmp_path, data=small_digits)
     assert res.results["privacy"]["epsilon"] <= 5.0

@@ -87,6 +87,11 @@ class RunConfig(_Strict):
         "checkpoints are always on over grpc, in-process only when N > 0)",
     )
     threads: int = Field(1, ge=1, le=256, description="torch intra-op threads per process")
+    owner_secret: Path | None = Field(
+        None,
+        description="reuse this owner secret (an earlier run's owner/owner.secret): the same "
+        "label permutation and activation noise, so a clicooper run repeats; None: a fresh one",
+    )
     privacy: PrivacyConfig = PrivacyConfig()
     labels: LabelConfig = LabelConfig()
     watermark: WatermarkConfig = WatermarkConfig()

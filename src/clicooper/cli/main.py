@@ -89,6 +89,9 @@ def run(
     checkpoint_steps: Annotated[
         int | None, Opt(help="checkpoint every N steps too (always on over grpc)")
     ] = None,
+    owner_secret: Annotated[
+        Path | None, Opt(help="reuse an earlier run's owner/owner.secret: repeat that run")
+    ] = None,
     overwrite: Annotated[bool, Opt(help="replace a run already in --out")] = False,
     transport: Annotated[str | None, Opt(help="inprocess or grpc (with --peers, --certs)")] = None,
     peers: Annotated[Path | None, Opt(help="peers file of served parties (grpc)")] = None,
@@ -112,6 +115,7 @@ def run(
         record=record,
         threads=threads,
         checkpoint_steps=checkpoint_steps,
+        owner_secret=owner_secret,
         transport=transport,
         **{
             "privacy.noise_multiplier": noise_multiplier,

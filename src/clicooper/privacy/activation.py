@@ -6,8 +6,12 @@ Gaussian with standard deviation ``noise_multiplier * C``, or Laplace with
 scale ``b = noise_multiplier * C``. Replacing one sample changes its clipped
 activation by at most 2C (the sensitivity used by the accountant).
 
-The noise generator is seeded from the OS CSPRNG, never from the experiment
-seed: an attacker who knows the seed must not be able to subtract the noise.
+The noise generator is never seeded from the experiment seed: an attacker who
+knows the seed must not be able to subtract the noise. A run seeds it with
+``HKDF(owner secret, "activation-noise")`` (the owner secret comes from the OS
+CSPRNG), so noise is as secret as the label permutation, and a run repeated with
+the same owner secret (``owner_secret`` setting) draws the same noise. Without
+a seed the generator is seeded from the OS CSPRNG.
 """
 
 from __future__ import annotations
@@ -24,8 +28,13 @@ class ActivationNoise:
     """Clip and noise cut-layer activations; gradients flow through the clip."""
 
     def __init__(
-        self, clip_norm: float, noise_multiplier: float, mechanism: Mechanism = "gaussian"
+        self,
+        clip_norm: float,
+        noise_multiplier: float,
+        mechanism: Mechanism = "gaussian",
+        seed: int | None = None,
     ) -> None:
+        """``seed``: a secret 63-bit generator seed; None draws one from the OS CSPRNG."""
         if clip_norm <= 0:
             raise ValueError(f"clip_norm must be positive, got {clip_norm}")
         if noise_multiplier < 0:
@@ -33,7 +42,9 @@ class ActivationNoise:
         self.clip_norm = clip_norm
         self.noise_multiplier = noise_multiplier
         self.mechanism = mechanism
-        self._gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "big") >> 1)
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "big") >> 1
+        self._gen = torch.Generator().manual_seed(seed)
 
     def clip(self, z: torch.Tensor) -> torch.Tensor:
         """Scale each sample to norm at most C (L2 or L1 by mechanism)."""

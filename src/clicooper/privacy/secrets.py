@@ -60,6 +60,23 @@ class OwnerSecret:
         return path
 
     @classmethod
+    def read(cls, path: Path) -> OwnerSecret:
+        """The secret in file ``path`` (e.g. an earlier run's owner/owner.secret)."""
+        try:
+            value = Path(path).read_bytes()
+        except OSError as exc:
+            raise ValueError(
+                f"cannot read the owner secret {path} ({exc.strerror}): give the "
+                f"owner/{SECRET_FILE} file of an earlier run"
+            ) from None
+        if len(value) != SECRET_BYTES:
+            raise ValueError(
+                f"{path} holds {len(value)} bytes, not a {SECRET_BYTES}-byte owner secret: "
+                f"give the owner/{SECRET_FILE} file of an earlier run"
+            )
+        return cls(value)
+
+    @classmethod
     def load(cls, directory: Path) -> OwnerSecret:
         path = directory / SECRET_FILE
         try:

@@ -95,6 +95,8 @@ def run(
             "preset model; or use `clicooper launch`"
         )
     out_dir = Path(out_dir)
+    if cfg.owner_secret is not None:
+        OwnerSecret.read(cfg.owner_secret)  # a bad file fails before the run directory is made
     prepare_run_dir(out_dir, overwrite)
     data = resolve_dataset(cfg, data)
     cfg = cfg.model_copy(update={"batch_size": cfg.effective_batch_size(len(data.train))})
@@ -190,7 +192,7 @@ def _run_split(
 ) -> Session:
     defended = cfg.mode == "clicooper"
     owner_dir = private_dir(out_dir / "owner")
-    secret = OwnerSecret.generate()
+    secret = OwnerSecret.read(cfg.owner_secret) if cfg.owner_secret else OwnerSecret.generate()
     labels = (
         LabelObfuscator(
             secret, data.num_classes, cfg.labels.expansion, cfg.labels.decoys, cfg.labels.mode
@@ -202,7 +204,12 @@ def _run_split(
     split = factory(n_outputs)
     noise = None
     if defended:
-        noise = ActivationNoise(cfg.privacy.clip_norm, noise_multiplier(cfg), cfg.privacy.mechanism)
+        noise = ActivationNoise(
+            cfg.privacy.clip_norm,
+            noise_multiplier(cfg),
+            cfg.privacy.mechanism,
+            seed=secret.derive_seed("activation-noise"),
+        )
         secret.save(owner_dir)
 
     wm = cfg.watermark
