@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from clicooper.common.serde import encode_tensors
-from clicooper.proto import Ack, Envelope
+from clicooper.proto import DELIVER_ONE_METHOD, Ack, Envelope
 from clicooper.runtime.certs import create_certificates, load_party_credentials
 from clicooper.runtime.transport.grpc import GrpcTransport
 from clicooper.runtime.transport.grpc_wire import open_channel, send_stream
@@ -104,6 +104,13 @@ class Net:
     @staticmethod
     def deliver(channel: grpc.Channel, stream: list[Envelope | bytes]) -> Ack:
         return send_stream(channel, stream, timeout=5.0)
+
+    @staticmethod
+    def deliver_one(channel: grpc.Channel, item: Envelope | bytes) -> Ack:
+        """One request to ``DeliverOne`` (raw bytes are sent as they are)."""
+        raw = item if isinstance(item, bytes) else item.SerializeToString()
+        call = channel.unary_unary(DELIVER_ONE_METHOD, response_deserializer=Ack.FromString)
+        return call(raw, timeout=5.0)
 
     def close(self) -> None:
         for ch in self._channels:

@@ -1,11 +1,12 @@
 """Property-based fuzzing of one live endpoint with hostile streams.
 
 An authenticated peer (t3, holding a valid session certificate) sends 1,000
-random streams: raw byte strings, and near-valid envelopes (each header field
-usually right, sometimes random) with random or safetensors-shaped payloads,
-split into chunks that are then dropped, reordered, duplicated or altered.
-Every answer must be an Ack or a *deliberate* rejection status; UNKNOWN or
-INTERNAL would mean an unhandled exception in the server. Afterwards the
+random streams to each endpoint (``Deliver``, and ``DeliverOne`` which gets each
+stream's first item): raw byte strings, and near-valid envelopes (each header
+field usually right, sometimes random) with random or safetensors-shaped
+payloads, split into chunks that are then dropped, reordered, duplicated or
+altered. Every answer must be an Ack or a *deliberate* rejection status; UNKNOWN
+or INTERNAL would mean an unhandled exception in the server. Afterwards the
 endpoint must still deliver a valid message from another party.
 """
 
@@ -126,7 +127,8 @@ def frame(values: dict, chunks: int, tamper: str, next_seq: int) -> list[bytes]:
     return [env.SerializeToString() for env in envs]
 
 
-def test_random_streams_never_crash_or_hang_the_server(net) -> None:
+@pytest.mark.parametrize("endpoint", ["Deliver", "DeliverOne"])
+def test_random_streams_never_crash_or_hang_the_server(net, endpoint) -> None:
     t1 = net.transport("t1")
     t2 = net.transport("t2", {"t1": f"127.0.0.1:{t1.port}"})
     fuzzer = net.channel("t3", t1)
@@ -142,7 +144,10 @@ def test_random_streams_never_crash_or_hang_the_server(net) -> None:
     def one_stream(values: dict, framing: tuple[int, str], raw: list[bytes] | None) -> None:
         stream = raw if raw is not None else frame(values, *framing, seen["accepted"] + 1)
         try:
-            assert net.deliver(fuzzer, stream).ok
+            if endpoint == "DeliverOne":
+                assert net.deliver_one(fuzzer, stream[0] if stream else b"").ok
+            else:
+                assert net.deliver(fuzzer, stream).ok
             seen["accepted"] += 1
         except grpc.RpcError as err:
             assert err.code() in DELIBERATE, (err.code(), err.details())

@@ -310,6 +310,35 @@ def test_split_message_reassembles_from_valid_chunks(net) -> None:
     assert torch.equal(t2.recv("t2", timeout=5).tensors["x"], torch.arange(4.0))
 
 
+def test_deliver_one_shares_the_checks_and_refuses_a_chunk_of_a_longer_message(net) -> None:
+    _, t2 = net.pair()
+    ch = net.channel("t1", t2)
+    assert net.deliver_one(ch, net.envelope(seq=1, step=1)).ok
+    with pytest.raises(grpc.RpcError) as err:  # a replay through the other endpoint
+        net.deliver(ch, [net.envelope(seq=1, step=7)])
+    assert err.value.code() == grpc.StatusCode.ABORTED and "replayed seq 1" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        net.deliver_one(ch, net.envelope(seq=2, payload=b"x" * 20, chunk_count=2))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "\n" not in err.value.details()
+    assert [t2.recv("t2", timeout=5).step] == [1] and _inbox_empty(t2)
+    _assert_serving(net, t2, seq=2)
+
+
+def test_transport_sends_one_chunk_messages_through_deliver_one(net, monkeypatch) -> None:
+    from clicooper.runtime.transport import grpc_wire
+
+    t1, t2 = net.pair()
+    streams: list[int] = []
+    real = grpc_wire.send_stream
+    monkeypatch.setattr(
+        grpc_wire, "send_stream", lambda *a, **k: streams.append(1) or real(*a, **k)
+    )
+    t1.send(_msg(x=torch.arange(4.0)))
+    assert torch.equal(t2.recv("t2", timeout=5).tensors["x"], torch.arange(4.0))
+    assert streams == []  # one envelope: the unary DeliverOne
+
+
 def test_oversize_message_is_refused_and_server_keeps_serving(net) -> None:
     t2 = net.transport("t2", max_message_bytes=256 * KIB)
     t1 = net.transport("t1", {"t2": f"127.0.0.1:{t2.port}"}, chunk_bytes=64 * KIB)

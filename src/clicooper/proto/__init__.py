@@ -12,5 +12,6 @@ from clicooper.proto.clicooper_pb2 import Ack, Envelope
 #: compiled descriptor so they cannot drift from the .proto.
 SERVICE_NAME: str = clicooper_pb2.DESCRIPTOR.services_by_name["PartyService"].full_name
 DELIVER_METHOD: str = f"/{SERVICE_NAME}/Deliver"
+DELIVER_ONE_METHOD: str = f"/{SERVICE_NAME}/DeliverOne"
 
-__all__ = ["DELIVER_METHOD", "SERVICE_NAME", "Ack", "Envelope"]
+__all__ = ["DELIVER_METHOD", "DELIVER_ONE_METHOD", "SERVICE_NAME", "Ack", "Envelope"]

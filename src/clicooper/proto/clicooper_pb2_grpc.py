@@ -39,6 +39,11 @@ class PartyServiceStub:
                 request_serializer=clicooper_dot_proto_dot_clicooper__pb2.Envelope.SerializeToString,
                 response_deserializer=clicooper_dot_proto_dot_clicooper__pb2.Ack.FromString,
                 _registered_method=True)
+        self.DeliverOne = channel.unary_unary(
+                '/clicooper.v1.PartyService/DeliverOne',
+                request_serializer=clicooper_dot_proto_dot_clicooper__pb2.Envelope.SerializeToString,
+                response_deserializer=clicooper_dot_proto_dot_clicooper__pb2.Ack.FromString,
+                _registered_method=True)
 
 
 class PartyServiceServicer:
@@ -51,11 +56,24 @@ class PartyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeliverOne(self, request, context):
+        """Deliver a message that fits one Envelope (chunk_count 1), with the same checks.
+        One unary call: on loopback about a quarter of the cost of opening a stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PartyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Deliver': grpc.stream_unary_rpc_method_handler(
                     servicer.Deliver,
+                    request_deserializer=clicooper_dot_proto_dot_clicooper__pb2.Envelope.FromString,
+                    response_serializer=clicooper_dot_proto_dot_clicooper__pb2.Ack.SerializeToString,
+            ),
+            'DeliverOne': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeliverOne,
                     request_deserializer=clicooper_dot_proto_dot_clicooper__pb2.Envelope.FromString,
                     response_serializer=clicooper_dot_proto_dot_clicooper__pb2.Ack.SerializeToString,
             ),
@@ -85,6 +103,33 @@ class PartyService:
             request_iterator,
             target,
             '/clicooper.v1.PartyService/Deliver',
+            clicooper_dot_proto_dot_clicooper__pb2.Envelope.SerializeToString,
+            clicooper_dot_proto_dot_clicooper__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeliverOne(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/clicooper.v1.PartyService/DeliverOne',
             clicooper_dot_proto_dot_clicooper__pb2.Envelope.SerializeToString,
             clicooper_dot_proto_dot_clicooper__pb2.Ack.FromString,
             options,

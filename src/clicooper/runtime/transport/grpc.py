@@ -40,8 +40,8 @@ from clicooper.runtime.transport.grpc_wire import (
     DEFAULT_MAX_MESSAGE_BYTES,
     HEADER_ROOM,
     channel_options,
+    deliver,
     open_channel,
-    send_stream,
     split_message,
 )
 
@@ -129,7 +129,7 @@ class GrpcTransport(Transport):
         # so_reuseport off: a second process must not silently share our port.
         options = [*channel_options(self.envelope_bytes), ("grpc.so_reuseport", 0)]
         server = grpc.server(executor, options=options)
-        handlers = {"Deliver": self._receiver.handler()}
+        handlers = self._receiver.handlers()
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
         )
@@ -194,7 +194,7 @@ class GrpcTransport(Transport):
             envelopes = split_message(msg, self.session_id, link.next_seq, self.chunk_bytes)
             self._check_outgoing(msg, envelopes)
             try:
-                ack = send_stream(
+                ack = deliver(
                     link.channel, envelopes, timeout=self.send_timeout, wait_for_ready=True
                 )
             except grpc.RpcError as exc:

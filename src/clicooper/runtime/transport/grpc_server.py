@@ -85,9 +85,16 @@ class Receiver:
         self._last_seq: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def handler(self) -> grpc.RpcMethodHandler:
-        """The ``Deliver`` handler: raw request bytes in, serialized Ack out."""
-        return grpc.stream_unary_rpc_method_handler(self.deliver)
+    def handlers(self) -> dict[str, grpc.RpcMethodHandler]:
+        """``Deliver`` and ``DeliverOne``: raw request bytes in, serialized Ack out."""
+        return {
+            "Deliver": grpc.stream_unary_rpc_method_handler(self.deliver),
+            "DeliverOne": grpc.unary_unary_rpc_method_handler(self.deliver_one),
+        }
+
+    def deliver_one(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """``DeliverOne``: the stream of one envelope; a longer message fails its chunk check."""
+        return self.deliver(iter((request,)), context)
 
     def deliver(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         """gRPC entry point; a :class:`Rejected` becomes the call's status code."""

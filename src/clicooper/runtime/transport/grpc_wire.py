@@ -21,7 +21,7 @@ import grpc
 
 from clicooper.common.messages import Message, ProtocolError
 from clicooper.common.serde import encode_tensors
-from clicooper.proto import DELIVER_METHOD, Ack, Envelope
+from clicooper.proto import DELIVER_METHOD, DELIVER_ONE_METHOD, Ack, Envelope
 
 MIB = 1 << 20
 DEFAULT_CHUNK_BYTES = 1 * MIB
@@ -125,6 +125,18 @@ def send_stream(
         response_deserializer=Ack.FromString,
     )
     return call(iter(requests), timeout=timeout, wait_for_ready=wait_for_ready)
+
+
+def deliver(
+    channel: grpc.Channel, envelopes: list[Envelope], timeout: float, wait_for_ready: bool = False
+) -> Ack:
+    """Deliver one framed message: ``DeliverOne`` for one envelope, else a ``Deliver`` stream."""
+    if len(envelopes) > 1:
+        return send_stream(channel, envelopes, timeout, wait_for_ready)
+    call = channel.unary_unary(
+        DELIVER_ONE_METHOD, request_serializer=_serialize, response_deserializer=Ack.FromString
+    )
+    return call(envelopes[0], timeout=timeout, wait_for_ready=wait_for_ready)
 
 
 def _serialize(item: Envelope | bytes) -> bytes:
