@@ -73,6 +73,30 @@ def test_messages_on_one_link_arrive_in_order(net) -> None:
     assert [t2.recv("t2", timeout=5).step for _ in range(6)] == list(range(6))
 
 
+def test_send_later_keeps_order_with_later_sync_sends(net) -> None:
+    t1, t2 = net.pair()
+    futures = [t1.send_later(_msg(step=i, x=torch.full((64, 64), float(i)))) for i in range(20)]
+    t1.send(_msg(step=20))  # queued behind the 20 pending deliveries
+    assert all(f.done() and f.exception() is None for f in futures)
+    got = [t2.recv("t2", timeout=5) for _ in range(21)]
+    assert [m.step for m in got] == list(range(21))
+    assert all(float(m.tensors["x"][0, 0]) == m.step for m in got[:20])
+
+
+def test_send_later_never_delivers_past_a_lost_message(net) -> None:
+    t2 = net.transport("t2", max_message_bytes=256 * KIB)
+    t1 = net.transport("t1", {"t2": f"127.0.0.1:{t2.port}"}, chunk_bytes=64 * KIB)
+    too_big = t1.send_later(_msg(step=1, x=torch.zeros(128 * KIB)))  # 512 KiB: refused
+    behind = t1.send_later(_msg(step=2))
+    with pytest.raises(ProtocolError, match="262144-byte limit"):
+        too_big.result(timeout=10)
+    with pytest.raises(ConnectionError, match="not sent: an earlier message failed"):
+        behind.result(timeout=10)
+    assert _inbox_empty(t2)
+    t1.send(_msg(step=3))  # the caller saw the failure; the link works again, no gap in seq
+    assert t2.recv("t2", timeout=5).step == 3
+
+
 def test_message_larger_than_chunk_is_split_and_reassembled(net) -> None:
     t1, t2 = net.pair(chunk_bytes=1 * MIB)
     big = torch.randn(3 * MIB // 4 + 17)  # just over 3 MiB of float32

@@ -76,45 +76,61 @@ class DataOwner:
     def train_step(
         self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, epoch: int
     ) -> tuple[float, torch.Tensor]:
-        """Forward through the chain, backward into the head, step; (loss, pseudo-logits)."""
+        """Forward through the chain, backward into the head, step; (loss, pseudo-logits).
+
+        With micro-batches the head is pipelined too: micro-batch i leaves as soon as its
+        head pass is done (the chain works on it while the head computes i + 1), and its
+        gradient enters the head's backward as soon as it is back. The per-sample head,
+        clip and one noise draw for the whole batch make this the same maths as one pass.
+        """
         self.step += 1
         self.log.steps.append(self.step)
         self.log.epochs.append(epoch)
         self.log.sample_ids.append(ids.clone())
-        z = self.head(x)
-        protected = self.noise.clip(z) if self.noise else z
-        released = protected.detach() + (self.noise.noise(z.shape) if self.noise else 0.0)
         targets = self.labels.encode(y, ids) if self.labels else y
-        chunks = list(
-            zip(
-                released.tensor_split(self.micro_batches),
-                targets.tensor_split(self.micro_batches),
-                strict=True,
+        micros = self.micro_batches
+        sending = self.transport.send_later(  # deliveries overlap the head's passes
+            Message(
+                Kind.LABELS,
+                self.step,
+                self.name,
+                self.trainers[-1],
+                {"y": targets},
+                {"micros": micros},
             )
         )
-        for micro, (zc, yc) in enumerate(chunks):
-            meta = {
-                "micro": micro,
-                "micros": len(chunks),
-                "weight": len(yc) / len(y),
-                "epoch": epoch,
-            }
-            self.transport.send(
-                Message(Kind.LABELS, self.step, self.name, self.trainers[-1], {"y": yc}, meta)
+        sent = [sending]
+        protected: list[torch.Tensor] = []
+        noise: tuple[torch.Tensor, ...] = ()
+        for micro, (xc, yc) in enumerate(
+            zip(x.tensor_split(micros), y.tensor_split(micros), strict=True)
+        ):
+            z = self.head(xc)
+            if self.noise is not None and not noise:  # one draw: the stream of one pass
+                noise = self.noise.noise(torch.Size((len(x), *z.shape[1:]))).tensor_split(micros)
+            protected.append(self.noise.clip(z) if self.noise else z)
+            released = protected[-1].detach() + (noise[micro] if noise else 0.0)
+            meta = {"micro": micro, "micros": micros, "weight": len(yc) / len(y), "epoch": epoch}
+            sent.append(
+                self.transport.send_later(
+                    Message(
+                        Kind.FORWARD, self.step, self.name, self.trainers[0], {"x": released}, meta
+                    )
+                )
             )
-            self.transport.send(
-                Message(Kind.FORWARD, self.step, self.name, self.trainers[0], {"x": zc}, meta)
-            )
-        grads, logits, losses = self._collect(len(chunks))
-        protected.backward(torch.cat(grads))
+        for delivery in sent:
+            delivery.result()  # a failed delivery raises here, as send() would
+        logits, losses = self._collect(protected)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = sum(l_ * len(c[1]) for l_, c in zip(losses, chunks, strict=True)) / len(y)
+        loss = sum(l_ * len(p) for l_, p in zip(losses, protected, strict=True)) / len(y)
         return float(loss), torch.cat(logits)
 
-    def _collect(self, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
-        """Gradients (from t1) and loss reports (from the last trainer) of ``n`` micro-batches."""
-        grads: dict[int, torch.Tensor] = {}
+    def _collect(self, protected: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[float]]:
+        """Backward each micro-batch's gradient (from t1) into the head as it arrives; the
+        pseudo-logits and losses the last trainer reports."""
+        n = len(protected)
+        grads: set[int] = set()
         losses: dict[int, tuple[torch.Tensor, float]] = {}
         while len(grads) < n or len(losses) < n:
             msg = self.transport.recv(self.name)
@@ -124,18 +140,23 @@ class DataOwner:
                     f"do expected step {self.step}, got {msg.kind} for step {msg.step}"
                 )
             if msg.kind == Kind.BACKWARD and msg.sender == self.trainers[0]:
-                grads[micro] = msg.tensor("g")
+                if micro in grads:
+                    raise ProtocolError(f"do got a second gradient for micro-batch {micro}")
+                gradient = msg.tensor("g")
+                if gradient.shape != protected[micro].shape:
+                    raise ProtocolError(
+                        f"gradient shape {tuple(gradient.shape)} != activation "
+                        f"{tuple(protected[micro].shape)}"
+                    )
+                protected[micro].backward(gradient)
+                grads.add(micro)
             elif msg.kind == Kind.LOSS and msg.sender == self.trainers[-1]:
                 losses[micro] = (msg.tensor("logits"), float(msg.meta["loss"]))
             else:
                 raise ProtocolError(
                     f"do did not expect {msg.kind} from {msg.sender} while training"
                 )
-        return (
-            [grads[i] for i in range(n)],
-            [losses[i][0] for i in range(n)],
-            [losses[i][1] for i in range(n)],
-        )
+        return [losses[i][0] for i in range(n)], [losses[i][1] for i in range(n)]
 
     # -- inference ----------------------------------------------------------------
 

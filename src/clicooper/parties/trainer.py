@@ -102,10 +102,15 @@ class Trainer(Party):
     def _on_labels(self, msg: Message) -> None:
         if msg.sender != "do" or not self.is_last:
             raise ProtocolError(f"{self.name} accepts labels only as the last trainer, from do")
-        key = (msg.step, int(msg.meta["micro"]))
-        self._labels[key] = msg.tensor("y").long()
-        if key in self._waiting:
-            self._on_forward(self._waiting.pop(key))
+        # one message a step: the whole batch's labels, split as the owner splits its batch
+        y_all, micros = msg.tensor("y").long(), msg.meta.get("micros")
+        if not isinstance(micros, int) or not 1 <= micros <= max(len(y_all), 1):
+            raise ProtocolError(f"labels for step {msg.step}: bad micro-batch count {micros!r}")
+        for micro, y in enumerate(y_all.tensor_split(micros)):
+            key = (msg.step, micro)
+            self._labels[key] = y
+            if key in self._waiting:
+                self._on_forward(self._waiting.pop(key))
 
     def _finish_forward(
         self, msg: Message, key: Key, x: torch.Tensor, logits: torch.Tensor

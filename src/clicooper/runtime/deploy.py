@@ -42,6 +42,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,6 +225,11 @@ class EpochTransport(Transport):
             self.inner.send(msg)
         finally:
             self.inner.send_timeout = self.send_timeout
+
+    def send_later(self, msg: Message) -> Future[None]:
+        if self.inner is None:
+            raise ProtocolError(f"transport of {self.name} is not started")
+        return self.inner.send_later(msg)
 
     def send_join(self, msg: Message, timeout: float) -> None:
         """Send ``msg`` in the ``join`` epoch with a one-off client (to a restarted party)."""
@@ -795,7 +801,7 @@ def prepare_launch_dir(out_dir: Path, overwrite: bool) -> None:
 
 def launch(
     cfg: RunConfig,
-    out_dir: Path,
+    out_dir: Path | str,
     data: Any = None,
     progress: Any = None,
     overwrite: bool = False,
@@ -814,6 +820,7 @@ def launch(
     from clicooper.runtime.session import run
 
     cfg = cfg.model_copy(update={"transport": "grpc"})
+    out_dir = Path(out_dir)
     prepare_launch_dir(out_dir, overwrite)
     launcher = Launcher(out_dir, cfg, send_timeout)
     grace = 0.0  # on an error or an interrupt the children are stopped at once

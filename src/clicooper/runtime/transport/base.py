@@ -9,6 +9,7 @@ trainers and the verifier only react in :meth:`Party.handle`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from concurrent.futures import Future
 
 from clicooper.common.messages import Message
 
@@ -38,6 +39,22 @@ class Transport(ABC):
     @abstractmethod
     def send(self, msg: Message) -> None:
         """Queue ``msg`` for ``msg.receiver``."""
+
+    def send_later(self, msg: Message) -> Future[None]:
+        """Start delivering ``msg`` and return; the future holds the outcome.
+
+        Order per (sender, receiver) is kept, also with :meth:`send` calls made
+        meanwhile. This default delivers at once (the in-process transport never
+        waits for a peer); a networked transport overlaps delivery with the caller.
+        """
+        future: Future[None] = Future()
+        try:
+            self.send(msg)
+        except Exception as exc:  # the caller sees it from future.result(), like a remote error
+            future.set_exception(exc)
+        else:
+            future.set_result(None)
+        return future
 
     @abstractmethod
     def recv(self, party: str, timeout: float | None = None) -> Message:

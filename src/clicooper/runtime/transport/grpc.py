@@ -22,7 +22,7 @@ import logging
 import queue
 import re
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -58,6 +58,9 @@ class _Link:
     channel: grpc.Channel
     next_seq: int = 1
     lock: threading.Lock = field(default_factory=threading.Lock)
+    sender: ThreadPoolExecutor | None = None  # one thread: delivers send_later() in order
+    pending: int = 0  # send_later() messages not yet delivered
+    failed: Exception | None = None  # a queued delivery failed: fail the ones behind it
 
 
 class GrpcTransport(Transport):
@@ -166,6 +169,8 @@ class GrpcTransport(Transport):
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
         for link in links.values():
+            if link.sender is not None:
+                link.sender.shutdown(wait=True, cancel_futures=True)
             link.channel.close()
 
     def __enter__(self) -> GrpcTransport:
@@ -190,6 +195,43 @@ class GrpcTransport(Transport):
         if msg.sender != self.name:
             raise ProtocolError(f"{self.name} cannot send as {msg.sender!r}")
         link = self._link(msg.receiver)
+        if link.pending:  # behind queued send_later() messages, to keep the order
+            self.send_later(msg).result()
+            return
+        self._deliver(link, msg)
+
+    def send_later(self, msg: Message) -> Future[None]:
+        """Deliver ``msg`` from the link's sender thread; the future holds the outcome."""
+        if msg.sender != self.name:
+            raise ProtocolError(f"{self.name} cannot send as {msg.sender!r}")
+        link = self._link(msg.receiver)
+        with self._lock:
+            if link.sender is None:
+                link.sender = ThreadPoolExecutor(
+                    1, thread_name_prefix=f"clicooper-grpc-send-{msg.receiver}"
+                )
+            link.pending += 1
+
+        def deliver_in_turn() -> None:
+            try:
+                if link.failed is not None:  # never deliver past a message that was lost
+                    raise ConnectionError(
+                        f"{msg.kind} to {msg.receiver} not sent: an earlier message failed "
+                        f"({link.failed})"
+                    )
+                self._deliver(link, msg)
+            except Exception as exc:
+                link.failed = link.failed or exc
+                raise
+            finally:
+                with self._lock:
+                    link.pending -= 1
+                    if not link.pending:
+                        link.failed = None
+
+        return link.sender.submit(deliver_in_turn)
+
+    def _deliver(self, link: _Link, msg: Message) -> None:
         with link.lock:
             envelopes = split_message(msg, self.session_id, link.next_seq, self.chunk_bytes)
             self._check_outgoing(msg, envelopes)
