@@ -204,3 +204,22 @@ def test_small_marked_tensor_warns_once_per_trainer(tmp_path, small_digits):
     # t1 marks 8,192 weights, t2 16,384 (16 a bit: enough), t3 5,120
     assert [n.split()[0] for n in notes] == ["t1", "t3"]
     assert all("1024 bits" in n for n in notes)
+
+
+def test_watermark_term_is_computed_once_a_step_whatever_the_micro_batches(
+    tmp_path, small_digits, monkeypatch
+):
+    from clicooper.watermark.embed import StageWatermark
+
+    calls = []
+    real = StageWatermark.regulariser
+
+    def counted(self, module):
+        calls.append(self.param_name)
+        return real(self, module)
+
+    monkeypatch.setattr(StageWatermark, "regulariser", counted)
+    session = _run(tmp_path, "r", small_digits, epochs=1, micro_batches=4)
+    steps = session.results["transport"]["steps"]
+    assert steps > 0 and len(calls) == 3 * steps  # 3 trainers, one term a step each
+    assert session.results["watermark"]["verified"]

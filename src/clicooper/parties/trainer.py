@@ -120,7 +120,7 @@ class Trainer(Party):
             raise ProtocolError(f"labels for step {msg.step} do not fit the batch or the classes")
         weight = float(msg.meta["weight"])
         loss = nn.functional.cross_entropy(logits, y)
-        (loss * weight + self._regularisation(weight)).backward()
+        (loss * weight + self._regularisation(msg.meta)).backward()
         loss = loss.detach()
         if self.recorder.wants(int(msg.meta["epoch"])):
             self.recorder.add(
@@ -155,7 +155,7 @@ class Trainer(Party):
         grad = msg.tensor("g")
         if grad.shape != out.shape:
             raise ProtocolError(f"gradient shape {tuple(grad.shape)} != output {tuple(out.shape)}")
-        reg = self._regularisation(float(msg.meta["weight"]))
+        reg = self._regularisation(msg.meta)
         torch.autograd.backward([out, reg], [grad, torch.ones(())])
         if self.recorder.wants(int(msg.meta["epoch"])):
             self.recorder.add(
@@ -163,10 +163,16 @@ class Trainer(Party):
             )
         self._send_back(msg.step, msg.meta, x)
 
-    def _regularisation(self, weight: float) -> torch.Tensor:
-        if self.regulariser is None:
+    def _regularisation(self, meta: dict[str, Any]) -> torch.Tensor:
+        """The watermark term, once a step: with the batch's last micro-batch.
+
+        The weights do not change within a step, so one whole term equals the sum of
+        the micro-batches' weighted terms, and the mark's lazy schedule counts steps
+        whatever the number of micro-batches.
+        """
+        if self.regulariser is None or int(meta["micro"]) != int(meta["micros"]) - 1:
             return torch.zeros((), requires_grad=True)
-        return self.regulariser(self.segment) * weight
+        return self.regulariser(self.segment)
 
     def _send_back(self, step: int, meta: dict[str, Any], x: torch.Tensor) -> None:
         """Step after the batch's last micro-batch; pass the gradient (and loss) back."""
