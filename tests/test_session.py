@@ -62,8 +62,10 @@ def test_clicooper_run_directory(tmp_path, small_digits):
 
 
 def test_clicooper_learns_on_digits(tmp_path, digits):
+    # 10 epochs, as digits' defaults: at 6 the accuracy spread 0.79 to 0.91 over six runs
+    # (the noise and watermark secrets are fresh each run); at 10, 0.953 to 0.981 over four
     cfg = quick_config(
-        epochs=6,
+        epochs=10,
         train_subset=None,
         test_subset=None,
         **{"privacy.noise_multiplier": 0.1, "labels.mode": "keyed"},
