@@ -25,6 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from clicooper.runtime import checkpoint
 from clicooper.runtime.session import verify_run
 from clicooper.watermark import Ledger
 
@@ -42,16 +43,11 @@ def finish(proc: subprocess.Popen[bytes], what: str) -> None:
         raise SystemExit(f"{what} failed ({proc.returncode}): {err.decode()[-2000:]}")
 
 
-def checkpoint_step(directory: Path) -> int:
-    steps = [int(p.name[5:-12]) for p in directory.glob("step-*.safetensors")]
-    return max(steps, default=0)
-
-
 def kill_when(out: Path, party: str, step: int, timeout: float = 600) -> int:
     """SIGKILL ``party``'s process once its checkpoints reach ``step``; returns its pid."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if checkpoint_step(out / "checkpoints" / party) >= step:
+        if max(checkpoint.steps(out / "checkpoints" / party), default=0) >= step:
             pid = json.loads((out / "deploy" / "pids.json").read_text())[party]
             os.kill(pid, signal.SIGKILL)
             return pid
@@ -60,12 +56,8 @@ def kill_when(out: Path, party: str, step: int, timeout: float = 600) -> int:
 
 
 def ledger_steps(run_dir: Path) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {}
     with Ledger.open(run_dir / "ledger.sqlite", readonly=True) as ledger:
-        for record in ledger.records():
-            if record.kind in ("do", "trainer"):
-                out.setdefault(record.party, []).append(int(record.body["steps"]))
-    return out
+        return ledger.step_counts()
 
 
 def report(name: str, run_dir: Path) -> float:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import clicooper
+from clicooper.runtime import checkpoint
 
 SRC = str(Path(clicooper.__file__).resolve().parents[1])
 # Small clicooper runs whose ledger verifies (as in tests/test_chain_integration.py).
@@ -77,10 +78,7 @@ def wait_for(check: Callable[[], object], timeout: float, what: str) -> object:
 
 def checkpoint_at_least(directory: Path, step: int) -> Callable[[], bool]:
     def check() -> bool:
-        if not directory.is_dir():
-            return False
-        found = [int(p.name[5:-12]) for p in directory.glob("step-*.safetensors")]
-        return any(s >= step for s in found)
+        return max(checkpoint.steps(directory), default=0) >= step
 
     return check
 
@@ -103,9 +101,5 @@ def ledger_steps(run_dir: Path) -> dict[str, list[int]]:
     """The ``steps`` field of every do and trainer record, per party, in ledger order."""
     from clicooper.watermark import Ledger
 
-    out: dict[str, list[int]] = {}
     with Ledger.open(run_dir / "ledger.sqlite", readonly=True) as ledger:
-        for record in ledger.records():
-            if record.kind in ("do", "trainer"):
-                out.setdefault(record.party, []).append(int(record.body["steps"]))
-    return out
+        return ledger.step_counts()

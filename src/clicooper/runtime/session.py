@@ -95,8 +95,8 @@ def run(
             "preset model; or use `clicooper launch`"
         )
     out_dir = Path(out_dir)
-    if cfg.owner_secret is not None:
-        OwnerSecret.read(cfg.owner_secret)  # a bad file fails before the run directory is made
+    # read first: a bad file fails before the run directory is made
+    secret = OwnerSecret.read(cfg.owner_secret) if cfg.owner_secret else None
     prepare_run_dir(out_dir, overwrite)
     data = resolve_dataset(cfg, data)
     cfg = cfg.model_copy(update={"batch_size": cfg.effective_batch_size(len(data.train))})
@@ -108,7 +108,7 @@ def run(
     if cfg.mode == "centralized":
         session = _run_centralized(cfg, data, factory, progress)
     else:
-        session = _run_split(cfg, data, factory, out_dir, progress, deployment)
+        session = _run_split(cfg, data, factory, out_dir, progress, deployment, secret)
     session.results.update(_describe(cfg, data, session))
     (out_dir / "results.json").write_text(json.dumps(session.results, indent=2))
     return session
@@ -189,10 +189,12 @@ def _run_split(
     out_dir: Path,
     progress: ProgressFn | None,
     deployment: Deployment | None = None,
+    secret: OwnerSecret | None = None,
 ) -> Session:
+    """``secret``: the owner secret to reuse (``owner_secret`` setting); None makes one."""
     defended = cfg.mode == "clicooper"
     owner_dir = private_dir(out_dir / "owner")
-    secret = OwnerSecret.read(cfg.owner_secret) if cfg.owner_secret else OwnerSecret.generate()
+    secret = secret or OwnerSecret.generate()
     labels = (
         LabelObfuscator(
             secret, data.num_classes, cfg.labels.expansion, cfg.labels.decoys, cfg.labels.mode

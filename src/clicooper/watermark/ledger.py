@@ -320,6 +320,14 @@ class Ledger:
                 raise LedgerError(f"record {row.seq} is malformed: {exc}") from None
         return out
 
+    def step_counts(self) -> dict[str, list[int]]:
+        """The ``steps`` field of every do and trainer record, per party, in ledger order."""
+        out: dict[str, list[int]] = {}
+        for record in self.records():
+            if record.kind in ("do", "trainer"):
+                out.setdefault(record.party, []).append(int(record.body["steps"]))
+        return out
+
     def _last(self) -> StoredRow | None:
         row = self._conn.execute("SELECT * FROM records ORDER BY seq DESC LIMIT 1").fetchone()
         return None if row is None else StoredRow(*row)
