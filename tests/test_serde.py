@@ -52,3 +52,26 @@ def test_missing_tensor_names_the_tensor():
     msg = Message(Kind.FORWARD, 1, "do", "t1")
     with pytest.raises(ProtocolError, match="'x'"):
         msg.tensor("x")
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.randn(128, 64),
+        torch.randn(3, 4, 5).to(torch.bfloat16),
+        torch.randn(7).to(torch.float16),
+        torch.randn(5, 2, dtype=torch.float64),
+        torch.arange(40, dtype=torch.int64).reshape(4, 10),
+        torch.randn(8, 6).t(),  # non-contiguous: encoded as a contiguous copy
+        torch.zeros(0, 3),
+        torch.tensor(2.5),
+    ],
+)
+def test_one_tensor_encoding_is_byte_identical_to_safetensors_save(tensor):
+    """The fast path for single-tensor messages writes exactly what safetensors.torch.save does."""
+    from safetensors.torch import save
+
+    meta = {"kind": "forward"}
+    expected = save({"x": tensor.contiguous()}, metadata=meta)
+    assert encode_tensors({"x": tensor}, meta) == expected
+    assert torch.equal(decode_tensors(expected)["x"], tensor)

@@ -109,7 +109,9 @@ class DataOwner:
             if self.noise is not None and not noise:  # one draw: the stream of one pass
                 noise = self.noise.noise(torch.Size((len(x), *z.shape[1:]))).tensor_split(micros)
             protected.append(self.noise.clip(z) if self.noise else z)
-            released = protected[-1].detach() + (noise[micro] if noise else 0.0)
+            released = protected[-1].detach()
+            if noise:  # encoding copies: without noise no tensor of its own is needed
+                released = released + noise[micro]
             meta = {"micro": micro, "micros": micros, "weight": len(yc) / len(y), "epoch": epoch}
             sent.append(
                 self.transport.send_later(

@@ -120,8 +120,10 @@ class Trainer(Party):
             raise ProtocolError(f"labels for step {msg.step} do not fit the batch or the classes")
         weight = float(msg.meta["weight"])
         loss = nn.functional.cross_entropy(logits, y)
-        (loss * weight + self._regularisation(msg.meta)).backward()
-        loss = loss.detach()
+        total = loss * weight if weight != 1.0 else loss  # x * 1.0 == x: one op less
+        reg = self._regularisation(msg.meta)
+        (total if reg is None else total + reg).backward()
+        value = loss.item()
         if self.recorder.wants(int(msg.meta["epoch"])):
             self.recorder.add(
                 int(msg.meta["epoch"]),
@@ -138,10 +140,10 @@ class Trainer(Party):
                 self.name,
                 "do",
                 {"logits": logits.detach()},
-                {"loss": loss.item(), "micro": key[1]},
+                {"loss": value, "micro": key[1]},
             )
         )
-        self._send_back(msg.step, {**msg.meta, "loss": loss.item()}, x)
+        self._send_back(msg.step, {**msg.meta, "loss": value}, x)
 
     def _on_backward(self, msg: Message) -> None:
         if msg.sender != self.next:
@@ -156,22 +158,26 @@ class Trainer(Party):
         if grad.shape != out.shape:
             raise ProtocolError(f"gradient shape {tuple(grad.shape)} != output {tuple(out.shape)}")
         reg = self._regularisation(msg.meta)
-        torch.autograd.backward([out, reg], [grad, torch.ones(())])
+        if reg is None:
+            out.backward(grad)
+        else:
+            torch.autograd.backward([out, reg], [grad, torch.ones(())])
         if self.recorder.wants(int(msg.meta["epoch"])):
             self.recorder.add(
                 int(msg.meta["epoch"]), msg.step, key[1], activation=x, gradient=x.grad
             )
         self._send_back(msg.step, msg.meta, x)
 
-    def _regularisation(self, meta: dict[str, Any]) -> torch.Tensor:
-        """The watermark term, once a step: with the batch's last micro-batch.
+    def _regularisation(self, meta: dict[str, Any]) -> torch.Tensor | None:
+        """The watermark term, once a step: with the batch's last micro-batch; None when
+        there is none (a zero term would only add autograd work, not change a gradient).
 
         The weights do not change within a step, so one whole term equals the sum of
         the micro-batches' weighted terms, and the mark's lazy schedule counts steps
         whatever the number of micro-batches.
         """
         if self.regulariser is None or int(meta["micro"]) != int(meta["micros"]) - 1:
-            return torch.zeros((), requires_grad=True)
+            return None
         return self.regulariser(self.segment)
 
     def _send_back(self, step: int, meta: dict[str, Any], x: torch.Tensor) -> None:

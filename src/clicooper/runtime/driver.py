@@ -97,6 +97,7 @@ class Driver:
         self.recoveries: list[dict[str, Any]] = []
         self._pending: bool | None = None  # a stage close to finish after a restore (its `more`)
         self._done: dict[str, dict[str, Any]] | None = None  # records already in the ledger
+        self._epoch_batches: tuple[int, tuple[torch.Tensor, ...]] = (0, ())
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -145,7 +146,7 @@ class Driver:
     def _step(self) -> None:
         owner, epoch = self.owner, self.pos.epochs_done + 1
         batch = owner.step - (epoch - 1) * self.steps_per_epoch
-        ids = epoch_batches(len(self.data.train), epoch, self.batch_size, self.seed)[batch]
+        ids = self._batches(epoch)[batch]
         owner.head.train()
         loss, right = owner.train_batch(self.data.train, ids, epoch)
         self.pos.loss_sum += loss * len(ids)
@@ -157,6 +158,14 @@ class Driver:
             self._close(True)
         elif self.checkpoint_steps and owner.step % self.checkpoint_steps == 0:
             self._checkpoint(pending=False)
+
+    def _batches(self, epoch: int) -> tuple[torch.Tensor, ...]:
+        """The batches of ``epoch``, drawn once an epoch: the same permutation that
+        :func:`epoch_batches` gives, without its ~0.7 ms (60k samples) at every step."""
+        if self._epoch_batches[0] != epoch:
+            order = epoch_batches(len(self.data.train), epoch, self.batch_size, self.seed)
+            self._epoch_batches = (epoch, order)
+        return self._epoch_batches[1]
 
     def _end_epoch(self) -> None:
         start = time.perf_counter()
