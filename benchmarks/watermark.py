@@ -8,7 +8,8 @@
     and the ratio of ``timing.train_seconds``.
 (b) The watermarked run verifies (``results["watermark"]["verified"]``); the largest
     audited BER over all stages.
-(c) Claims of t1 and t2 (secret from ``RUN_DIR/parties/<t>/watermark.secret``,
+(c) (:mod:`clicooper.attacks.watermark_removal`) Claims of t1 and t2 (secret from
+    ``RUN_DIR/parties/<t>/watermark.secret``,
     inputs from the ledger) on a stolen copy: the whole chain (``owner/head`` plus
     ``segments/``), attacked with fresh data: the first half of the test split
     (images the data owner never trained on). Attacks: fine-tuning the whole chain
@@ -42,15 +43,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
-import math
-import os
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,26 +54,14 @@ import torch
 from torch import nn
 
 from clicooper.attacks._common import seeded
-from clicooper.attacks.removal import magnitude_prune
+from clicooper.attacks.watermark_removal import Lab, copy_state, robustness, train_chain
 from clicooper.config import RunConfig
-from clicooper.data import Dataset, Split
 from clicooper.privacy import secrets
 from clicooper.privacy.activation import ActivationNoise
-from clicooper.privacy.labels import LabelObfuscator
 from clicooper.runtime.session import Session, preset_factory, run, verify_run
-from clicooper.watermark import (
-    ClaimInputs,
-    Ledger,
-    StageWatermark,
-    claim,
-    claim_inputs,
-    commitment,
-    load_segment,
-    new_watermark_secret,
-)
+from clicooper.watermark import load_segment, new_watermark_secret
 
 warnings.filterwarnings("ignore")
-State = dict[str, torch.Tensor]
 
 
 # -- (a) cost --------------------------------------------------------------------------------
@@ -147,211 +131,7 @@ def cost(args: argparse.Namespace, root: Path) -> tuple[list[dict[str, Any]], Se
     return rows, kept[True], kept[False]
 
 
-# -- (c) the stolen chain -------------------------------------------------------------------
-
-
-@dataclass
-class Claimant:
-    """A trainer's claim material: its secret and what the ledger says about it."""
-
-    party: str
-    secret: bytes
-    inputs: ClaimInputs
-    shape: tuple[int, ...]
-
-
-class Lab:
-    """The watermarked run as a thief and the owners see it."""
-
-    def __init__(self, session: Session, run_dir: Path, cfg: RunConfig, seed: int) -> None:
-        self.cfg, self.run_dir, self.seed = cfg, run_dir, seed
-        self.data: Dataset = session.dataset
-        assert session.owner is not None and session.owner.labels is not None
-        self.labels: LabelObfuscator = session.owner.labels
-        order = torch.randperm(len(self.data.test), generator=torch.Generator().manual_seed(seed))
-        half = len(order) // 2
-        self.fresh: Split = self.data.test.subset(order[:half])  # the thief's images
-        self.held: Split = self.data.test.subset(order[half:])  # accuracy after attacks
-        self.parties = [f"t{i}" for i in range(1, cfg.trainers + 1)]
-        self.stolen = self.build()
-        with Ledger.open(run_dir / "ledger.sqlite", readonly=True) as ledger:
-            self.claimants = {p: self._claimant(ledger, p) for p in self.parties}
-        steps_per_epoch = math.ceil(len(self.data.train) / cfg.batch_size)
-        self.train_steps = cfg.epochs * steps_per_epoch
-        self.stage_steps = cfg.watermark.stage_steps or steps_per_epoch
-
-    def _claimant(self, ledger: Ledger, party: str) -> Claimant:
-        inputs = claim_inputs(ledger, party)
-        secret = (self.run_dir / "parties" / party / "watermark.secret").read_bytes()
-        seg = load_segment(self.run_dir / "segments" / f"{party}.safetensors")
-        return Claimant(party, secret, inputs, tuple(seg[inputs.param_name].shape))
-
-    def build(self) -> nn.Sequential:
-        """The whole stolen chain: the owner's head file and the trainers' segment files."""
-        split = preset_factory(self.cfg, self.data)(self.labels.pseudo_classes)
-        split.head.load_state_dict(load_segment(self.run_dir / "owner" / "head.safetensors"))
-        for party, seg in zip(self.parties, split.segments, strict=True):
-            seg.load_state_dict(load_segment(self.run_dir / "segments" / f"{party}.safetensors"))
-        return split.full()
-
-    def segments(self, model: nn.Sequential) -> dict[str, State]:
-        return {p: _state(model[i + 1]) for i, p in enumerate(self.parties)}
-
-    def claim(
-        self, party: str, state: State, secret: bytes | None = None, own_commitment: bool = False
-    ) -> Any:
-        c = self.claimants[party]
-        secret = c.secret if secret is None else secret
-        com = commitment(secret) if own_commitment else c.inputs.commitment
-        wm = self.cfg.watermark
-        return claim(
-            state,
-            secret,
-            com,
-            c.inputs.prev_link,
-            c.inputs.party_index,
-            c.inputs.stage,
-            c.inputs.param_name or "",
-            wm.bits,
-            wm.claim_p_value,
-            c.shape,
-        )
-
-    def accuracy(self, model: nn.Module) -> float:
-        """True-label accuracy on the held-out half, decoded with the owner's secret mapping."""
-        model.eval()
-        with torch.no_grad():
-            scores = torch.cat(
-                [self.labels.decode_logits(model(x)) for x in self.held.x.split(1024)]
-            )
-        model.train()
-        return float((scores.argmax(1) == self.held.y).float().mean())
-
-    def row(
-        self, attack: str, steps: int, model: nn.Module, states: dict[str, State], **extra: Any
-    ) -> dict[str, Any]:
-        row: dict[str, Any] = {"attack": attack, "steps": steps, "accuracy": self.accuracy(model)}
-        for party, state in states.items():
-            result = self.claim(party, state)
-            row[party] = {"ber": result.ber, "p_value": result.p_value, "holds": result.holds}
-        row.update(extra)
-        return row
-
-
-def _state(module: nn.Module) -> State:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-Loss = Callable[[nn.Module, torch.Tensor], torch.Tensor]  # (model, batch ids) -> loss
-
-
-def train_chain(
-    model: nn.Module,
-    loss: Loss,
-    n: int,
-    steps: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-    at: dict[int, Callable[[], None]] | None = None,
-) -> None:
-    """``steps`` Adam steps on ``loss(model, ids)`` over seeded shuffled batches of ``range(n)``.
-
-    ``at[k]`` is called after step k.
-    """
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    batches: list[torch.Tensor] = []
-    for step in range(1, steps + 1):
-        if not batches:
-            batches = list(torch.randperm(n, generator=gen).split(batch_size))
-        value = loss(model, batches.pop())
-        opt.zero_grad(set_to_none=True)
-        value.backward()
-        opt.step()
-        if at and step in at:
-            at[step]()
-
-
-def thief_losses(lab: Lab) -> dict[str, Loss]:
-    """Fine-tuning targets on the fresh images.
-
-    ``pseudo``: cross-entropy on the stolen model's own arg-max pseudo-classes (what a
-    thief can do); ``true``: NLL of the true labels through the owner's decoding (a
-    stronger thief that also holds the label secret).
-    """
-    x, y = lab.fresh.x, lab.fresh.y
-    with torch.no_grad():
-        pseudo = lab.stolen.eval()(x).argmax(1)
-    lab.stolen.train()
-    return {
-        "pseudo": lambda m, ids: nn.functional.cross_entropy(m(x[ids]), pseudo[ids]),
-        "true": lambda m, ids: nn.functional.nll_loss(lab.labels.decode_logits(m(x[ids])), y[ids]),
-    }
-
-
-def robustness(lab: Lab) -> list[dict[str, Any]]:
-    """Claims after fine-tuning, pruning and overwriting the stolen chain."""
-    cfg = lab.cfg
-    rows = [lab.row("none (stolen as is)", 0, lab.stolen, lab.segments(lab.stolen))]
-    losses = thief_losses(lab)
-    n = len(lab.fresh)
-    for name, loss in losses.items():
-        model = copy.deepcopy(lab.stolen)
-        marks = {round(f * lab.train_steps): f for f in (0.1, 0.2, 0.5)}
-
-        def report(k: int, f: float, name: str = name, model: nn.Module = model) -> None:
-            label = f"fine-tune {f:.0%} ({name} labels)"
-            rows.append(lab.row(label, k, model, lab.segments(model)))
-
-        hooks = {k: (lambda k=k, f=f: report(k, f)) for k, f in marks.items()}
-        train_chain(model, loss, n, max(marks), cfg.lr, cfg.batch_size, lab.seed, hooks)
-    for fraction in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6):
-        pruned = copy.deepcopy(lab.stolen)
-        for i, state in enumerate(lab.segments(pruned).values()):
-            pruned[i + 1].load_state_dict(magnitude_prune(state, fraction))
-        rows.append(
-            lab.row(f"prune {fraction:.0%} of each weight", 0, pruned, lab.segments(pruned))
-        )
-    for factor in (1, 10):
-        rows.append(overwrite(lab, losses["pseudo"], cfg.watermark.strength * factor, factor))
-    return rows
-
-
-def overwrite(lab: Lab, loss: Loss, strength: float, factor: int) -> dict[str, Any]:
-    """A thief embeds its own fresh stage watermark in every marked tensor, for one stage."""
-    model = copy.deepcopy(lab.stolen)
-    thieves = {}
-    for i, party in enumerate(lab.parties):
-        c = lab.claimants[party]
-        thieves[party] = StageWatermark.derive(
-            new_watermark_secret(),
-            os.urandom(32),
-            i + 1,
-            1,
-            c.inputs.param_name or "",
-            math.prod(c.shape),
-            lab.cfg.watermark.bits,
-            strength,
-        )
-
-    def marked_loss(m: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-        marks = sum(mark.regulariser(m[i + 1]) for i, mark in enumerate(thieves.values()))
-        return loss(m, ids) + marks
-
-    train_chain(
-        model,
-        marked_loss,
-        len(lab.fresh),
-        lab.stage_steps,
-        lab.cfg.lr,
-        lab.cfg.batch_size,
-        lab.seed + 1,
-    )
-    segs = lab.segments(model)
-    own = {p: thieves[p].ber(segs[p]) for p in lab.parties}
-    label = f"overwrite ({factor}x strength, pseudo labels)"
-    return lab.row(label, lab.stage_steps, model, segs, thief_ber=own)
+# -- (c) the stolen chain: clicooper.attacks.watermark_removal (Lab, robustness) ---------
 
 
 # -- (d) false positives ----------------------------------------------------------------------
@@ -384,7 +164,7 @@ def false_positives(
             200_000 + k,
         )
         for i, party in enumerate(lab.parties):
-            independent[party].append(lab.claim(party, _state(chain[i])))
+            independent[party].append(lab.claim(party, copy_state(chain[i])))
     twin = {
         p: lab.claim(p, load_segment(plain_dir / "segments" / f"{p}.safetensors"))
         for p in lab.parties

@@ -7,11 +7,12 @@ import pytest
 from sklearn.datasets import make_blobs
 
 from clicooper.attacks.clustering import (
+    blind_naming_accuracy,
     clustering_attack,
     group_pseudo_classes,
     naming_accuracy_clear,
     naming_accuracy_pseudo,
-    naming_accuracy_unlabelled,
+    structural_naming_accuracy,
 )
 from clicooper.attacks.metrics import matched_accuracy
 
@@ -77,15 +78,6 @@ def test_bad_arguments_are_rejected(blobs):
         clustering_attack(blobs[0] * np.nan, blobs[1], n_classes=C)
 
 
-def test_unlabelled_attacker_names_at_chance_even_with_perfect_clusters():
-    y = np.repeat(np.arange(C), 30)
-    rng = np.random.default_rng(0)
-    # Perfect clusters whose ids are the attacker's own (arbitrary) numbering.
-    namings = [naming_accuracy_unlabelled(rng.permutation(C)[y], y) for _ in range(400)]
-    assert matched_accuracy(rng.permutation(C)[y], y) == 1.0
-    assert np.mean(namings) == pytest.approx(1 / C, abs=0.02)
-
-
 def test_pseudo_label_grouping_recovers_groups_but_not_names():
     rng = np.random.default_rng(1)
     k = 2
@@ -116,3 +108,24 @@ def test_vanilla_tn_names_received_labels_exactly():
     y = np.random.default_rng(2).integers(0, C, 100)
     assert naming_accuracy_clear(y, y) == 1.0
     assert naming_accuracy_clear((y + 1) % C, y) == 0.0
+
+
+def test_blind_naming_averages_random_namings_to_chance() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, C, 2000)
+    groups = (y + 3) % C  # perfect groups under ids the attacker cannot interpret
+    single = [blind_naming_accuracy(groups, y, C, namings=1, seed=s) for s in range(30)]
+    assert max(single) - min(single) > 0.1  # one fixed naming is a lottery draw
+    assert abs(blind_naming_accuracy(groups, y, C, namings=400) - 1 / C) < 0.02
+    with pytest.raises(ValueError, match="groups must be ids"):
+        blind_naming_accuracy(np.full(len(y), C), y, C)
+
+
+def test_structural_naming_finds_an_unpermuted_layout_only() -> None:
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, C, 2000)
+    k = 4
+    laid_out = y * k + rng.integers(0, k, len(y))
+    assert structural_naming_accuracy(laid_out, y, C, C * k) == 1.0
+    permuted = rng.permutation(C * k)[laid_out]
+    assert structural_naming_accuracy(permuted, y, C, C * k) < 0.2

@@ -72,12 +72,27 @@ def test_results_hold_every_required_key(quick) -> None:
         assert set(a["inversion"]["baselines"]) >= {"dataset_mean", "class_mean"}
         assert a["extraction"]["chance"] == pytest.approx(0.1)
         assert 0 <= a["extraction"]["accuracy"] <= 1
+        assert 0 <= a["extraction"]["query_access"]["accuracy"] <= 1
         assert [p["m"] for p in a["extraction"]["adaptive"]] == [1, 5, 10]
         for point in a["extraction"]["adaptive"]:
             assert set(point) >= {"m", "accuracy", "scratch_accuracy"}
+        shallow = a["inversion"]["shallow_cut"]
+        assert shallow["cut"] == "conv1" and set(shallow["data_free"]) >= {"ssim", "psnr"}
     assert r["epsilon"]["vanilla"] is None and r["epsilon"]["clicooper"] > 0
     assert r["data"]["auxiliary"] > 0 and r["data"]["test"] >= 256
     assert len(r["privacy_utility"]["points"]) >= 3
+    for point in r["privacy_utility"]["points"]:
+        for key in (
+            "accuracy",
+            "clustering_t1_activations_success_rate",
+            "clustering_t1_gradients_success_rate",
+            "data_free_ssim",
+            "aux_no_query_ssim",
+            "query_decoder_ssim",
+            "extraction_accuracy",
+            "extraction_query_accuracy",
+        ):
+            assert isinstance(point[key], float), key
 
 
 def test_report_and_figures_exist(quick) -> None:
@@ -91,6 +106,7 @@ def test_report_and_figures_exist(quick) -> None:
         "epsilon",
         "Adaptive extraction",
         "False-positive floor",
+        "Watermark removal on the stolen CliCooper chain",
     ):
         assert needle in report
     for name in FIGURES:
@@ -105,6 +121,8 @@ def test_attacks_work_on_vanilla(quick) -> None:
     assert a["clustering"]["T2"]["naming_accuracy"] == 1.0  # labels received in clear
     inv = a["inversion"]
     assert inv["query_decoder"]["ssim"] > inv["baselines"]["dataset_mean"] + 0.1
+    assert inv["shallow_cut"]["data_free"]["ssim"] > inv["baselines"]["dataset_mean"] + 0.1
+    assert a["extraction"]["query_access"]["accuracy"] > 0.5  # chance 0.1
 
 
 def test_attacks_do_worse_on_clicooper(quick) -> None:
@@ -123,6 +141,23 @@ def test_attacks_do_worse_on_clicooper(quick) -> None:
     assert (
         van["inversion"]["query_decoder"]["ssim"] > cc["inversion"]["query_decoder"]["ssim"] + 0.1
     )
+    shallow = [a["inversion"]["shallow_cut"]["data_free"]["ssim"] for a in (van, cc)]
+    assert shallow[0] > shallow[1] + 0.2
+    queried = [a["extraction"]["query_access"]["accuracy"] for a in (van, cc)]
+    assert queried[0] > queried[1] + 0.3
+    assert abs(queried[1] - 0.1) < 0.05  # the secret permutation: blind naming
+
+
+def test_watermark_removal_runs_on_the_clicooper_chain_only(quick) -> None:
+    attacks = quick[0]["attacks"]
+    assert attacks["vanilla"]["watermark_removal"] is None  # no watermark, nothing to claim
+    rows = attacks["clicooper"]["watermark_removal"]["rows"]
+    names = [row["attack"] for row in rows]
+    assert names[0].startswith("none")
+    for kind in ("fine-tune", "prune", "overwrite"):
+        assert any(kind in name for name in names), kind
+    for party in ("t1", "t2"):
+        assert rows[0][party]["holds"] and rows[0][party]["ber"] == 0.0
 
 
 def test_bad_dataset_is_one_line_exit_2(cli_inprocess, tmp_path: Path) -> None:

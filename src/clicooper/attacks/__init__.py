@@ -9,6 +9,10 @@ factories (never over a run directory):
 - :mod:`.removal`: weight operations used by watermark-removal attacks;
 - :mod:`.metrics`: matched accuracy, ARI, SSIM, PSNR and mean-image baselines.
 
+The exception is :mod:`.watermark_removal` (not imported here): removal attacks on
+a finished run's stolen chain (fine-tuning, pruning, overwriting), scored by the
+trainers' ownership claims; it loads the run directory and its ledger.
+
 ``ATTACKS`` maps a stable name to the callable, for picking attacks by name.
 """
 

@@ -128,17 +128,37 @@ def clustering_attack(
     )
 
 
-def naming_accuracy_unlabelled(clusters: ArrayLike, true_labels: ArrayLike) -> float:
-    """Naming accuracy of an attacker with no labels and no pseudo-labels.
+def blind_naming_accuracy(
+    groups: ArrayLike, true_labels: ArrayLike, n_classes: int, namings: int = 100, seed: int = 0
+) -> float:
+    """Naming accuracy of an attacker who holds C groups but nothing that names them.
 
-    Its cluster ids are arbitrary, so the only way to name a true class is a fixed rule
-    chosen without label knowledge; we take "cluster j -> class j". Whatever the clusters,
-    the rule is independent of the (secret) class names, so over the attacker's ignorance
-    of the naming its expected accuracy is sum_j P(cluster j) / C = 1/C: chance. Returns
-    the realised share of samples with cluster id == true label.
+    Every bijection group -> class is then equally justified, so the attacker's accuracy
+    is the mean over bijections; we average ``namings`` uniformly random ones (seeded).
+    Its expectation is exactly 1/C whatever the groups; a fixed rule such as "group j
+    -> class j" is one draw of it, whose spread (e.g. 0.06 or 0.15 at chance 0.1) says
+    nothing about the defence. What the groups *do* reveal is measured by the matched
+    accuracy and ARI.
     """
     y = as_labels(true_labels, len(true_labels), "true_labels")
-    return float(np.mean(as_labels(clusters, len(y), "clusters") == y))
+    g = as_labels(groups, len(y), "groups")
+    if g.min() < 0 or g.max() >= n_classes:
+        raise ValueError(f"groups must be ids in [0, {n_classes}); got {g.min()}..{g.max()}")
+    rng = np.random.default_rng(seed)
+    return float(np.mean([np.mean(rng.permutation(n_classes)[g] == y) for _ in range(namings)]))
+
+
+def structural_naming_accuracy(
+    pred_pseudo: ArrayLike, true_labels: ArrayLike, n_classes: int, n_pseudo: int
+) -> float:
+    """Tn's naming if the pseudo-classes were laid out in blocks: p -> floor(p * C / M).
+
+    Without a secret permutation (pseudo-classes c*K .. c*K+K-1 for class c) this names
+    every sample right; with it, the rule is one blind naming. A test of the permutation.
+    """
+    y = as_labels(true_labels, len(true_labels), "true_labels")
+    p = as_labels(pred_pseudo, len(y), "pred_pseudo")
+    return float(np.mean(p * n_classes // n_pseudo == y))
 
 
 def group_pseudo_classes(class_vectors: ArrayLike, n_classes: int, seed: int = 0) -> np.ndarray:

@@ -18,8 +18,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from clicooper.attacks._common import ArrayLike, as_images, as_labels, batches, seeded, train
-from clicooper.attacks.clustering import group_pseudo_classes, naming_accuracy_pseudo
+from clicooper.attacks._common import (
+    ArrayLike,
+    as_images,
+    as_labels,
+    batches,
+    fit_mse,
+    query_pairs,
+    seeded,
+    train,
+)
+from clicooper.attacks.clustering import (
+    blind_naming_accuracy,
+    group_pseudo_classes,
+    naming_accuracy_pseudo,
+)
 from clicooper.attacks.inversion import aligned_autoencoder
 from clicooper.attacks.metrics import matched_accuracy
 
@@ -52,9 +65,30 @@ def train_shadow_head(
     return enc
 
 
+def query_shadow_head(
+    shadow_head_factory: Callable[[], nn.Module],
+    pairs_images: ArrayLike,
+    pairs_activations: ArrayLike,
+    epochs: int = 30,
+    seed: int = 0,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+) -> nn.Module:
+    """A shadow head fitted to queried pairs: min |h'(x_q) - z_q|^2 / N.
+
+    The query-access attacker (a client of the owner's inference service colluding with
+    T1, as for the query decoder) holds pairs of chosen images and the activations T1
+    received for them, so it can regress the head directly instead of aligning
+    distributions. Returns h' in eval mode.
+    """
+    x, z = query_pairs(pairs_images, pairs_activations)
+    with seeded(seed):
+        return fit_mse(shadow_head_factory(), x, z, epochs, seed, lr, batch_size)
+
+
 def _surrogate(
     stolen_segments: nn.Module,
-    shadow_head_factory: Callable[[], nn.Module],
+    shadow_head_factory: Callable[[], nn.Module] | None,
     aux_images: ArrayLike,
     observed: ArrayLike,
     epochs: int,
@@ -68,6 +102,8 @@ def _surrogate(
     """
     tail = copy.deepcopy(stolen_segments).eval().requires_grad_(False)
     if shadow_head is None:
+        if shadow_head_factory is None:
+            raise ValueError("pass shadow_head_factory or an already trained shadow_head")
         head = train_shadow_head(shadow_head_factory, aux_images, observed, epochs, seed)
     else:
         head = copy.deepcopy(shadow_head).eval()
@@ -88,7 +124,7 @@ def _test_set(images: ArrayLike, labels: ArrayLike) -> tuple[Tensor, np.ndarray]
 
 def extract_surrogate(
     stolen_segments: nn.Module,
-    shadow_head_factory: Callable[[], nn.Module],
+    shadow_head_factory: Callable[[], nn.Module] | None,
     aux_images: ArrayLike,
     observed: ArrayLike,
     test_images: ArrayLike,
@@ -98,6 +134,7 @@ def extract_surrogate(
     epochs: int = 60,
     seed: int = 0,
     shadow_head: nn.Module | None = None,
+    namings: int = 100,
 ) -> dict[str, float]:
     """Non-adaptive extraction: shadow head + stolen segments, named without labels.
 
@@ -106,8 +143,9 @@ def extract_surrogate(
     colluders actually know: in vanilla split learning Tn received the true labels, so
     the caller passes ``np.arange(C)``. Under CliCooper it is ``None``: the colluders
     group the M pseudo-classes into C groups by k-means on the rows of Tn's last
-    weight matrix (:func:`group_pseudo_classes`) and, holding no labels, name group
-    g -> class g, which is right only by chance.
+    weight matrix (:func:`group_pseudo_classes`) and, holding no labels, must name
+    them blindly: ``accuracy`` is the mean over ``namings`` random namings
+    (:func:`blind_naming_accuracy`; one fixed naming is a draw around 1/C, e.g. 0.034).
 
     Returns ``accuracy`` (named predictions vs true test labels), ``chance`` = 1/C,
     ``matched_accuracy`` (evaluator-only: accuracy under the best one-to-one naming of
@@ -121,12 +159,15 @@ def extract_surrogate(
     pred = _pseudo_probs(surrogate, x).argmax(1).numpy()
     n_pseudo = last_linear(stolen_segments).out_features
     if pseudo_to_class is None:
-        weights = last_linear(stolen_segments).weight.detach()
-        grouping = group_pseudo_classes(weights, n_classes, seed)
+        grouping = group_pseudo_classes(
+            last_linear(stolen_segments).weight.detach(), n_classes, seed
+        )
+        accuracy = blind_naming_accuracy(grouping[pred], y, n_classes, namings, seed)
     else:
         grouping = as_labels(pseudo_to_class, n_pseudo, "pseudo_to_class")
+        accuracy = naming_accuracy_pseudo(pred, y, grouping)
     return {
-        "accuracy": naming_accuracy_pseudo(pred, y, grouping),
+        "accuracy": accuracy,
         "chance": 1.0 / n_classes,
         "matched_accuracy": matched_accuracy(grouping[pred], y),
         "n_pseudo": float(n_pseudo),
@@ -167,7 +208,7 @@ def _labelled(images: ArrayLike, labels: ArrayLike, n_classes: int) -> tuple[Ten
 
 def adaptive_extraction(
     stolen_segments: nn.Module,
-    shadow_head_factory: Callable[[], nn.Module],
+    shadow_head_factory: Callable[[], nn.Module] | None,
     aux_images: ArrayLike,
     observed: ArrayLike,
     labelled_images: ArrayLike,

@@ -17,7 +17,6 @@ from torch import nn
 
 from clicooper.attacks import (
     adaptive_extraction,
-    aux_no_query,
     clustering_attack,
     extract_surrogate,
     query_decoder,
@@ -26,16 +25,18 @@ from clicooper.attacks import (
 )
 from clicooper.attacks.clustering import (
     _kmeans,
+    blind_naming_accuracy,
     group_pseudo_classes,
     naming_accuracy_clear,
-    naming_accuracy_pseudo,
-    naming_accuracy_unlabelled,
+    structural_naming_accuracy,
 )
-from clicooper.attacks.extraction import last_linear, train_shadow_head
+from clicooper.attacks.extraction import last_linear, query_shadow_head
+from clicooper.attacks.inversion import aligned_autoencoder, decode
 from clicooper.evaluation.settings import EvalSettings
 from clicooper.evaluation.views import AuxData, PartyView
 
 Factory = Callable[[], nn.Module]
+Aligned = tuple[nn.Module, nn.Module]
 SOURCES = {"activations": "activation", "gradients": "gradient"}
 
 
@@ -45,24 +46,37 @@ def _normalised(x: torch.Tensor) -> np.ndarray:
 
 
 def naming_accuracy(
-    view: PartyView, labels: np.ndarray, n_classes: int, clear_labels: bool, seed: int
-) -> float:
-    """Share of the party's last-epoch rows it names right without labelled data.
+    view: PartyView,
+    labels: np.ndarray,
+    n_classes: int,
+    clear_labels: bool,
+    seed: int,
+    namings: int = 100,
+) -> dict[str, float]:
+    """How well the party names its last-epoch rows' true classes without labelled data.
 
-    Tn names rows by the labels it received: the true labels in clear (vanilla), or
-    pseudo-labels grouped by k-means on its classifier's rows and named group g -> class
-    g (CliCooper). Other trainers name k-means cluster j -> class j of their activations.
+    Vanilla Tn reads the true labels it received (``naming_accuracy``, 1.0). CliCooper Tn
+    groups its pseudo-classes by k-means on its classifier's rows; other trainers cluster
+    their activations by k-means. Neither holds anything that names a group, so
+    ``naming_accuracy`` is the mean over ``namings`` random namings
+    (:func:`blind_naming_accuracy`). CliCooper Tn also tries the block layout
+    p -> floor(p C / M) (``naming_structural``), which would name everything right if
+    the secret permutation were missing.
     """
     last = view.records["epoch"] == view.epochs[-1]
     y = labels[last.numpy()]
     if view.is_last and "pseudo_labels" in view.records:
         received = view.records["pseudo_labels"][last]
         if clear_labels:
-            return naming_accuracy_clear(received, y)
-        grouping = group_pseudo_classes(last_linear(view.segment).weight.detach(), n_classes, seed)
-        return naming_accuracy_pseudo(received, y, grouping)
+            return {"naming_accuracy": naming_accuracy_clear(received, y)}
+        rows = last_linear(view.segment).weight.detach()
+        groups = group_pseudo_classes(rows, n_classes, seed)[received.numpy()]
+        return {
+            "naming_accuracy": blind_naming_accuracy(groups, y, n_classes, namings, seed),
+            "naming_structural": structural_naming_accuracy(received, y, n_classes, len(rows)),
+        }
     clusters = _kmeans(_normalised(view.records["activation"][last]), n_classes, 10, seed)
-    return naming_accuracy_unlabelled(clusters, y)
+    return {"naming_accuracy": blind_naming_accuracy(clusters, y, n_classes, namings, seed)}
 
 
 def clustering(
@@ -91,7 +105,7 @@ def clustering(
     out.update({k: out[best][k] for k in ("matched_accuracy", "ari", "success_rate")})
     out["null_matched_accuracy"] = out[best]["null_matched_accuracy"]
     out["source"] = best
-    out["naming_accuracy"] = naming_accuracy(view, labels, n_classes, clear_labels, s.seed)
+    out.update(naming_accuracy(view, labels, n_classes, clear_labels, s.seed))
     out["chance"] = 1.0 / n_classes
     return out
 
@@ -104,6 +118,20 @@ def inversion_targets(first: PartyView, n: int) -> torch.Tensor:
     return rows[:n]
 
 
+def observed(first: PartyView) -> torch.Tensor:
+    """The activations T1 received in its last recorded epoch (what the attacks fit)."""
+    return first.rows("activation", first.epochs[-1])
+
+
+def align(first: PartyView, aux: AuxData, head_factory: Factory, s: EvalSettings) -> Aligned:
+    """Encoder and decoder aligned to T1's last-epoch activations with the auxiliary images.
+
+    One training serves two attacks: the decoder is the auxiliary-data inverter, the
+    encoder the extraction's shadow head (both only need aux images and observations).
+    """
+    return aligned_autoencoder(head_factory, aux.images, observed(first), s.aux_epochs, s.seed)
+
+
 def inversion(
     first: PartyView,
     rows: torch.Tensor,
@@ -112,24 +140,19 @@ def inversion(
     image_shape: tuple[int, ...],
     noisy_pairs: torch.Tensor,
     clean_pairs: torch.Tensor,
+    aligned: Aligned,
     s: EvalSettings,
 ) -> dict[str, torch.Tensor]:
     """Reconstructions of T1's observed activations ``rows`` at every attacker strength.
 
     ``noisy_pairs``/``clean_pairs`` are what T1 received when the owner served inference
-    on the attacker's chosen images ``aux.images`` with its noise on / off (query access).
+    on the attacker's chosen images ``aux.images`` with its noise on / off (query access);
+    ``aligned`` is :func:`align`'s (encoder, decoder).
     """
     z = first.records["activation"][rows]
     return {
-        "data_free": unsplit(
-            head_factory,
-            z,
-            image_shape,
-            rounds=s.unsplit_rounds,
-            steps=s.unsplit_steps,
-            seed=s.seed,
-        ),
-        "aux_no_query": aux_no_query(head_factory, aux.images, z, epochs=s.aux_epochs, seed=s.seed),
+        "data_free": data_free(head_factory, z, image_shape, s),
+        "aux_no_query": decode(aligned[1], z),
         "query_decoder": query_decoder(
             aux.images, noisy_pairs, z, epochs=s.decoder_epochs, seed=s.seed
         ),
@@ -137,6 +160,15 @@ def inversion(
             aux.images, clean_pairs, z, epochs=s.decoder_epochs, seed=s.seed
         ),
     }
+
+
+def data_free(
+    head_factory: Factory, z: torch.Tensor, image_shape: tuple[int, ...], s: EvalSettings
+) -> torch.Tensor:
+    """UnSplit at the evaluation's budget."""
+    return unsplit(
+        head_factory, z, image_shape, rounds=s.unsplit_rounds, steps=s.unsplit_steps, seed=s.seed
+    )
 
 
 def stolen(views: list[PartyView]) -> nn.Module:
@@ -147,46 +179,60 @@ def stolen(views: list[PartyView]) -> nn.Module:
 def extraction(
     views: list[PartyView],
     aux: AuxData,
+    shadow: nn.Module,
     head_factory: Factory,
-    model_factory: Factory,
+    query_pairs: torch.Tensor,
+    model_factory: Factory | None,
     n_classes: int,
     clear_labels: bool,
     test_x: torch.Tensor,
     test_y: np.ndarray,
     s: EvalSettings,
 ) -> dict[str, Any]:
-    """Non-adaptive and adaptive extraction by all trainers colluding, scored on the test set."""
-    observed = views[0].rows("activation", views[0].epochs[-1])
+    """Non-adaptive and adaptive extraction by all trainers colluding, scored on the test set.
+
+    ``shadow`` is the aligned encoder (:func:`align`); without ``model_factory`` the
+    adaptive variant and its from-scratch baseline are skipped. ``query_access`` is the
+    same surrogate with a shadow head regressed on ``query_pairs`` (what T1 received
+    when the owner served inference on ``aux.images``), the query attacker's extraction.
+    """
     naming = np.arange(n_classes) if clear_labels else None
-    # One shadow head serves every variant: it depends only on aux images and observations.
-    shadow = train_shadow_head(head_factory, aux.images, observed, s.extraction_epochs, s.seed)
-    result = extract_surrogate(
-        stolen(views),
-        head_factory,
-        aux.images,
-        observed,
-        test_x,
-        test_y,
-        n_classes,
-        pseudo_to_class=naming,
-        epochs=s.extraction_epochs,
-        seed=s.seed,
-        shadow_head=shadow,
+
+    def surrogate(head: nn.Module) -> dict[str, float]:
+        return extract_surrogate(
+            stolen(views),
+            None,
+            aux.images,
+            observed(views[0]),
+            test_x,
+            test_y,
+            n_classes,
+            pseudo_to_class=naming,
+            seed=s.seed,
+            shadow_head=head,
+        )
+
+    result = surrogate(shadow)
+    queried = query_shadow_head(
+        head_factory, aux.images, query_pairs, epochs=s.decoder_epochs, seed=s.seed
     )
+    result["query_access"] = {
+        k: v for k, v in surrogate(queried).items() if k in ("accuracy", "matched_accuracy")
+    }
     adaptive = []
-    for m in [m for m in s.adaptive_m if m <= aux.max_m()]:
+    m_values = [m for m in s.adaptive_m if m <= aux.max_m()] if model_factory else []
+    for m in m_values:
         xl, yl = aux.labelled(m)
         attack = adaptive_extraction(
             stolen(views),
-            head_factory,
+            None,
             aux.images,
-            observed,
+            observed(views[0]),
             xl,
             yl,
             test_x,
             test_y,
             n_classes,
-            epochs=s.extraction_epochs,
             finetune_epochs=s.finetune_epochs,
             seed=s.seed,
             shadow_head=shadow,

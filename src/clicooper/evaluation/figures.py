@@ -24,10 +24,18 @@ def _image(ax: Any, img: Any) -> None:
 
 
 def reconstruction_grid(figures: dict[str, Any], path: Path) -> None:
-    """Rows: originals, then each attacker strength on vanilla and on CliCooper."""
+    """Rows: originals, each attacker strength on vanilla and on CliCooper, then data-free
+    inversion at the shallowest cut (its own short runs, so its own originals)."""
     rows = [("original", figures["vanilla"]["originals"])]
     for mode in ("vanilla", "clicooper"):
         rows += [(f"{mode}\n{k}", figures[mode]["recon"][k]) for k in STRENGTHS]
+    if "shallow" in figures["vanilla"]:
+        cut = figures["vanilla"]["shallow"]["cut"]
+        rows.append((f"original\n({cut} runs)", figures["vanilla"]["shallow"]["originals"]))
+        rows += [
+            (f"{mode}\ndata_free at {cut}", figures[mode]["shallow"]["reconstructions"])
+            for mode in ("vanilla", "clicooper")
+        ]
     n = len(rows[0][1])
     fig, axes = plt.subplots(len(rows), n, figsize=(1.1 * n + 1.6, 1.1 * len(rows)), squeeze=False)
     for r, (label, images) in enumerate(rows):
@@ -55,15 +63,12 @@ def accuracy_curves(results: dict[str, Any], path: Path) -> None:
 
 
 def privacy_utility(results: dict[str, Any], path: Path) -> None:
+    """Left: accuracy against noise. Right: every T1 attack's headline against noise."""
     pts = results["privacy_utility"]["points"]
     nm = [p["noise_multiplier"] for p in pts]
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    ax.plot(nm, [p["accuracy"] for p in pts], "o-", label="CliCooper test accuracy")
-    ax.plot(
-        nm, [p["clustering_t1_success_rate"] for p in pts], "s--", label="T1 clustering success"
-    )
-    ax.plot(nm, [p["query_decoder_ssim"] for p in pts], "^:", label="query-decoder SSIM")
-    ax.axhline(
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(nm, [p["accuracy"] for p in pts], "o-", label="CliCooper test accuracy")
+    left.axhline(
         results["privacy_utility"]["vanilla_accuracy"],
         color="grey",
         ls="-.",
@@ -71,18 +76,37 @@ def privacy_utility(results: dict[str, Any], path: Path) -> None:
     )
     for p in pts:
         if p["epsilon"] is not None:
-            ax.annotate(
+            left.annotate(
                 f"eps {p['epsilon']:.3g}",
                 (p["noise_multiplier"], p["accuracy"]),
                 fontsize=7,
                 textcoords="offset points",
                 xytext=(3, 5),
             )
-    ax.set_xscale("log")
-    ax.set_xlabel("noise_multiplier")
-    ax.set_ylim(-0.02, 1.02)
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    left.set_ylabel("test accuracy")
+    series = {
+        "T1 clustering success (activations)": "clustering_t1_activations_success_rate",
+        "T1 clustering success (gradients)": "clustering_t1_gradients_success_rate",
+        "data-free SSIM": "data_free_ssim",
+        "aux-data SSIM": "aux_no_query_ssim",
+        "query-decoder SSIM": "query_decoder_ssim",
+        "extraction accuracy": "extraction_accuracy",
+    }
+    for (label, key), marker in zip(series.items(), "sv^D<>", strict=True):
+        right.plot(nm, [p[key] for p in pts], f"{marker}-", label=label, ms=4)
+    for key, style, label in (
+        ("dataset_mean_ssim", ":", "dataset-mean SSIM"),
+        ("class_mean_ssim", "--", "class-mean SSIM"),
+        ("extraction_chance", "-.", "chance"),
+    ):
+        right.axhline(pts[0][key], color="grey", ls=style, lw=0.8, label=label)
+    right.set_ylabel("attack success")
+    for ax in (left, right):
+        ax.set_xscale("log")
+        ax.set_xlabel("noise_multiplier")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -12,13 +12,16 @@ import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from clicooper.attacks.metrics import mean_image_baselines, reconstruction_scores
+from clicooper.attacks.watermark_removal import Lab, robustness
 from clicooper.config import RunConfig
 from clicooper.data import Dataset, default_dataset, load_dataset
 from clicooper.evaluation import adapters
@@ -32,6 +35,7 @@ from clicooper.evaluation.views import (
     query_activations,
     view_of,
 )
+from clicooper.models.presets import build_preset
 from clicooper.runtime.session import Session, preset_factory, run
 
 Say = Callable[[str], None]
@@ -99,36 +103,43 @@ def attack_run(
     s: EvalSettings,
     say: Say,
     timing: dict[str, float],
+    label: str | None = None,
+    full: bool = True,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Every attack on one finished run; (results, figure material)."""
+    """Every attack on one finished run; (results, figure material).
+
+    ``full`` runs clustering at every trainer and the adaptive extraction; otherwise
+    (privacy-utility points) clustering at T1 only and non-adaptive extraction.
+    """
     data, mode = session.dataset, cfg.mode
+    label = label or mode
     clear = mode == "vanilla"
     n_classes = data.num_classes
     views = [view_of(t) for t in session.trainers]
     labels = _labels_of(session, views, cfg)
-    factory = preset_factory(cfg, data)
-    n_out = session.owner.labels.pseudo_classes if session.owner.labels else n_classes
-    head_factory = lambda: factory(n_out).head  # noqa: E731  architecture only, fresh weights
-    model_factory = lambda: factory(n_classes).full()  # noqa: E731
+    head_factory, model_factory = architecture(session, cfg)
+    first = views[0]
     out: dict[str, Any] = {}
 
-    with _stage(say, timing, f"{mode}: clustering"):
+    with _stage(say, timing, f"{label}: clustering"):
+        attacked = views if full else views[:1]
         out["clustering"] = {
             v.name.upper(): adapters.clustering(v, y, n_classes, clear, s)
-            for v, y in zip(views, labels, strict=True)
+            for v, y in zip(attacked, labels, strict=False)
         }
 
-    with _stage(say, timing, f"{mode}: inversion"):
-        first = views[0]
-        noisy = query_activations(session.owner, session.trainers[0], aux.images, noisy=True)
-        clean = query_activations(session.owner, session.trainers[0], aux.images, noisy=False)
+    with _stage(say, timing, f"{label}: auxiliary-data alignment"):
+        aligned = adapters.align(first, aux, head_factory, s)
+    # The query attacker's pairs: what T1 receives when the owner serves its chosen images.
+    noisy = query_activations(session.owner, session.trainers[0], aux.images, noisy=True)
+    clean = query_activations(session.owner, session.trainers[0], aux.images, noisy=False)
+
+    with _stage(say, timing, f"{label}: inversion"):
         rows = adapters.inversion_targets(first, s.n_invert)
-        ids = row_sample_ids(
-            first, session.owner.log.steps, session.owner.log.sample_ids, cfg.micro_batches
-        )[rows]
+        ids = _sample_ids(session, first, cfg)[rows]
         originals = data.train.x[ids]
         recon = adapters.inversion(
-            first, rows, aux, head_factory, data.image_shape, noisy, clean, s
+            first, rows, aux, head_factory, data.image_shape, noisy, clean, aligned, s
         )
         inv: dict[str, Any] = {k: reconstruction_scores(r, originals) for k, r in recon.items()}
         inv["ssim"] = max(inv["data_free"]["ssim"], inv["aux_no_query"]["ssim"])
@@ -138,12 +149,14 @@ def attack_run(
         inv["targets"] = {"images": len(ids), "source": "t1 last-epoch training record"}
         out["inversion"] = inv
 
-    with _stage(say, timing, f"{mode}: extraction"):
+    with _stage(say, timing, f"{label}: extraction"):
         out["extraction"] = adapters.extraction(
             views,
             aux,
+            aligned[0],
             head_factory,
-            model_factory,
+            noisy,
+            model_factory if full else None,
             n_classes,
             clear,
             data.test.x,
@@ -160,6 +173,92 @@ def attack_run(
     return out, figure
 
 
+def architecture(
+    session: Session, cfg: RunConfig
+) -> tuple[Callable[[], nn.Module], Callable[[], nn.Module]]:
+    """Factories of fresh (untrained) copies of the run's head and of its whole model.
+
+    The attackers know the architecture, never the owner's weights.
+    """
+    factory = preset_factory(cfg, session.dataset)
+    n_classes = session.dataset.num_classes
+    n_out = session.owner.labels.pseudo_classes if session.owner.labels else n_classes
+    return (lambda: factory(n_out).head), (lambda: factory(n_classes).full())
+
+
+def _sample_ids(session: Session, view: PartyView, cfg: RunConfig) -> np.ndarray:
+    log = session.owner.log
+    return row_sample_ids(view, log.steps, log.sample_ids, cfg.micro_batches)
+
+
+def watermark_removal(
+    session: Session,
+    cfg: RunConfig,
+    run_dir: Path,
+    aux: AuxData,
+    s: EvalSettings,
+    say: Say,
+    timing: dict[str, float],
+) -> dict[str, Any] | None:
+    """Fine-tune, prune and overwrite the stolen chain; every trainer's claim after each.
+
+    The thief's images are the attackers' unlabelled auxiliary images, so it fine-tunes on
+    the stolen model's own pseudo-class predictions. None when the run has no watermark.
+    """
+    if not cfg.watermark.enabled or cfg.mode != "clicooper":
+        return None
+    with _stage(say, timing, f"{cfg.mode}: watermark removal"):
+        lab = Lab(session, run_dir, cfg, s.seed, thief=aux.images)
+        rows = robustness(
+            lab,
+            fine_tune_fractions=s.removal_fine_tune,
+            prune_fractions=s.removal_prune,
+            overwrite_factors=s.removal_overwrite,
+            losses=("pseudo",),
+        )
+    return {"thief_images": len(aux.images), "rows": rows}
+
+
+def shallow_cut(
+    cfg: RunConfig,
+    data: Dataset,
+    s: EvalSettings,
+    out: Path,
+    say: Say,
+    progress: TrainProgress | None,
+    timing: dict[str, float],
+) -> dict[str, dict[str, Any]]:
+    """Data-free inversion (UnSplit) at the preset's shallowest cut, in both modes.
+
+    The default cut ends in a low-dimensional bottleneck, which no data-free attack we
+    tried inverts; the shallowest cut shows the attack working where the literature
+    reports it, and what the noise does there. Short runs (``s.shallow_epochs``).
+    """
+    cut = build_preset(cfg.model, data.image_shape, data.num_classes, cfg.trainers)[0][0]
+    short = replace(s, epochs=s.shallow_epochs)
+    results = {}
+    for mode in MODES:
+        run_cfg = mode_config(cfg, short, mode).model_copy(update={"cut": cut})
+        with _stage(say, timing, f"{mode}: shallow cut {cut}"):
+            session = train(run_cfg, data, out / f"shallow-{mode}", progress)
+            first = view_of(session.trainers[0])
+            rows = adapters.inversion_targets(first, s.n_invert)
+            originals = data.train.x[_sample_ids(session, first, run_cfg)[rows]]
+            z = first.records["activation"][rows]
+            head_factory, _ = architecture(session, run_cfg)
+            recon = adapters.data_free(head_factory, z, data.image_shape, s)
+        results[mode] = {
+            "cut": cut,
+            "dimension": int(np.prod(z.shape[1:])),
+            "epochs": short.epochs,
+            "accuracy": session.results["accuracy"]["test"],
+            "data_free": reconstruction_scores(recon, originals),
+            "reconstructions": recon[:FIGURE_SAMPLES],
+            "originals": originals[:FIGURE_SAMPLES],
+        }
+    return results
+
+
 def _run_summary(session: Session) -> dict[str, Any]:
     r = session.results
     keep = ("accuracy", "history", "timing", "privacy", "labels", "model", "config")
@@ -173,51 +272,50 @@ def privacy_utility(
     cfg: RunConfig,
     data: Dataset,
     aux: AuxData,
+    aux_split: Any,
     s: EvalSettings,
     out: Path,
     say: Say,
     progress: TrainProgress | None,
+    timing: dict[str, float],
 ) -> list[dict[str, Any]]:
-    """Short CliCooper runs over noise_multiplier: accuracy, epsilon, T1 clustering, query SSIM."""
+    """Short CliCooper runs over noise_multiplier, each under the T1 attacks (no adaptive)."""
     points = []
-    sweep = (
-        s if s.sweep_epochs is None else EvalSettings(**{**s.__dict__, "epochs": s.sweep_epochs})
-    )
+    sweep = s if s.sweep_epochs is None else replace(s, epochs=s.sweep_epochs)
     sweep_data = data.limit(s.sweep_train_subset, None, s.seed)
     for nm in s.sweep_noise:
-        say(f"privacy-utility: noise_multiplier {nm:g}")
         run_cfg = mode_config(cfg, sweep, "clicooper", noise_multiplier=nm)
-        session = train(run_cfg, sweep_data, out / f"nm-{nm:g}", progress)
-        points.append(_sweep_point(session, run_cfg, aux, sweep))
+        label = f"noise {nm:g}"
+        with _stage(say, timing, f"{label}: training"):
+            session = train(run_cfg, sweep_data, out / f"nm-{nm:g}", progress)
+        attacks, _ = attack_run(
+            session, run_cfg, aux, aux_split, sweep, say, timing, label=label, full=False
+        )
+        points.append(trade_off_point(_run_summary(session), attacks))
     return points
 
 
-def _sweep_point(session: Session, cfg: RunConfig, aux: AuxData, s: EvalSettings) -> dict[str, Any]:
-    views = [view_of(session.trainers[0])]
-    labels = _labels_of(session, views, cfg)[0]
-    n_classes = session.dataset.num_classes
-    cluster = adapters.clustering(views[0], labels, n_classes, False, s)
-    noisy = query_activations(session.owner, session.trainers[0], aux.images, noisy=True)
-    rows = adapters.inversion_targets(views[0], s.n_invert)
-    ids = row_sample_ids(
-        views[0], session.owner.log.steps, session.owner.log.sample_ids, cfg.micro_batches
-    )[rows]
-    from clicooper.attacks import query_decoder
-
-    recon = query_decoder(
-        aux.images,
-        noisy,
-        views[0].records["activation"][rows],
-        epochs=s.decoder_epochs,
-        seed=s.seed,
-    )
+def trade_off_point(run_: dict[str, Any], attacks: dict[str, Any]) -> dict[str, Any]:
+    """One privacy-utility point: accuracy, epsilon and every T1 attack's headline."""
+    t1, inv = attacks["clustering"]["T1"], attacks["inversion"]
     return {
-        "noise_multiplier": cfg.privacy.noise_multiplier,
-        "accuracy": session.results["accuracy"]["test"],
-        "epsilon": session.results["privacy"]["epsilon"],
-        "clustering_t1_success_rate": cluster["success_rate"],
-        "clustering_t1_matched_accuracy": cluster["matched_accuracy"],
-        "query_decoder_ssim": reconstruction_scores(recon, session.dataset.train.x[ids])["ssim"],
+        "noise_multiplier": run_["privacy"]["noise_multiplier"],
+        "accuracy": run_["accuracy"]["test"],
+        "epsilon": run_["privacy"]["epsilon"],
+        "clustering_t1_success_rate": t1["success_rate"],
+        "clustering_t1_matched_accuracy": t1["matched_accuracy"],
+        "clustering_t1_activations_success_rate": t1["activations"]["success_rate"],
+        "clustering_t1_gradients_success_rate": t1["gradients"]["success_rate"],
+        "clustering_t1_naming_accuracy": t1["naming_accuracy"],
+        **{
+            f"{k}_ssim": inv[k]["ssim"]
+            for k in ("data_free", "aux_no_query", "query_decoder", "query_decoder_nonadaptive")
+        },
+        "dataset_mean_ssim": inv["baselines"]["dataset_mean"],
+        "class_mean_ssim": inv["baselines"]["class_mean"],
+        "extraction_accuracy": attacks["extraction"]["accuracy"],
+        "extraction_query_accuracy": attacks["extraction"]["query_access"]["accuracy"],
+        "extraction_chance": attacks["extraction"]["chance"],
     }
 
 
@@ -269,12 +367,23 @@ def evaluate(
             session, run_cfg, aux, aux_split, s, say, timing
         )
         results["attacks"][mode]["privacy"] = {"epsilon": session.results["privacy"]["epsilon"]}
+        results["attacks"][mode]["watermark_removal"] = watermark_removal(
+            session, run_cfg, out / "runs" / mode, aux, s, say, timing
+        )
         del session
     results["epsilon"] = {m: results["runs"][m]["privacy"]["epsilon"] for m in MODES}
-    with _stage(say, timing, "privacy-utility sweep"):
-        sweep = privacy_utility(cfg, data, aux, s, out / "runs" / "sweep", say, progress)
+    shallow = shallow_cut(cfg, data, s, out / "runs", say, progress, timing)
+    for mode in MODES:
+        figures[mode]["shallow"] = shallow[mode]
+        results["attacks"][mode]["inversion"]["shallow_cut"] = {
+            k: v for k, v in shallow[mode].items() if k not in ("reconstructions", "originals")
+        }
+    sweep = privacy_utility(
+        cfg, data, aux, aux_split, s, out / "runs" / "sweep", say, progress, timing
+    )
+    main = trade_off_point(results["runs"]["clicooper"], results["attacks"]["clicooper"])
     results["privacy_utility"] = {
-        "points": sorted([*sweep, main_point(results)], key=lambda p: p["noise_multiplier"]),
+        "points": sorted([*sweep, {**main, "main_run": True}], key=lambda p: p["noise_multiplier"]),
         "vanilla_accuracy": results["runs"]["vanilla"]["accuracy"]["test"],
     }
     timing["total"] = round(time.perf_counter() - start, 2)
@@ -284,21 +393,6 @@ def evaluate(
     timing["total_with_outputs"] = round(time.perf_counter() - start, 2)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
     return results
-
-
-def main_point(results: dict[str, Any]) -> dict[str, Any]:
-    """The main CliCooper run as a privacy-utility point (same keys as the sweep's)."""
-    run_, attacks = results["runs"]["clicooper"], results["attacks"]["clicooper"]
-    t1 = attacks["clustering"]["T1"]
-    return {
-        "noise_multiplier": run_["privacy"]["noise_multiplier"],
-        "accuracy": run_["accuracy"]["test"],
-        "epsilon": run_["privacy"]["epsilon"],
-        "clustering_t1_success_rate": t1["success_rate"],
-        "clustering_t1_matched_accuracy": t1["matched_accuracy"],
-        "query_decoder_ssim": attacks["inversion"]["query_decoder"]["ssim"],
-        "main_run": True,
-    }
 
 
 def _settings_dict(s: EvalSettings) -> dict[str, Any]:

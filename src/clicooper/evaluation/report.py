@@ -39,10 +39,28 @@ def main_table(r: dict[str, Any]) -> list[str]:
     for k in ("data_free", "aux_no_query", "query_decoder", "query_decoder_nonadaptive"):
         lines.append(_row(f"inversion SSIM, {k}", [inv[m][k]["ssim"] for m in MODES]))
         lines.append(_row(f"inversion PSNR dB, {k}", [inv[m][k]["psnr"] for m in MODES]))
+    shallow = {m: inv[m].get("shallow_cut") for m in MODES}
+    if all(shallow.values()):
+        cut = shallow["vanilla"]["cut"]
+        lines.append(
+            _row(
+                f"inversion SSIM, data_free at the shallowest cut ({cut})",
+                [shallow[m]["data_free"]["ssim"] for m in MODES],
+            )
+        )
+        lines.append(
+            _row(f"test accuracy at the {cut} cut", [shallow[m]["accuracy"] for m in MODES])
+        )
     for k in ("dataset_mean", "class_mean", "uniform_noise"):
         lines.append(_row(f"baseline SSIM, {k}", [inv[m]["baselines"][k] for m in MODES]))
     lines.append(
         _row("extraction accuracy (non-adaptive)", [a[m]["extraction"]["accuracy"] for m in MODES])
+    )
+    lines.append(
+        _row(
+            "extraction accuracy (query access)",
+            [a[m]["extraction"]["query_access"]["accuracy"] for m in MODES],
+        )
     )
     lines.append(_row("extraction chance (1/C)", [a[m]["extraction"]["chance"] for m in MODES]))
     lines.append(
@@ -58,7 +76,7 @@ def main_table(r: dict[str, Any]) -> list[str]:
 def clustering_table(r: dict[str, Any]) -> list[str]:
     lines = [
         "| party | mode | source | matched acc (act / grad) | ARI (act / grad) | "
-        "success (act / grad) | naming acc | chance |",
+        "success (act / grad) | naming acc (blind / block layout) | chance |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for m in MODES:
@@ -68,7 +86,8 @@ def clustering_table(r: dict[str, Any]) -> list[str]:
                 f"| {party} | {m} | {c['source']} | {act['matched_accuracy']:.3f} / "
                 f"{grad['matched_accuracy']:.3f} | {act['ari']:.3f} / {grad['ari']:.3f} | "
                 f"{act['success_rate']:.2f} / {grad['success_rate']:.2f} | "
-                f"{c['naming_accuracy']:.3f} | {c['chance']:.3f} |"
+                f"{c['naming_accuracy']:.3f} / {_f(c.get('naming_structural'))} | "
+                f"{c['chance']:.3f} |"
             )
     return lines
 
@@ -89,19 +108,73 @@ def adaptive_table(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+SWEEP_COLUMNS = {
+    "test accuracy": "accuracy",
+    "epsilon": "epsilon",
+    "T1 clustering success act / grad": (
+        "clustering_t1_activations_success_rate",
+        "clustering_t1_gradients_success_rate",
+    ),
+    "T1 matched acc": "clustering_t1_matched_accuracy",
+    "T1 naming acc": "clustering_t1_naming_accuracy",
+    "SSIM data-free": "data_free_ssim",
+    "SSIM aux": "aux_no_query_ssim",
+    "SSIM query": "query_decoder_ssim",
+    "SSIM query non-adaptive": "query_decoder_nonadaptive_ssim",
+    "extraction": "extraction_accuracy",
+    "extraction (query)": "extraction_query_accuracy",
+}
+
+
 def sweep_table(r: dict[str, Any]) -> list[str]:
     lines = [
-        "| noise_multiplier | test accuracy | epsilon | T1 clustering success | "
-        "T1 matched acc | query-decoder SSIM |",
-        "|---|---|---|---|---|---|",
+        "| noise_multiplier | " + " | ".join(SWEEP_COLUMNS) + " |",
+        "|---" * (len(SWEEP_COLUMNS) + 1) + "|",
     ]
     for p in r["privacy_utility"]["points"]:
         main = " (main run)" if p.get("main_run") else ""
+        cells = [
+            " / ".join(_f(p[k], 2) for k in key) if isinstance(key, tuple) else _f(p[key])
+            for key in SWEEP_COLUMNS.values()
+        ]
+        lines.append(f"| {p['noise_multiplier']:g}{main} | " + " | ".join(cells) + " |")
+    first = r["privacy_utility"]["points"][0]
+    lines += [
+        "",
+        f"Vanilla test accuracy {_f(r['privacy_utility']['vanilla_accuracy'])}; baselines: "
+        f"dataset-mean SSIM {_f(first['dataset_mean_ssim'])}, class-mean SSIM "
+        f"{_f(first['class_mean_ssim'])}, extraction chance {_f(first['extraction_chance'])}.",
+    ]
+    return lines
+
+
+def removal_table(r: dict[str, Any]) -> list[str]:
+    removal = r["attacks"]["clicooper"].get("watermark_removal")
+    if not removal:
+        return ["The clicooper run had no watermark: nothing to remove or claim."]
+    rows = removal["rows"]
+    parties = [k for k in rows[0] if k.startswith("t") and isinstance(rows[0][k], dict)]
+    lines = [
+        "| attack | steps | test accuracy | "
+        + " | ".join(f"{p} BER / p-value / claim holds" for p in parties)
+        + " |",
+        "|---" * (3 + len(parties)) + "|",
+    ]
+    for row in rows:
+        claims = [
+            f"{row[p]['ber']:.3f} / {row[p]['p_value']:.2e} / {row[p]['holds']}" for p in parties
+        ]
         lines.append(
-            f"| {p['noise_multiplier']:g}{main} | {p['accuracy']:.3f} | {_f(p['epsilon'], 2)} | "
-            f"{p['clustering_t1_success_rate']:.2f} | {p['clustering_t1_matched_accuracy']:.3f} | "
-            f"{p['query_decoder_ssim']:.3f} |"
+            f"| {row['attack']} | {row['steps']} | {row['accuracy']:.3f} | "
+            + " | ".join(claims)
+            + " |"
         )
+    lines += [
+        "",
+        f"The thief holds the whole stolen chain and {removal['thief_images']} unlabelled "
+        "auxiliary images; it fine-tunes on the chain's own pseudo-class predictions. Vanilla "
+        "split learning has no watermark, so no party there can claim anything.",
+    ]
     return lines
 
 
@@ -125,9 +198,14 @@ def notes(r: dict[str, Any]) -> list[str]:
         "with no label information about 1% of trials pass this test by chance, so a success "
         "rate of 0.05 or less is consistent with no leak. Top-level clustering keys repeat the "
         "stronger of activations and gradients.",
-        "- Naming accuracy: T1..Tn-1 name k-means cluster j as class j (expected 1/C); vanilla Tn "
-        "names by the true labels it receives (1.0 by construction); CliCooper Tn groups its "
-        "pseudo-classes by k-means on its classifier rows and names group g as class g.",
+        "- Naming accuracy: vanilla Tn names by the true labels it receives (1.0 by "
+        "construction). Every other party holds groups but nothing that names them (T1..Tn-1: "
+        "k-means clusters of its activations; CliCooper Tn: its pseudo-classes grouped by "
+        "k-means on its classifier rows), so its naming is blind: the mean over 100 random "
+        "namings, 1/C in expectation (a fixed rule like cluster j -> class j is one draw of it). "
+        "CliCooper Tn also tries the block layout p -> floor(p C / M), which names every sample "
+        "right if the secret permutation is missing. How well the groups follow the classes is "
+        "the matched accuracy and ARI.",
         f"- Inversion targets: {s['n_invert']} of the owner's training images, from the "
         "activations T1 received in the last epoch (noisy under CliCooper). The query attacker "
         "queries the owner's real inference path with its auxiliary images (noise on for "
@@ -135,17 +213,25 @@ def notes(r: dict[str, Any]) -> list[str]:
         "inference queries are not in the run's epsilon. Baselines are computed on the same "
         "target images with means from the auxiliary split.",
         f"- Attack budgets: UnSplit {s['unsplit_rounds']} rounds x {s['unsplit_steps']} steps "
-        f"(the original paper used 1,000 x 100), auxiliary autoencoder {s['aux_epochs']} epochs, "
-        f"decoders {s['decoder_epochs']} epochs, extraction shadow head {s['extraction_epochs']} "
-        "epochs. All trainers collude in extraction.",
+        f"(the original paper used 1,000 x 100), auxiliary autoencoder {s['aux_epochs']} epochs "
+        "(its decoder is the aux-data inverter, its encoder the extraction's shadow head), "
+        f"decoders {s['decoder_epochs']} epochs, adaptive fine-tuning {s['finetune_epochs']} "
+        f"epochs, from-scratch baseline {s['scratch_epochs']} epochs. All trainers collude in "
+        "extraction. Query-access extraction regresses a shadow head on the query attacker's "
+        "pairs (as many as for the query decoder) and names the stolen outputs like the "
+        "non-adaptive attacker.",
+        f"- Shallowest cut: vanilla and CliCooper also train for {s['shallow_epochs']} epoch(s) "
+        "cut after the preset's first block, and UnSplit inverts T1's last-epoch activations "
+        "there (same budget). The default cut is a low-dimensional bottleneck that no data-free "
+        "attack tried here inverts better than the dataset mean.",
         "- Epsilon covers the noisy cut activations released to T1 during training, per record, "
         "given the head (not the head's weights). Test-time inference in the main runs sends "
         "activations without noise unless `privacy.noise_at_inference` is set.",
         f"- Privacy-utility points other than the main run train for "
         f"{s['sweep_epochs'] or s['epochs']} epochs on "
         f"{s['sweep_train_subset'] or d['train']} images, so compare them with each other, "
-        "not with the main run.",
-        "- Watermark removal attacks are not evaluated here.",
+        "not with the main run. Each point is attacked like the main runs at T1 (clustering, "
+        "all inversions, non-adaptive extraction).",
     ]
 
 
@@ -176,7 +262,11 @@ def render(r: dict[str, Any]) -> str:
             "",
             *adaptive_table(r),
             "",
-            "## Privacy-utility trade-off (CliCooper runs over noise_multiplier)",
+            "## Watermark removal on the stolen CliCooper chain",
+            "",
+            *removal_table(r),
+            "",
+            "## Privacy-utility trade-off: accuracy and every T1 attack over noise_multiplier",
             "",
             *sweep_table(r),
             "",

@@ -24,13 +24,18 @@ class EvalSettings:
     unsplit_steps: int = 20
     aux_epochs: int = 40
     decoder_epochs: int = 40
-    extraction_epochs: int = 30
     finetune_epochs: int = 50
     scratch_epochs: int = 100
     adaptive_m: tuple[int, ...] = (1, 5, 10, 50)
     sweep_noise: tuple[float, ...] = (0.1, 0.25, 1.0, 2.0)
     sweep_epochs: int | None = None  # None: the main runs' epochs
     sweep_train_subset: int | None = None
+    shallow_epochs: int = 1  # runs at the preset's shallowest cut (data-free inversion there)
+    # Watermark removal on the stolen clicooper chain: fine-tune for these shares of the
+    # training steps, prune these shares of each weight, overwrite at these strengths.
+    removal_fine_tune: tuple[float, ...] = (0.1, 0.2, 0.5)
+    removal_prune: tuple[float, ...] = (0.2, 0.4, 0.6)
+    removal_overwrite: tuple[float, ...] = (1.0, 10.0)
     extra: dict[str, float] = field(default_factory=dict)
 
     def with_seed(self, seed: int) -> EvalSettings:
@@ -46,11 +51,13 @@ QUICK = EvalSettings(
     unsplit_rounds=10,
     aux_epochs=30,
     decoder_epochs=40,
-    extraction_epochs=20,
     finetune_epochs=30,
     scratch_epochs=60,
     adaptive_m=(1, 5, 10),
     sweep_noise=(0.1, 2.0),
+    removal_fine_tune=(0.2,),
+    removal_prune=(0.5,),
+    removal_overwrite=(1.0,),
 )
 
 # Sized for Fashion-MNIST in under 30 minutes on two (shared) cores: each UnSplit round
@@ -61,10 +68,8 @@ FULL = EvalSettings(
     unsplit_rounds=5,
     aux_epochs=8,
     decoder_epochs=30,
-    extraction_epochs=8,
     finetune_epochs=30,
     scratch_epochs=60,
-    sweep_noise=(0.1, 1.0, 2.0),
+    sweep_noise=(0.1, 0.5, 1.0, 2.0),
     sweep_epochs=2,
-    sweep_train_subset=10000,
 )
