@@ -6,6 +6,11 @@ machine noise hits all three alike, and prints the median time ratios
 vanilla/centralized and clicooper/centralized with the three accuracies.
 Goals: vanilla/centralized <= 1.10, clicooper/centralized <= 1.20.
 
+Wall time is the goal's measure. On a shared host, bursts of load longer than one
+run still reach single repeats (one repeat here measured vanilla/centralized 1.45
+while its neighbours gave 1.02-1.17), so the CPU-time ratios (every party runs in
+this one process) are printed too: they hardly move with the neighbours' load.
+
     python benchmarks/overhead.py [--dataset fashion-mnist] [--repeats 3]
 """
 
@@ -37,6 +42,7 @@ def main() -> None:
 
     data = load_dataset(args.dataset, seed=0)
     times: dict[str, list[float]] = {m: [] for m in MODES}
+    cpu: dict[str, list[float]] = {m: [] for m in MODES}
     accuracy: dict[str, list[float]] = {m: [] for m in MODES}
     for rep in range(args.repeats):
         for mode in MODES:
@@ -52,6 +58,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 res = run(cfg, Path(tmp), data=data).results
             times[mode].append(res["timing"]["train_seconds"])
+            cpu[mode].append(res["timing"]["train_cpu_seconds"])
             accuracy[mode].append(res["accuracy"]["test"])
             print(
                 json.dumps(
@@ -59,6 +66,7 @@ def main() -> None:
                         "repeat": rep,
                         "mode": mode,
                         "train_seconds": round(res["timing"]["train_seconds"], 2),
+                        "train_cpu_seconds": round(res["timing"]["train_cpu_seconds"], 2),
                         "test_accuracy": round(res["accuracy"]["test"], 4),
                     }
                 ),
@@ -75,12 +83,13 @@ def main() -> None:
     # Ratios are taken within each repeat (the three runs ran back to back under the same
     # load), then the median over repeats: robust to load that changes between repeats.
     for mode, goal in (("vanilla", 1.10), ("clicooper", 1.20)):
-        ratios = [t / c for t, c in zip(times[mode], times["centralized"], strict=True)]
-        shown = ", ".join(f"{r:.3f}" for r in ratios)
-        print(
-            f"{mode}/centralized {statistics.median(ratios):.3f}  "
-            f"(per repeat: {shown}; goal <= {goal:.2f})"
-        )
+        for label, measured in (("", times), (" CPU time", cpu)):
+            ratios = [t / c for t, c in zip(measured[mode], measured["centralized"], strict=True)]
+            shown = ", ".join(f"{r:.3f}" for r in ratios)
+            print(
+                f"{mode}/centralized{label} {statistics.median(ratios):.3f}  "
+                f"(per repeat: {shown}; goal <= {goal:.2f})"
+            )
 
 
 if __name__ == "__main__":

@@ -94,6 +94,7 @@ class Driver:
         self.pos = Position()
         self.steps_per_epoch = math.ceil(len(data.train) / batch_size)
         self.train_seconds = 0.0
+        self.train_cpu_seconds = 0.0  # this process only: all parties when in-process
         self.recoveries: list[dict[str, Any]] = []
         self._pending: bool | None = None  # a stage close to finish after a restore (its `more`)
         self._done: dict[str, dict[str, Any]] | None = None  # records already in the ledger
@@ -130,7 +131,7 @@ class Driver:
         return self.chain is not None and self.chain.steps_in_stage > 0
 
     def _unit(self) -> None:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         if self._pending is not None:
             self._close(self._pending)
         elif self.pos.epochs_done == self.epochs:
@@ -142,6 +143,7 @@ class Driver:
             self._end_epoch()
             return  # _end_epoch times itself (the test pass is not training)
         self.train_seconds += time.perf_counter() - start
+        self.train_cpu_seconds += time.process_time() - cpu
 
     def _step(self) -> None:
         owner, epoch = self.owner, self.pos.epochs_done + 1
@@ -168,13 +170,14 @@ class Driver:
         return self._epoch_batches[1]
 
     def _end_epoch(self) -> None:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         epoch = self.pos.epochs_done + 1
         closing = self.chain is not None and self.chain.epoch_close_due()
         self._checkpoint(pending=closing, more=epoch < self.epochs)
         if closing:
             self._close(epoch < self.epochs)
         self.train_seconds += time.perf_counter() - start
+        self.train_cpu_seconds += time.process_time() - cpu
         test_accuracy = self.owner.accuracy(self.data.test)
         n = len(self.data.train)
         if self.owner.noise is not None:
