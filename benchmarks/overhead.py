@@ -6,12 +6,11 @@ machine noise hits all three alike, and prints the median time ratios
 vanilla/centralized and clicooper/centralized with the three accuracies.
 Goals: vanilla/centralized <= 1.10, clicooper/centralized <= 1.20.
 
-Wall time is the goal's measure. On a shared host, bursts of load longer than one
-run still reach single repeats (one repeat here measured vanilla/centralized 1.45
-while its neighbours gave 1.02-1.17), so the CPU-time ratios (every party runs in
-this one process) are printed too: they hardly move with the neighbours' load.
-
-    python benchmarks/overhead.py [--dataset fashion-mnist] [--repeats 3]
+Wall time is the goal's measure. Bursts of load longer than one run still reach
+single repeats (one repeat measured vanilla/centralized 1.45 while its neighbours gave
+1.02-1.17), so take several repeats. CPU-time ratios (every party runs in this one
+process) are printed too: they leave out time spent waiting for the CPU behind other
+processes, but not a slower CPU (on this VM they tracked wall time within 0.2%).
 """
 
 from __future__ import annotations
