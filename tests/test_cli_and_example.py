@@ -105,7 +105,9 @@ def test_custom_model_example_runs(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     acc = float(proc.stdout.split("test accuracy ")[1].split(",")[0])
-    assert acc > 0.75  # ten classes: chance is 0.1; measured 0.89 with the mark, 0.88 without
+    # chance is 0.1; seven runs gave 0.731 to 0.913 (fresh owner secrets); a capacity
+    # problem (256 bits on 1,280 weights) gave 0.560 to 0.607
+    assert acc > 0.65
     assert "12 watermark stages, ledger verified" in proc.stdout
     assert "WatermarkWarning" not in proc.stderr  # 64 bits fit its small layers
     assert (tmp_path / "ex" / "segments" / "t2.safetensors").exists()
