@@ -768,7 +768,12 @@ def _wait_all(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
 
 @contextlib.contextmanager
 def _signals_raise() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise KeyboardInterrupt (like Ctrl-C) so cleanup always runs."""
+    """SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt so cleanup always runs.
+
+    SIGINT too: a shell without job control starts background commands with SIGINT
+    ignored, and Python then keeps it ignored, so `clicooper launch ... &` in a script
+    (or a CI job started that way) ignored Ctrl-C and `kill -INT` for good.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -776,7 +781,8 @@ def _signals_raise() -> Iterator[None]:
     def interrupt(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = {s: signal.signal(s, interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, interrupt) for s in signals}
     try:
         yield
     finally:
