@@ -107,7 +107,9 @@ def test_verifier_killed_mid_epoch_is_restarted_by_launch_and_resumes(
     (tmp_path / "wm.toml").write_text("[watermark]\nstrength = 0.01\n")
     argv = cli("launch", *flags, "--config", str(tmp_path / "wm.toml"), "--out", str(out))
     launcher = procs.start(argv, tmp_path / "launch.log")
-    wait_for(checkpoint_at_least(out / "checkpoints" / "verifier", 35), 120, "stage 2 underway")
+    # every party past step 35: the verifier may checkpoint a step before the trainers do
+    ready = [checkpoint_at_least(out / "checkpoints" / p, 35) for p in ("verifier", "t1", "t2")]
+    wait_for(lambda: all(check() for check in ready), 120, "stage 2 underway")
     first = pids(out)["verifier"]
     os.kill(first, signal.SIGKILL)  # mid-epoch 2, after the stage-1 records
     assert launcher.wait(timeout=150) == 0, (tmp_path / "launch.log").read_text()[-3000:]
