@@ -197,13 +197,14 @@ def extraction(
     when the owner served inference on ``aux.images``), the query attacker's extraction.
     """
     naming = np.arange(n_classes) if clear_labels else None
+    seen = observed(views[0])
 
     def surrogate(head: nn.Module) -> dict[str, float]:
         return extract_surrogate(
             stolen(views),
             None,
             aux.images,
-            observed(views[0]),
+            seen,
             test_x,
             test_y,
             n_classes,
@@ -227,7 +228,7 @@ def extraction(
             stolen(views),
             None,
             aux.images,
-            observed(views[0]),
+            seen,
             xl,
             yl,
             test_x,

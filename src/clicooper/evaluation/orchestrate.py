@@ -86,13 +86,7 @@ def train(cfg: RunConfig, data: Dataset, out: Path, progress: TrainProgress | No
 
 
 def _labels_of(session: Session, views: list[PartyView], cfg: RunConfig) -> list[np.ndarray]:
-    log = session.owner.log
-    return [
-        row_labels(
-            row_sample_ids(v, log.steps, log.sample_ids, cfg.micro_batches), session.dataset.train.y
-        )
-        for v in views
-    ]
+    return [row_labels(_sample_ids(session, v, cfg), session.dataset.train.y) for v in views]
 
 
 def attack_run(
