@@ -17,10 +17,13 @@ from clicooper.watermark.embed import WatermarkWarning
 
 # 400 images in batches of 16: 25-step stages (no short-stage warning); the MLP's
 # marked tensors hold 8,192 and 5,120 weights, enough for 256 bits (no capacity warning).
+# 6 epochs: the stolen chain scored 0.42-0.66 over six runs (fresh owner secrets); at 3
+# it spread 0.29-0.61 and failed a CI run at 0.27 against the 0.3 below.
+EPOCHS = 6
 CONFIG = {
     "dataset": "digits",
     "model": "mlp",
-    "epochs": 3,
+    "epochs": EPOCHS,
     "batch_size": 16,
     "train_subset": 400,
     "test_subset": 200,
@@ -67,7 +70,7 @@ def rows(lab: Lab) -> list[dict]:
 def test_lab_loads_the_run_and_splits_the_test_images(lab: Lab, marked) -> None:
     session = marked[0]
     assert lab.parties == list(PARTIES) and sorted(lab.claimants) == list(PARTIES)
-    assert lab.train_steps == 3 * 25 and lab.stage_steps == 25
+    assert lab.train_steps == EPOCHS * 25 and lab.stage_steps == 25
     test = session.dataset.test
     assert len(lab.fresh) == len(lab.held) == len(test) // 2
     # the two halves are disjoint and together the whole test split
