@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check src tests benchmarks examples
-.venv/bin/pytest "$@"
+# Two workers, one per core; a test file stays on one worker, so its module fixtures
+# (a whole quick evaluation, a trained run) are built once.
+.venv/bin/pytest -n 2 --dist loadfile "$@"

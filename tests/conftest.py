@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from clicooper.data import Dataset, load_dataset
 
-torch.set_num_threads(2)
+# Two pytest-xdist workers share the two cores: one torch thread each (oversubscribed
+# threads spin); a lone run may use both.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(scope="session")
