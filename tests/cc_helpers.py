@@ -1,6 +1,21 @@
 """Helpers shared by the tests (importable thanks to pytest's pythonpath setting)."""
 
+from collections import defaultdict
+
 from clicooper.config import RunConfig
+from clicooper.runtime.transport.inprocess import InProcessTransport
+
+
+class SpyTransport(InProcessTransport):
+    """The in-process transport, keeping every message sent, by receiver."""
+
+    def __init__(self):
+        super().__init__()
+        self.delivered = defaultdict(list)
+
+    def send(self, msg):
+        self.delivered[msg.receiver].append(msg)
+        super().send(msg)
 
 
 def quick_config(**overrides: object) -> RunConfig:

@@ -37,11 +37,18 @@ def test_run_writes_results_and_exits_zero(tmp_path):
         "0.2",
         "--label-mode",
         "keyed",
+        "--gradient-noise",
+        "0.5",
+        "--gradient-clip",
+        "2",
     )
     assert proc.returncode == 0, proc.stderr
     results = json.loads((out / "results.json").read_text())
     assert results["seed"] == 1 and results["labels"]["mode"] == "keyed"
     assert results["privacy"]["noise_multiplier"] == 0.2
+    grad = results["privacy"]["gradient"]
+    assert grad["noise_multiplier"] == 0.5 and grad["clip_norm"] == 2.0 and grad["epsilon"] > 0
+    assert "gradient noise, epsilon" in proc.stderr and "0.5 (clip 2)" in proc.stderr
     assert (out / "segments" / "t2.safetensors").exists()
     assert "test accuracy" in proc.stderr
 

@@ -39,6 +39,14 @@ def test_vanilla_is_exactly_centralized_training(tmp_path, small_digits):
     assert central.results["accuracy"] == vanilla.results["accuracy"]
     for a, b in zip(central.model.parameters(), vanilla.model.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-6)
+    for mode in ("c", "v"):  # no defence, so no gradient protection, in the same shape
+        privacy = json.loads((tmp_path / mode / "results.json").read_text())["privacy"]
+        assert privacy["gradient"] == {
+            "noise_multiplier": 0.0,
+            "clip_norm": None,
+            "epsilon": None,
+            "covers": None,
+        }
 
 
 def test_clicooper_run_directory(tmp_path, small_digits):

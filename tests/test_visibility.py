@@ -4,25 +4,12 @@ Every message is captured at delivery (after the real encode/decode) and the
 visibility table is checked against what each party actually received.
 """
 
-from collections import defaultdict
-
 import pytest
 import torch
-from cc_helpers import quick_config
+from cc_helpers import SpyTransport, quick_config
 
 from clicooper.common.serde import encode_message
 from clicooper.runtime import session as session_mod
-from clicooper.runtime.transport.inprocess import InProcessTransport
-
-
-class SpyTransport(InProcessTransport):
-    def __init__(self):
-        super().__init__()
-        self.delivered = defaultdict(list)
-
-    def send(self, msg):
-        self.delivered[msg.receiver].append(msg)
-        super().send(msg)
 
 
 @pytest.fixture

@@ -32,6 +32,11 @@ class PrivacyConfig(_Strict):
     target_epsilon: float | None = Field(None, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
     noise_at_inference: bool = False
+    # The last trainer clips each sample's loss gradient to gradient_clip_norm and adds
+    # Gaussian noise of std gradient_noise_multiplier * gradient_clip_norm before sending
+    # it back (clicooper.privacy.gradient); 0 is off, the default: see the README.
+    gradient_noise_multiplier: float = Field(0.0, ge=0)
+    gradient_clip_norm: float = Field(1.0, gt=0)
 
 
 class LabelConfig(_Strict):

@@ -72,6 +72,12 @@ def run(
     noise_at_inference: Annotated[
         bool | None, Opt("--noise-at-inference/--no-noise-at-inference")
     ] = None,
+    gradient_noise: Annotated[
+        float | None, Opt(help="last trainer's gradient noise std / gradient clip (0: off)")
+    ] = None,
+    gradient_clip: Annotated[
+        float | None, Opt(help="per-sample L2 clip of the gradients the last trainer sends back")
+    ] = None,
     expansion: Annotated[int | None, Opt(help="pseudo-classes per true class (K)")] = None,
     decoys: Annotated[int | None, Opt(help="unused decoy pseudo-classes")] = None,
     label_mode: Annotated[str | None, Opt(help="keyed or feature")] = None,
@@ -124,6 +130,8 @@ def run(
             "privacy.target_epsilon": target_epsilon,
             "privacy.delta": delta,
             "privacy.noise_at_inference": noise_at_inference,
+            "privacy.gradient_noise_multiplier": gradient_noise,
+            "privacy.gradient_clip_norm": gradient_clip,
             "labels.expansion": expansion,
             "labels.decoys": decoys,
             "labels.mode": label_mode,

@@ -47,6 +47,16 @@ def summary_table(results: dict[str, Any]) -> Table:
         ("noise multiplier", f"{privacy.get('noise_multiplier', 0):g}"),
         ("epsilon (delta)", "none" if eps is None else f"{eps:.2f} ({privacy['delta']:g})"),
         ("pseudo-classes", str(results["labels"]["pseudo_classes"])),
+    ]
+    grad = privacy.get("gradient") or {}
+    if grad.get("epsilon") is not None:
+        rows.append(
+            (
+                "gradient noise, epsilon",
+                f"{grad['noise_multiplier']:g} (clip {grad['clip_norm']:g}), {grad['epsilon']:.2f}",
+            )
+        )
+    rows += [
         ("train seconds", f"{results['timing']['train_seconds']:.1f}"),
     ]
     wm = results.get("watermark") or {}

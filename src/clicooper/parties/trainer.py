@@ -19,6 +19,7 @@ from torch import nn
 
 from clicooper.common.messages import Kind, Message, ProtocolError
 from clicooper.parties.recorder import Recorder
+from clicooper.privacy.gradient import GradientNoise
 from clicooper.runtime.transport.base import Party
 from clicooper.watermark.chain import save_segment
 
@@ -36,7 +37,9 @@ class Trainer(Party):
         lr: float,
         out_dir: Path | None = None,
         recorder: Recorder | None = None,
+        gradient_noise: GradientNoise | None = None,
     ) -> None:
+        """``gradient_noise``: protects the gradients the last trainer sends back."""
         self.index, self.n_trainers = index, n_trainers
         self.name = f"t{index}"
         self.prev = "do" if index == 1 else f"t{index - 1}"
@@ -45,6 +48,7 @@ class Trainer(Party):
         self.optimizer = torch.optim.Adam(segment.parameters(), lr=lr)
         self.out_dir = out_dir
         self.recorder = recorder or Recorder(0)
+        self.gradient_noise = gradient_noise
         self.regulariser: Callable[[nn.Module], torch.Tensor] | None = None
         self.control_handlers: dict[str, Callable[[Message], dict[str, Any] | None]] = {}
         self.loss_observers: list[Callable[[float | None, bool], None]] = []
@@ -133,6 +137,8 @@ class Trainer(Party):
                 gradient=x.grad,
                 pseudo_labels=y,
             )
+        if self.gradient_noise is not None:  # after the record: Tn's own gradient is clean
+            x.grad = self.gradient_noise(x.grad, len(y) / weight)
         self.send(
             Message(
                 Kind.LOSS,

@@ -58,6 +58,7 @@ from clicooper.parties.recorder import Recorder
 from clicooper.parties.trainer import Trainer
 from clicooper.parties.verifier import Verifier
 from clicooper.parties.watermarking import TrainerChain
+from clicooper.privacy import gradient
 from clicooper.runtime import checkpoint as ckpt
 from clicooper.runtime.certs import create_certificates, validate_party_name
 from clicooper.runtime.transport.base import Party, Transport
@@ -72,7 +73,8 @@ PROBE_AFTER = 3.0
 _WORK = (Kind.FORWARD, Kind.BACKWARD, Kind.LABELS, Kind.INFER)
 #: Settings a trainer and a verifier must share with the data owner.
 _SHARED = {
-    "trainer": ("mode", "model", "cut", "trainers", "seed", "lr", "record", "watermark"),
+    # privacy: the last trainer applies the gradient protection the owner asked for
+    "trainer": ("mode", "model", "cut", "trainers", "seed", "lr", "record", "privacy", "watermark"),
     "verifier": ("watermark",),
 }
 
@@ -378,7 +380,13 @@ class PartyHost(Party):
         shape = tuple(int(v) for v in meta["image_shape"])
         segment = preset_segment(cfg, shape, int(meta["n_outputs"]), self.index)
         trainer = Trainer(
-            self.index, cfg.trainers, segment, cfg.lr, self.out_dir, Recorder(cfg.record)
+            self.index,
+            cfg.trainers,
+            segment,
+            cfg.lr,
+            self.out_dir,
+            Recorder(cfg.record),
+            gradient.for_trainer(cfg, self.index),
         )
         if meta.get("chain"):
             party_dir = self.out_dir / "parties" / self.name

@@ -29,7 +29,7 @@ from clicooper.parties import DataOwner, Recorder, Trainer, Verifier
 from clicooper.parties.data_owner import epoch_batches
 from clicooper.parties.verifier import SECRETS_FILE
 from clicooper.parties.watermarking import OwnerChain, TrainerChain
-from clicooper.privacy import accounting
+from clicooper.privacy import accounting, gradient
 from clicooper.privacy.activation import ActivationNoise
 from clicooper.privacy.labels import LabelObfuscator
 from clicooper.privacy.secrets import OwnerSecret, private_dir, write_private
@@ -46,6 +46,11 @@ ModelFactory = Callable[[int], SplitModel]  # n_outputs -> head and segments
 ACCOUNTING_SCOPE = (
     "per-record bound on the noisy cut-layer activations released to the first trainer, "
     "given the head; not a dataset-level guarantee for the head's weights"
+)
+
+GRADIENT_SCOPE = (
+    "per-record bound on the gradients the last trainer sends back to the one before it, "
+    "given the model; the last trainer itself holds the pseudo-labels in clear"
 )
 
 
@@ -259,6 +264,7 @@ def _run_split(
         progress=progress,
     )
     history = driver.run()
+    training_releases = owner.releases  # each epoch sends every sample's gradient back once
     if noise is not None and cfg.privacy.noise_at_inference:
         owner.releases += 1  # the test pass released noisy activations too
     finished = {name: owner.control(name, "finish").meta for name in owner.trainers}
@@ -280,7 +286,10 @@ def _run_split(
             "steps_applied": {name: meta["steps_applied"] for name, meta in finished.items()},
             "recoveries": driver.recoveries,
         },
-        "privacy": _privacy(cfg, noise, owner.releases),
+        "privacy": {
+            **_privacy(cfg, noise, owner.releases),
+            "gradient": _gradient_privacy(cfg, training_releases),
+        },
         "watermark": _watermark_summary(chain, out_dir, wm) if chain else {"enabled": False},
     }
     if chain:  # per trainer and stage: how many bits the stage-end seal had to deepen
@@ -307,7 +316,15 @@ def _local(
     """Every party in this process, on the in-process transport."""
     transport = InProcessTransport()
     trainers = [
-        Trainer(i, cfg.trainers, seg, cfg.lr, out_dir, Recorder(cfg.record))
+        Trainer(
+            i,
+            cfg.trainers,
+            seg,
+            cfg.lr,
+            out_dir,
+            Recorder(cfg.record),
+            gradient.for_trainer(cfg, i),
+        )
         for i, seg in enumerate(split.segments, start=1)
     ]
     wm = cfg.watermark
@@ -455,6 +472,22 @@ def _privacy(cfg: RunConfig, noise: ActivationNoise | None, releases: int) -> di
     }
 
 
+def _gradient_privacy(cfg: RunConfig, releases: int) -> dict[str, Any]:
+    """The backward channel's protection (clicooper.privacy.gradient): its settings and epsilon."""
+    p = cfg.privacy
+    if not gradient.enabled(cfg):
+        return {"noise_multiplier": 0.0, "clip_norm": None, "epsilon": None, "covers": None}
+    return {
+        "noise_multiplier": p.gradient_noise_multiplier,
+        "clip_norm": p.gradient_clip_norm,
+        "epsilon": accounting.epsilon(p.gradient_noise_multiplier, releases, p.delta),
+        "delta": p.delta,
+        "releases": releases,
+        "applied_by": f"t{cfg.trainers}",
+        "covers": GRADIENT_SCOPE,
+    }
+
+
 def _save_owner(
     owner_dir: Path, owner: DataOwner, labels: LabelObfuscator | None, record: int
 ) -> None:
@@ -493,5 +526,7 @@ def _describe(cfg: RunConfig, data: Dataset, session: Session) -> dict[str, Any]
             "decoys": labels.decoys if labels else 0,
             "pseudo_classes": labels.pseudo_classes if labels else data.num_classes,
         },
-        "privacy": session.results.get("privacy", _privacy(cfg, None, 0)),
+        "privacy": session.results.get(
+            "privacy", {**_privacy(cfg, None, 0), "gradient": _gradient_privacy(cfg, 0)}
+        ),
     }
