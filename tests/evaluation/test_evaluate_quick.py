@@ -80,8 +80,12 @@ def test_results_hold_every_required_key(quick) -> None:
         assert shallow["cut"] == "conv1" and set(shallow["data_free"]) >= {"ssim", "psnr"}
     assert r["epsilon"]["vanilla"] is None and r["epsilon"]["clicooper"] > 0
     assert r["data"]["auxiliary"] > 0 and r["data"]["test"] >= 256
-    assert len(r["privacy_utility"]["points"]) >= 3
-    for point in r["privacy_utility"]["points"]:
+    points = r["privacy_utility"]["points"]
+    assert len(points) >= 4
+    gradient = [p for p in points if p["series"] == "gradient"]
+    assert [p["gradient_noise_multiplier"] for p in gradient] == [1.0]  # QUICK's point
+    assert all(p["gradient_noise_multiplier"] == 0 for p in points if p["series"] == "activation")
+    for point in points:
         for key in (
             "accuracy",
             "clustering_t1_activations_success_rate",
@@ -107,6 +111,7 @@ def test_report_and_figures_exist(quick) -> None:
         "Adaptive extraction",
         "False-positive floor",
         "Watermark removal on the stolen CliCooper chain",
+        "| noise_multiplier | gradient noise |",
     ):
         assert needle in report
     for name in FIGURES:

@@ -63,17 +63,18 @@ def accuracy_curves(results: dict[str, Any], path: Path) -> None:
 
 
 def privacy_utility(results: dict[str, Any], path: Path) -> None:
-    """Left: accuracy against noise. Right: every T1 attack's headline against noise."""
-    pts = results["privacy_utility"]["points"]
+    """Accuracy, then every T1 attack's headline, against the activation noise; a third
+    panel against the gradient noise when the sweep has gradient-noise points."""
+    all_pts = results["privacy_utility"]["points"]
+    pts = [p for p in all_pts if p["series"] == "activation"]
+    grad_pts = [p for p in all_pts if p["series"] == "gradient"]
+    panels = 3 if grad_pts else 2
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4))
+    left, right = axes[0], axes[1]
+    vanilla = results["privacy_utility"]["vanilla_accuracy"]
     nm = [p["noise_multiplier"] for p in pts]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.plot(nm, [p["accuracy"] for p in pts], "o-", label="CliCooper test accuracy")
-    left.axhline(
-        results["privacy_utility"]["vanilla_accuracy"],
-        color="grey",
-        ls="-.",
-        label="vanilla test accuracy",
-    )
+    left.axhline(vanilla, color="grey", ls="-.", label="vanilla test accuracy")
     for p in pts:
         if p["epsilon"] is not None:
             left.annotate(
@@ -103,7 +104,18 @@ def privacy_utility(results: dict[str, Any], path: Path) -> None:
     right.set_ylabel("attack success")
     for ax in (left, right):
         ax.set_xscale("log")
-        ax.set_xlabel("noise_multiplier")
+        ax.set_xticks(nm, [f"{v:g}" for v in nm])  # the sweep's values, not crowded 10^k ticks
+        ax.minorticks_off()
+        ax.set_xlabel("noise_multiplier (activations)")
+    if panels == 3:
+        ax = axes[2]
+        gm = [p["gradient_noise_multiplier"] for p in grad_pts]
+        ax.plot(gm, [p["accuracy"] for p in grad_pts], "o-", label="CliCooper test accuracy")
+        for (label, key), marker in list(zip(series.items(), "sv", strict=False)):
+            ax.plot(gm, [p[key] for p in grad_pts], f"{marker}-", label=label, ms=4)
+        ax.axhline(vanilla, color="grey", ls="-.", label="vanilla test accuracy")
+        ax.set_xlabel(f"gradient noise (activation noise {grad_pts[0]['noise_multiplier']:g})")
+    for ax in axes:
         ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)

@@ -273,19 +273,27 @@ def privacy_utility(
     progress: TrainProgress | None,
     timing: dict[str, float],
 ) -> list[dict[str, Any]]:
-    """Short CliCooper runs over noise_multiplier, each under the T1 attacks (no adaptive)."""
+    """Short CliCooper runs over noise_multiplier, then over the gradient noise at the
+    default activation noise; each under the T1 attacks (no adaptive extraction)."""
     points = []
     sweep = s if s.sweep_epochs is None else replace(s, epochs=s.sweep_epochs)
     sweep_data = data.limit(s.sweep_train_subset, None, s.seed)
-    for nm in s.sweep_noise:
-        run_cfg = mode_config(cfg, sweep, "clicooper", noise_multiplier=nm)
-        label = f"noise {nm:g}"
+    grid = [
+        ("activation", {"noise_multiplier": nm}, f"noise {nm:g}", f"nm-{nm:g}")
+        for nm in s.sweep_noise
+    ]
+    grid += [
+        ("gradient", {"gradient_noise_multiplier": gm}, f"gradient noise {gm:g}", f"gm-{gm:g}")
+        for gm in s.sweep_gradient_noise
+    ]
+    for series, privacy, label, name in grid:
+        run_cfg = mode_config(cfg, sweep, "clicooper", **privacy)
         with _stage(say, timing, f"{label}: training"):
-            session = train(run_cfg, sweep_data, out / f"nm-{nm:g}", progress)
+            session = train(run_cfg, sweep_data, out / name, progress)
         attacks, _ = attack_run(
             session, run_cfg, aux, aux_split, sweep, say, timing, label=label, full=False
         )
-        points.append(trade_off_point(_run_summary(session), attacks))
+        points.append({"series": series, **trade_off_point(_run_summary(session), attacks)})
     return points
 
 
@@ -294,6 +302,7 @@ def trade_off_point(run_: dict[str, Any], attacks: dict[str, Any]) -> dict[str, 
     t1, inv = attacks["clustering"]["T1"], attacks["inversion"]
     return {
         "noise_multiplier": run_["privacy"]["noise_multiplier"],
+        "gradient_noise_multiplier": run_["privacy"]["gradient"]["noise_multiplier"],
         "accuracy": run_["accuracy"]["test"],
         "epsilon": run_["privacy"]["epsilon"],
         "clustering_t1_success_rate": t1["success_rate"],
@@ -377,7 +386,10 @@ def evaluate(
     )
     main = trade_off_point(results["runs"]["clicooper"], results["attacks"]["clicooper"])
     results["privacy_utility"] = {
-        "points": sorted([*sweep, {**main, "main_run": True}], key=lambda p: p["noise_multiplier"]),
+        "points": sorted(
+            [*sweep, {"series": "activation", **main, "main_run": True}],
+            key=lambda p: (p["series"], p["gradient_noise_multiplier"], p["noise_multiplier"]),
+        ),
         "vanilla_accuracy": results["runs"]["vanilla"]["accuracy"]["test"],
     }
     timing["total"] = round(time.perf_counter() - start, 2)

@@ -28,6 +28,9 @@ class EvalSettings:
     scratch_epochs: int = 100
     adaptive_m: tuple[int, ...] = (1, 5, 10, 50)
     sweep_noise: tuple[float, ...] = (0.1, 0.25, 1.0, 2.0)
+    # Points over the gradient protection at the default activation noise: the only setting
+    # that moves T1's gradient clustering (clicooper.privacy.gradient).
+    sweep_gradient_noise: tuple[float, ...] = ()
     sweep_epochs: int | None = None  # None: the main runs' epochs
     sweep_train_subset: int | None = None
     shallow_epochs: int = 1  # runs at the preset's shallowest cut (data-free inversion there)
@@ -55,6 +58,7 @@ QUICK = EvalSettings(
     scratch_epochs=60,
     adaptive_m=(1, 5, 10),
     sweep_noise=(0.1, 2.0),
+    sweep_gradient_noise=(1.0,),
     removal_fine_tune=(0.2,),
     removal_prune=(0.5,),
     removal_overwrite=(1.0,),
@@ -70,6 +74,7 @@ FULL = EvalSettings(
     decoder_epochs=30,
     finetune_epochs=30,
     scratch_epochs=60,
-    sweep_noise=(0.1, 0.5, 1.0, 2.0),
+    sweep_noise=(0.5, 1.0, 2.0),
+    sweep_gradient_noise=(0.0, 0.3, 1.0),  # 0: the 2-epoch reference of this series
     sweep_epochs=2,
 )
