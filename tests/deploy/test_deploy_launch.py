@@ -56,6 +56,29 @@ def test_same_seed_same_training_in_process_and_over_grpc_with_pipelining(inproc
     }
 
 
+CLICOOPER = {"trainers": 2, "epochs": 2, "train_subset": 320, "watermark.enabled": False}
+
+
+def test_clicooper_with_the_same_owner_secret_trains_the_same_over_grpc(tmp_path, digits):
+    """Noise and permutation come from the owner secret; without the watermark (whose fresh
+    trainer secrets are the only other randomness) the gRPC run with 2 micro-batches in
+    flight trains the same weights as the in-process run."""
+    data = digits.limit(320, 200, seed=0)
+    local = run(quick_config(**CLICOOPER), tmp_path / "inproc", data=data)
+    secret = tmp_path / "inproc" / "owner" / "owner.secret"
+    cfg = quick_config(**CLICOOPER, micro_batches=2, owner_secret=secret)
+    remote = launch(cfg, tmp_path / "grpc", data=data, send_timeout=10)
+    assert remote.results["transport"]["name"] == "grpc"
+    assert remote.results["privacy"]["epsilon"] == local.results["privacy"]["epsilon"] > 0
+    for a, b in zip(_params(local), _params(remote), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert abs(local.results["accuracy"]["test"] - remote.results["accuracy"]["test"]) < 0.005
+    fresh = run(quick_config(**CLICOOPER), tmp_path / "fresh", data=data)  # another secret
+    assert not all(
+        torch.allclose(a, b, atol=1e-5) for a, b in zip(_params(local), _params(fresh), strict=True)
+    )
+
+
 def test_ctrl_c_stops_every_process(tmp_path):
     out = tmp_path / "run"
     argv = cli("launch", "--dataset", "digits", "--model", "mlp", "--trainers", "2")
