@@ -34,14 +34,6 @@ class GradientNoise:
         """``seed``: a secret generator seed; None (the protocol) draws one from the OS CSPRNG."""
         self._mechanism = ActivationNoise(clip_norm, noise_multiplier, "gaussian", seed)
 
-    @property
-    def clip_norm(self) -> float:
-        return self._mechanism.clip_norm
-
-    @property
-    def noise_multiplier(self) -> float:
-        return self._mechanism.noise_multiplier
-
     def __call__(self, grad: torch.Tensor, loss_scale: float) -> torch.Tensor:
         """Protect ``grad``, the gradient of ``sum_i l_i / loss_scale`` w.r.t. the input.
 

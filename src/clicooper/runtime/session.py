@@ -286,10 +286,7 @@ def _run_split(
             "steps_applied": {name: meta["steps_applied"] for name, meta in finished.items()},
             "recoveries": driver.recoveries,
         },
-        "privacy": {
-            **_privacy(cfg, noise, owner.releases),
-            "gradient": _gradient_privacy(cfg, training_releases),
-        },
+        "privacy": _privacy(cfg, noise, owner.releases, training_releases),
         "watermark": _watermark_summary(chain, out_dir, wm) if chain else {"enabled": False},
     }
     if chain:  # per trainer and stage: how many bits the stage-end seal had to deepen
@@ -448,8 +445,13 @@ def noise_multiplier(cfg: RunConfig) -> float:
     return accounting.noise_for_epsilon(p.target_epsilon, releases, p.delta, p.mechanism)
 
 
-def _privacy(cfg: RunConfig, noise: ActivationNoise | None, releases: int) -> dict[str, Any]:
+def _privacy(
+    cfg: RunConfig, noise: ActivationNoise | None, releases: int, gradient_releases: int
+) -> dict[str, Any]:
+    """The activation noise's settings and epsilon, with the backward channel's under
+    ``gradient``; ``gradient_releases``: training epochs (no gradient at inference)."""
     p = cfg.privacy
+    grad = _gradient_privacy(cfg, gradient_releases)
     if noise is None:
         return {
             "epsilon": None,
@@ -459,6 +461,7 @@ def _privacy(cfg: RunConfig, noise: ActivationNoise | None, releases: int) -> di
             "mechanism": None,
             "releases": 0,
             "covers": None,
+            "gradient": grad,
         }
     return {
         "epsilon": accounting.epsilon(noise.noise_multiplier, releases, p.delta, p.mechanism),
@@ -469,6 +472,7 @@ def _privacy(cfg: RunConfig, noise: ActivationNoise | None, releases: int) -> di
         "releases": releases,
         "accountant": "dp-accounting RDP",
         "covers": ACCOUNTING_SCOPE,
+        "gradient": grad,
     }
 
 
@@ -526,7 +530,5 @@ def _describe(cfg: RunConfig, data: Dataset, session: Session) -> dict[str, Any]
             "decoys": labels.decoys if labels else 0,
             "pseudo_classes": labels.pseudo_classes if labels else data.num_classes,
         },
-        "privacy": session.results.get(
-            "privacy", {**_privacy(cfg, None, 0), "gradient": _gradient_privacy(cfg, 0)}
-        ),
+        "privacy": session.results.get("privacy", _privacy(cfg, None, 0, 0)),
     }
