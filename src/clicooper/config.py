@@ -60,6 +60,13 @@ class WatermarkConfig(_Strict):
     keep_audit_stages: int | None = Field(None, ge=1)
 
 
+class ImageConfig(_Strict):
+    """How user arrays become images (the axis and scale rules of clicooper.data.layout)."""
+
+    layout: Literal["auto", "channels-first", "channels-last"] = "auto"
+    minmax_scale: bool = False  # map non-uint8 images by the training min and max
+
+
 # 8x8 digits (1,437 training images): a CNN with 5 epochs is undertrained. Measured with
 # every other default (clicooper, noise 0.2, K=4, watermark): CNN 5 epochs vanilla 0.864 vs
 # clicooper 0.578; MLP 5 epochs 0.936 vs 0.906. MLP 10 epochs: vanilla 0.956, clicooper
@@ -102,6 +109,7 @@ class RunConfig(_Strict):
     privacy: PrivacyConfig = PrivacyConfig()
     labels: LabelConfig = LabelConfig()
     watermark: WatermarkConfig = WatermarkConfig()
+    images: ImageConfig = ImageConfig()
 
     @model_validator(mode="before")
     @classmethod

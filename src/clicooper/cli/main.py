@@ -52,7 +52,17 @@ def build_config(config: Path | None, **flags: object) -> RunConfig:
 @app.command()
 def run(
     dataset: Annotated[
-        str | None, Opt(help="digits, fashion-mnist, mnist5k, an IDX dir or .npz")
+        str | None, Opt(help="digits, fashion-mnist, mnist5k, an IDX dir, .npz or a dir of .npy")
+    ] = None,
+    channels_last: Annotated[
+        bool | None,
+        Opt(
+            "--channels-last/--channels-first",
+            help="axis order of 4-D user images (default: guessed from the 1/3/4-sized axis)",
+        ),
+    ] = None,
+    minmax_scale: Annotated[
+        bool | None, Opt("--minmax-scale", help="map non-uint8 images to [0, 1] by min and max")
     ] = None,
     mode: Annotated[str | None, Opt(help="centralized, vanilla or clicooper")] = None,
     trainers: Annotated[int | None, Opt(help="trainers in the chain (1-8)")] = None,
@@ -137,6 +147,8 @@ def run(
             "labels.mode": label_mode,
             "watermark.enabled": watermark,
             "watermark.stage_steps": stage_steps,
+            "images.layout": _layout(channels_last),
+            "images.minmax_scale": minmax_scale,
         },
     )
     from clicooper.cli.deploy import session_runner
@@ -153,6 +165,12 @@ def run(
         fail(str(exc).splitlines()[0])
     console.print(summary_table(session.results))
     console.print(f"run directory: {out}")
+
+
+def _layout(channels_last: bool | None) -> str | None:
+    if channels_last is None:
+        return None
+    return "channels-last" if channels_last else "channels-first"
 
 
 def _one_line_warning(

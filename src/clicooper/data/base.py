@@ -7,9 +7,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from clicooper.data.errors import DataError
+from clicooper.data.layout import Layout, split_arrays
 
-class DataError(ValueError):
-    """A dataset that cannot be loaded; the message says how to fix it."""
+__all__ = ["DataError", "Dataset", "Split", "from_arrays", "seeded_split"]
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,15 @@ class Dataset:
         x_test: np.ndarray,
         y_test: np.ndarray,
         scale: float = 1.0,
+        layout: Layout = "auto",
     ) -> Dataset:
-        """A dataset from your own arrays (pixels divided by ``scale`` must lie in [0, 1])."""
-        train = Split(*from_arrays(name, x_train, y_train, scale))
-        test = Split(*from_arrays(name, x_test, y_test, scale))
+        """A dataset from your own arrays (pixels divided by ``scale`` must lie in [0, 1]).
+
+        Images may be (N, D), (N, H, W), (N, C, H, W) or (N, H, W, C): see
+        :mod:`clicooper.data.layout` for the axis rule that ``layout`` overrides.
+        """
+        train = Split(*from_arrays(name, x_train, y_train, scale, layout))
+        test = Split(*from_arrays(name, x_test, y_test, scale, layout))
         classes = int(max(train.y.max(), test.y.max())) + 1
         return cls(name, train, test, classes)
 
@@ -95,23 +101,10 @@ def _take(split: Split, n: int | None, seed: int) -> Split:
 
 
 def from_arrays(
-    name: str, x: np.ndarray, y: np.ndarray, scale: float
+    name: str, x: np.ndarray, y: np.ndarray, scale: float, layout: Layout = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N,C,H,W) float32 pixels in [0, 1] and int64 labels from raw arrays."""
-    x = np.asarray(x, dtype=np.float32) / scale
-    if x.ndim == 3:
-        x = x[:, None]
-    elif x.ndim == 2:
-        side = int(round(np.sqrt(x.shape[1])))
-        if side * side != x.shape[1]:
-            raise DataError(f"{name}: flat images of {x.shape[1]} pixels are not square")
-        x = x.reshape(len(x), 1, side, side)
-    if x.min() < 0 or x.max() > 1:
-        raise DataError(f"{name}: pixel values fall outside [0, {scale:g}]")
-    labels = np.asarray(y).astype(np.int64)
-    if labels.ndim != 1 or len(labels) != len(x):
-        raise DataError(f"{name}: expected one integer label per image")
-    return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(labels)
+    """(N,C,H,W) float32 pixels ``x / scale`` in [0, 1] and int64 labels from raw arrays."""
+    return split_arrays(name, x, y, layout, 0.0, scale, clip=False)
 
 
 def seeded_split(

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from clicooper.data.base import DataError, Dataset, Split, from_arrays, seeded_split
+from clicooper.data.base import Dataset, Split, from_arrays, seeded_split
+from clicooper.data.errors import DataError
 from clicooper.data.idx import load_idx_dir
+from clicooper.data.layout import Layout, check_test_labels, pixel_range, split_arrays
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 _TEST_FRACTION = 0.2
@@ -51,23 +55,68 @@ def _fashion_mnist(seed: int) -> Dataset:
     return _idx_dataset("fashion-mnist", directory)
 
 
-def _npz(path: Path, seed: int) -> Dataset:
+_SPLIT_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+def _npz(path: Path, seed: int, layout: Layout, minmax: bool) -> Dataset:
     try:
         with np.load(path, allow_pickle=False) as arrays:
-            keys = set(arrays.files)
-            data = {k: arrays[k] for k in keys}
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read {path} as .npz without pickle: {exc}") from None
-    scale = 255.0 if any(np.asarray(v).dtype == np.uint8 for v in data.values()) else 1.0
-    if {"x_train", "y_train", "x_test", "y_test"} <= keys:
-        train = Split(*from_arrays(path.name, data["x_train"], data["y_train"], scale))
-        test = Split(*from_arrays(path.name, data["x_test"], data["y_test"], scale))
-    elif {"x", "y"} <= keys:
-        x, y = from_arrays(path.name, data["x"], data["y"], scale)
-        train, test = seeded_split(path.name, x, y, _TEST_FRACTION, seed)
+            if not isinstance(arrays, np.lib.npyio.NpzFile):
+                raise DataError(f"{path} holds one array, not an .npz archive of named arrays")
+            data = {k: arrays[k] for k in arrays.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"cannot read {path} as .npz without pickle: {_first_line(exc)}") from None
+    return _user_dataset(path.name, path.stem, data, seed, layout, minmax)
+
+
+def _npy_dir(directory: Path, seed: int, layout: Layout, minmax: bool) -> Dataset:
+    data = {}
+    for file in sorted(directory.glob("*.npy")):
+        try:
+            data[file.stem] = np.load(file, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as exc:
+            message = f"cannot read {file} as .npy without pickle: {_first_line(exc)}"
+            raise DataError(message) from None
+    return _user_dataset(directory.name, directory.name, data, seed, layout, minmax)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _user_dataset(
+    where: str, name: str, data: dict[str, np.ndarray], seed: int, layout: Layout, minmax: bool
+) -> Dataset:
+    """A dataset from named arrays: x_train, y_train, x_test, y_test, or x and y (split here)."""
+    if set(_SPLIT_KEYS) <= set(data):
+        lo, hi = pixel_range(np.asarray(data["x_train"]), minmax)
+        train = Split(
+            *split_arrays(f"{where} train", data["x_train"], data["y_train"], layout, lo, hi, False)
+        )
+        test = Split(
+            *split_arrays(f"{where} test", data["x_test"], data["y_test"], layout, lo, hi, minmax)
+        )
+    elif {"x", "y"} <= set(data):
+        lo, hi = pixel_range(np.asarray(data["x"]), minmax)
+        x, y = split_arrays(where, data["x"], data["y"], layout, lo, hi, False)
+        _check_stratifiable(y, where)
+        train, test = seeded_split(where, x, y, _TEST_FRACTION, seed)
     else:
-        raise DataError(f"{path} needs arrays x_train, y_train, x_test, y_test (or x and y)")
-    return Dataset(path.stem, train, test, _num_classes(train, test))
+        found = ", ".join(sorted(data)) or "none"
+        raise DataError(
+            f"{where} needs arrays x_train, y_train, x_test, y_test (or x and y); found {found}"
+        )
+    return Dataset(name, train, test, check_test_labels(train.y, test.y, where))
+
+
+def _check_stratifiable(y: torch.Tensor, where: str) -> None:
+    counts = torch.bincount(y)
+    if len(y) < 10 or int(counts[counts > 0].min()) < 2:
+        raise DataError(
+            f"{where}: x and y are split here into train and test, which needs at least 10 "
+            "images and 2 of each class: give x_train, y_train, x_test, y_test instead"
+        )
 
 
 def _num_classes(train: Split, test: Split) -> int:
@@ -89,16 +138,21 @@ def default_dataset() -> str:
     return "fashion-mnist" if FASHION_MNIST_DIR.is_dir() else "digits"
 
 
-def load_dataset(name: str, seed: int = 0) -> Dataset:
-    """A dataset by registry name, or by path to an IDX directory or an .npz file."""
+def load_dataset(
+    name: str, seed: int = 0, layout: Layout = "auto", minmax: bool = False
+) -> Dataset:
+    """A dataset by registry name, or by path to an IDX directory, an .npz file or a
+    directory of .npy files (``layout`` and ``minmax``: see :mod:`clicooper.data.layout`)."""
     if name in DATASETS:
         return DATASETS[name](seed)
     path = Path(name)
     if path.suffix == ".npz" and path.is_file():
-        return _npz(path, seed)
+        return _npz(path, seed, layout, minmax)
+    if path.is_dir() and any(path.glob("*.npy")):
+        return _npy_dir(path, seed, layout, minmax)
     if path.is_dir():
         return _idx_dataset(path.name, path)
     raise DataError(
         f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}, "
-        "an IDX directory or an .npz file"
+        "an IDX directory, an .npz file or a directory of .npy files"
     )

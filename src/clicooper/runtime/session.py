@@ -69,7 +69,9 @@ def resolve_dataset(cfg: RunConfig, data: Dataset | None) -> Dataset:
     """The configured dataset, limited to the configured subsets."""
     if data is None:
         name = default_dataset() if cfg.dataset == "auto" else cfg.dataset
-        data = load_dataset(name, seed=cfg.seed)
+        data = load_dataset(
+            name, seed=cfg.seed, layout=cfg.images.layout, minmax=cfg.images.minmax_scale
+        )
     return data.limit(cfg.train_subset, cfg.test_subset, cfg.seed)
 
 
