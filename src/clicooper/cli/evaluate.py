@@ -33,6 +33,7 @@ def evaluate(
         str, Opt(help="mlp or cnn (default cnn: the inversion attacks assume an image head)")
     ] = "cnn",
     cut: Annotated[str | None, Opt(help="named cut point of the preset")] = None,
+    overwrite: Annotated[bool, Opt(help="write into an --out that already holds files")] = False,
 ) -> None:
     """Train vanilla and CliCooper alike, run every attack on both, write the report."""
     from clicooper.evaluation import FULL, QUICK
@@ -59,6 +60,8 @@ def evaluate(
     if overrides.get("epochs", 1) < 1 or overrides.get("seed", 0) < 0:
         fail("epochs must be >= 1 and seed >= 0")
     settings = replace(settings, **overrides)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        fail(f"{out} already exists and is not empty: choose another --out or pass --overwrite")
     start = time.perf_counter()
     try:
         results = run_evaluation(

@@ -7,6 +7,7 @@ names the problem.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from pathlib import Path
@@ -18,6 +19,7 @@ from typer.exceptions import TyperException
 from clicooper.cli.progress import console, summary_table, training_progress
 from clicooper.config import ConfigError, RunConfig
 from clicooper.data import DataError
+from clicooper.runtime.rundirs import RUNS_ROOT, new_run_dir, point_latest
 
 app = typer.Typer(
     add_completion=False,
@@ -68,7 +70,10 @@ def run(
     trainers: Annotated[int | None, Opt(help="trainers in the chain (1-8)")] = None,
     epochs: Annotated[int | None, Opt()] = None,
     seed: Annotated[int | None, Opt()] = None,
-    out: Annotated[Path, Opt(help="run directory")] = Path("runs/latest"),
+    out: Annotated[
+        Path | None,
+        Opt(help="run directory (default: a new runs/<UTC time>-<mode>, linked as runs/latest)"),
+    ] = None,
     config: Annotated[Path | None, Opt(help="TOML config; flags override it")] = None,
     model: Annotated[str | None, Opt(help="mlp or cnn")] = None,
     cut: Annotated[str | None, Opt(help="named cut point of the preset")] = None,
@@ -155,16 +160,28 @@ def run(
     from clicooper.runtime.session import resolve_dataset
 
     how = "auto: fashion-mnist when installed, else digits" if dataset is None else "given"
+    fresh = out is None
     try:
         data = resolve_dataset(cfg, None)
         console.print(f"dataset: {cfg.dataset} ({how}); model {cfg.model}, {cfg.epochs} epochs")
+        runner = session_runner(cfg, peers, certs)
+        out = new_run_dir(RUNS_ROOT, cfg.mode) if out is None else out
+        console.print(f"run directory: {out}")
         with training_progress(cfg.epochs, cfg.mode) as progress:
-            runner = session_runner(cfg, peers, certs)
             session = runner(cfg, out, data=data, progress=progress, overwrite=overwrite)
     except (DataError, ValueError) as exc:
+        if fresh and out is not None:
+            _drop_if_empty(out)
         fail(str(exc).splitlines()[0])
+    if fresh:
+        point_latest(out)
     console.print(summary_table(session.results))
     console.print(f"run directory: {out}")
+
+
+def _drop_if_empty(path: Path) -> None:
+    with contextlib.suppress(OSError):  # only an empty one: a failed fresh run leaves no debris
+        path.rmdir()
 
 
 def _layout(channels_last: bool | None) -> str | None:

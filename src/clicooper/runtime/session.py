@@ -8,6 +8,7 @@ order, so their accuracies and times compare directly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -102,20 +103,28 @@ def run(
             "preset model; or use `clicooper launch`"
         )
     out_dir = Path(out_dir)
-    # read first: a bad file fails before the run directory is made
+    # Read and build first: a bad secret file, dataset, model or cut fails before the run
+    # directory is touched (an --overwrite run keeps the old one).
     secret = OwnerSecret.read(cfg.owner_secret) if cfg.owner_secret else None
-    prepare_run_dir(out_dir, overwrite)
     data = resolve_dataset(cfg, data)
     cfg = cfg.model_copy(update={"batch_size": cfg.effective_batch_size(len(data.train))})
     factory = model_factory or preset_factory(cfg, data)
+    factory(data.num_classes)
+    prepare_run_dir(out_dir, overwrite)
     # Small per-party models gain little from intra-op threads, and oversubscribed
     # threads spin: one thread per process is several times faster on a busy machine.
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    if cfg.mode == "centralized":
-        session = _run_centralized(cfg, data, factory, progress)
-    else:
-        session = _run_split(cfg, data, factory, out_dir, progress, deployment, secret)
+    first_step = _FirstStep(progress)
+    try:
+        if cfg.mode == "centralized":
+            session = _run_centralized(cfg, data, factory, first_step)
+        else:
+            session = _run_split(cfg, data, factory, out_dir, first_step, deployment, secret)
+    except BaseException:
+        if not first_step.seen:  # nothing trained: leave nothing that blocks a corrected rerun
+            discard_run(out_dir)
+        raise
     session.results.update(_describe(cfg, data, session))
     (out_dir / "results.json").write_text(json.dumps(session.results, indent=2))
     return session
@@ -134,6 +143,30 @@ RUN_ARTIFACTS = (
     "figures",
     "checkpoints",
 )
+
+
+class _FirstStep:
+    """The progress callback, noting whether any training step has happened."""
+
+    def __init__(self, progress: ProgressFn | None) -> None:
+        self.progress, self.seen = progress, False
+
+    def __call__(self, epoch: int, batch: int, batches: int, loss: float) -> None:
+        self.seen = True
+        if self.progress:
+            self.progress(epoch, batch, batches, loss)
+
+
+def discard_run(out_dir: Path) -> None:
+    """Remove every run artifact in ``out_dir``, and ``out_dir`` itself once it is empty."""
+    for name in RUN_ARTIFACTS:
+        path = out_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    with contextlib.suppress(OSError):
+        out_dir.rmdir()
 
 
 def prepare_run_dir(out_dir: Path, overwrite: bool) -> None:
