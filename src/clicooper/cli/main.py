@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 from typer.exceptions import TyperException
 
+from clicooper.cli.defaults import config_overrides, show_config_defaults
 from clicooper.cli.progress import console, summary_table, training_progress
 from clicooper.config import ConfigError, RunConfig
 from clicooper.data import DataError
@@ -60,7 +61,7 @@ def run(
         bool | None,
         Opt(
             "--channels-last/--channels-first",
-            help="axis order of 4-D user images (default: guessed from the 1/3/4-sized axis)",
+            help="axis order of 4-D user images (auto: the axis of size 1, 3 or 4)",
         ),
     ] = None,
     minmax_scale: Annotated[
@@ -119,43 +120,9 @@ def run(
     certs: Annotated[Path | None, Opt(help="certificate directory (grpc)")] = None,
 ) -> None:
     """Train with every party in this process (the embedded default)."""
-    cfg = build_config(
-        config,
-        dataset=dataset,
-        mode=mode,
-        trainers=trainers,
-        epochs=epochs,
-        seed=seed,
-        model=model,
-        cut=cut,
-        batch_size=batch_size,
-        lr=lr,
-        train_subset=train_subset,
-        test_subset=test_subset,
-        micro_batches=micro_batches,
-        record=record,
-        threads=threads,
-        checkpoint_steps=checkpoint_steps,
-        owner_secret=owner_secret,
-        transport=transport,
-        **{
-            "privacy.noise_multiplier": noise_multiplier,
-            "privacy.clip_norm": clip_norm,
-            "privacy.mechanism": mechanism,
-            "privacy.target_epsilon": target_epsilon,
-            "privacy.delta": delta,
-            "privacy.noise_at_inference": noise_at_inference,
-            "privacy.gradient_noise_multiplier": gradient_noise,
-            "privacy.gradient_clip_norm": gradient_clip,
-            "labels.expansion": expansion,
-            "labels.decoys": decoys,
-            "labels.mode": label_mode,
-            "watermark.enabled": watermark,
-            "watermark.stage_steps": stage_steps,
-            "images.layout": _layout(channels_last),
-            "images.minmax_scale": minmax_scale,
-        },
-    )
+    flags = config_overrides(locals())
+    flags["images.layout"] = _layout(channels_last)
+    cfg = build_config(config, **flags)
     from clicooper.cli.deploy import session_runner
     from clicooper.runtime.session import resolve_dataset
 
@@ -182,6 +149,9 @@ def run(
 def _drop_if_empty(path: Path) -> None:
     with contextlib.suppress(OSError):  # only an empty one: a failed fresh run leaves no debris
         path.rmdir()
+
+
+show_config_defaults(run)
 
 
 def _layout(channels_last: bool | None) -> str | None:

@@ -7,15 +7,43 @@ from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 console = Console(stderr=True)
 
 
+class _Bars:
+    """``(epoch, batch, n_batches, loss)`` moves the bars; ``epoch_done`` shows the last
+    finished epoch's accuracy beside them."""
+
+    def __init__(self, bars: Progress, epoch_bar: TaskID, batch_bar: TaskID) -> None:
+        self.bars, self.epoch_bar, self.batch_bar = bars, epoch_bar, batch_bar
+        self.last = ""
+
+    def __call__(self, epoch: int, batch: int, n_batches: int, loss: float) -> None:
+        self.bars.update(self.batch_bar, total=n_batches, completed=batch, info=f"loss {loss:.4f}")
+        info = f"epoch {epoch}{self.last}"
+        self.bars.update(self.epoch_bar, completed=epoch - 1 + batch / n_batches, info=info)
+
+    def epoch_done(self, entry: dict[str, Any]) -> None:
+        self.last = (
+            f" (epoch {entry['epoch']}: train {entry['train_accuracy']:.3f}, "
+            f"test {entry['test_accuracy']:.3f})"
+        )
+        self.bars.update(self.epoch_bar, completed=entry["epoch"], info=self.last.strip(" ()"))
+
+
 @contextmanager
 def training_progress(epochs: int, label: str = "training") -> Iterator[Any]:
-    """A callback ``(epoch, batch, n_batches, loss)`` driving two bars."""
+    """A callback ``(epoch, batch, n_batches, loss)`` driving two bars (see :class:`_Bars`)."""
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -26,12 +54,7 @@ def training_progress(epochs: int, label: str = "training") -> Iterator[Any]:
     with Progress(*columns, console=console, transient=False) as bars:
         epoch_bar = bars.add_task(f"{label}: epochs", total=epochs, info="")
         batch_bar = bars.add_task("  batches", total=1, info="")
-
-        def update(epoch: int, batch: int, n_batches: int, loss: float) -> None:
-            bars.update(batch_bar, total=n_batches, completed=batch, info=f"loss {loss:.4f}")
-            bars.update(epoch_bar, completed=epoch - 1 + batch / n_batches, info=f"epoch {epoch}")
-
-        yield update
+        yield _Bars(bars, epoch_bar, batch_bar)
 
 
 def summary_table(results: dict[str, Any]) -> Table:

@@ -83,6 +83,7 @@ class Driver:
         checkpoint_steps: int = 0,
         recovery: Recovery | None = None,
         progress: ProgressFn | None = None,
+        on_epoch: Callable[[list[dict[str, Any]]], None] | None = None,
     ) -> None:
         self.owner, self.chain, self.data = owner, chain, data
         self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
@@ -91,6 +92,7 @@ class Driver:
         self.checkpoint_steps = checkpoint_steps
         self.recovery = recovery
         self.progress = progress
+        self.on_epoch = on_epoch  # called with the whole history as each epoch ends
         self.pos = Position()
         self.steps_per_epoch = math.ceil(len(data.train) / batch_size)
         self.train_seconds = 0.0
@@ -188,9 +190,12 @@ class Driver:
                 "loss": self.pos.loss_sum / n,
                 "train_accuracy": self.pos.correct / n,
                 "test_accuracy": test_accuracy,
+                "seconds": self.train_seconds,
             }
         )
         self.pos.epochs_done, self.pos.loss_sum, self.pos.correct = epoch, 0.0, 0
+        if self.on_epoch:
+            self.on_epoch(self.pos.history)
 
     def _close(self, more: bool) -> None:
         done, self._done = self._done, None

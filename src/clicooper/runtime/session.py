@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import time
 import warnings
@@ -118,7 +119,8 @@ def run(
     first_step = _FirstStep(progress)
     try:
         if cfg.mode == "centralized":
-            session = _run_centralized(cfg, data, factory, first_step)
+            log = HistoryLog(out_dir / HISTORY_FILE, cfg, None, progress)
+            session = _run_centralized(cfg, data, factory, first_step, log)
         else:
             session = _run_split(cfg, data, factory, out_dir, first_step, deployment, secret)
     except BaseException:
@@ -130,8 +132,10 @@ def run(
     return session
 
 
+HISTORY_FILE = "history.jsonl"
 RUN_ARTIFACTS = (
     "results.json",
+    HISTORY_FILE,
     "report.md",
     "ledger.sqlite",
     "segments",
@@ -145,11 +149,52 @@ RUN_ARTIFACTS = (
 )
 
 
+class HistoryLog:
+    """``history.jsonl``: one JSON line per finished epoch, on disk as each epoch ends.
+
+    Each line holds epoch, train loss, train accuracy, test accuracy, the cumulative
+    training seconds and the activation epsilon spent so far (None without noise). The
+    file is rewritten whole through a temporary file and a rename, so an epoch that a
+    recovery replays is never listed twice and a reader never sees half a line.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        cfg: RunConfig,
+        noise: ActivationNoise | None,
+        progress: ProgressFn | None,
+        owner: DataOwner | None = None,
+    ) -> None:
+        self.path, self.cfg, self.noise, self.owner = path, cfg, noise, owner
+        self.progress = progress
+
+    def __call__(self, history: list[dict[str, Any]]) -> None:
+        lines = [
+            json.dumps({**entry, "epsilon": self._epsilon(i + 1)})
+            for i, entry in enumerate(history)
+        ]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.replace(tmp, self.path)
+        epoch_done = getattr(self.progress, "epoch_done", None)
+        if epoch_done is not None:
+            epoch_done(history[-1])
+
+    def _epsilon(self, epochs: int) -> float | None:
+        """Epsilon after ``epochs`` releases of every record (one per epoch)."""
+        if self.noise is None:
+            return None
+        p = self.cfg.privacy
+        return accounting.epsilon(self.noise.noise_multiplier, epochs, p.delta, p.mechanism)
+
+
 class _FirstStep:
     """The progress callback, noting whether any training step has happened."""
 
     def __init__(self, progress: ProgressFn | None) -> None:
         self.progress, self.seen = progress, False
+        self.epoch_done = getattr(progress, "epoch_done", None)
 
     def __call__(self, epoch: int, batch: int, batches: int, loss: float) -> None:
         self.seen = True
@@ -184,7 +229,11 @@ def prepare_run_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def _run_centralized(
-    cfg: RunConfig, data: Dataset, factory: ModelFactory, progress: ProgressFn | None
+    cfg: RunConfig,
+    data: Dataset,
+    factory: ModelFactory,
+    progress: ProgressFn | None,
+    on_epoch: Callable[[list[dict[str, Any]]], None],
 ) -> Session:
     model = factory(data.num_classes).full()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -213,8 +262,10 @@ def _run_centralized(
                 "loss": total / len(data.train),
                 "train_accuracy": correct / len(data.train),
                 "test_accuracy": test_acc,
+                "seconds": train_seconds,
             }
         )
+        on_epoch(history)
     results = {
         "accuracy": {"test": history[-1]["test_accuracy"], "train": history[-1]["train_accuracy"]},
         "history": history,
@@ -297,6 +348,7 @@ def _run_split(
         checkpoint_steps=cfg.checkpoint_steps,
         recovery=remote,
         progress=progress,
+        on_epoch=HistoryLog(out_dir / HISTORY_FILE, cfg, noise, progress, owner),
     )
     history = driver.run()
     training_releases = owner.releases  # each epoch sends every sample's gradient back once

@@ -1,0 +1,103 @@
+"""Which ``run`` flag sets which config key, and the effective default that ``--help`` shows.
+
+A flag left unset takes its value from ``--config`` or, failing that, from
+:class:`clicooper.config.RunConfig`; so ``--help`` shows the config's default, with the
+small-data defaults that apply on digits, instead of typer's bare "None".
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel
+
+from clicooper.config import SMALL_DATA_DEFAULTS, RunConfig
+
+RUN_FLAG_KEYS: dict[str, str] = {
+    "dataset": "dataset",
+    "mode": "mode",
+    "trainers": "trainers",
+    "epochs": "epochs",
+    "seed": "seed",
+    "model": "model",
+    "cut": "cut",
+    "batch_size": "batch_size",
+    "lr": "lr",
+    "train_subset": "train_subset",
+    "test_subset": "test_subset",
+    "micro_batches": "micro_batches",
+    "record": "record",
+    "threads": "threads",
+    "checkpoint_steps": "checkpoint_steps",
+    "owner_secret": "owner_secret",
+    "transport": "transport",
+    "noise_multiplier": "privacy.noise_multiplier",
+    "clip_norm": "privacy.clip_norm",
+    "mechanism": "privacy.mechanism",
+    "target_epsilon": "privacy.target_epsilon",
+    "delta": "privacy.delta",
+    "noise_at_inference": "privacy.noise_at_inference",
+    "gradient_noise": "privacy.gradient_noise_multiplier",
+    "gradient_clip": "privacy.gradient_clip_norm",
+    "expansion": "labels.expansion",
+    "decoys": "labels.decoys",
+    "label_mode": "labels.mode",
+    "watermark": "watermark.enabled",
+    "stage_steps": "watermark.stage_steps",
+    "channels_last": "images.layout",
+    "minmax_scale": "images.minmax_scale",
+}
+
+# What an unset (None) setting means, where "none" would not say.
+_NONE_MEANS = {
+    "cut": "the preset's default cut",
+    "batch_size": "32 below 10,000 training samples, else 128",
+    "train_subset": "all",
+    "test_subset": "all",
+    "owner_secret": "a fresh one",
+    "privacy.target_epsilon": "none: --noise-multiplier decides",
+    "watermark.stage_steps": "one stage per epoch",
+}
+
+
+def config_overrides(flags: dict[str, Any]) -> dict[str, Any]:
+    """The dotted config keys that the given ``run`` flags set (None: unset)."""
+    return {RUN_FLAG_KEYS[name]: value for name, value in flags.items() if name in RUN_FLAG_KEYS}
+
+
+def effective_default(key: str) -> str:
+    """The value ``key`` takes when neither the flag nor ``--config`` sets it."""
+    model: type[BaseModel] = RunConfig
+    *parents, leaf = key.split(".")
+    for part in parents:
+        model = model.model_fields[part].annotation  # type: ignore[assignment]
+    value = model.model_fields[leaf].default
+    if key == "dataset":
+        return "auto: fashion-mnist when installed, else digits"
+    text = _NONE_MEANS.get(key, "none") if value is None else _show(value)
+    small = [f"{name}: {d[key]}" for name, d in SMALL_DATA_DEFAULTS.items() if key in d]
+    return "; ".join([text, *small])
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def show_config_defaults(command: Callable[..., Any]) -> None:
+    """Set each config flag's ``show_default`` to the config's effective default.
+
+    The annotations are evaluated once and stored back (they are strings under
+    ``from __future__ import annotations``, and each evaluation makes new option objects).
+    """
+    hints = typing.get_type_hints(command, include_extras=True)
+    for name in inspect.signature(command).parameters:
+        key = RUN_FLAG_KEYS.get(name)
+        for info in getattr(hints[name], "__metadata__", ()) if key else ():
+            if hasattr(info, "show_default"):
+                info.show_default = effective_default(key)
+    command.__annotations__.update(hints)
