@@ -265,6 +265,25 @@ def test_symlink_at_a_party_key_is_refused(tmp_path: Path, victim: Path) -> None
     _assert_untouched(link, victim)
 
 
+@pytest.mark.parametrize("planted", ["verifier.key", "watermark_secrets.json"])
+def test_symlink_at_the_verifiers_key_or_secrets_is_refused(
+    tmp_path: Path, victim: Path, planted: str
+) -> None:
+    from clicooper.parties import Verifier
+
+    verifier = Verifier(tmp_path / "run")
+    for name in ("do", "t1"):  # as their `register` messages leave it
+        public = PartyKey.generate().public_bytes().hex()
+        verifier.registered[name] = {"party": name, "public_key": public}
+    verifier.registered["t1"]["watermark_secret"] = os.urandom(32).hex()
+    link = private_dir(tmp_path / "run" / "verifier") / planted
+    link.symlink_to(victim)
+    with pytest.raises(UnsafePathError):
+        verifier.open()
+    _assert_untouched(link, victim)
+    assert verifier.ledger is None
+
+
 def test_symlink_at_a_tls_key_is_refused(tmp_path: Path, victim: Path, cli_inprocess) -> None:
     # Learn where `certs init` puts t1's key (one folder today, a bundle per party later),
     # then plant a link there in a fresh folder of the same layout.
