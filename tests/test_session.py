@@ -59,6 +59,7 @@ def test_clicooper_run_directory(tmp_path, small_digits):
     assert results["privacy"]["epsilon"] > 0 and results["privacy"]["releases"] == 2
     assert 0.0 <= results["accuracy"]["test"] <= 1.0
     for name in ("t1", "t2", "t3"):
+        assert stat.S_IMODE(os.stat(out / "segments" / f"{name}.safetensors").st_mode) == 0o600
         state = load_file(str(out / "segments" / f"{name}.safetensors"))
         live = session.trainers[int(name[1]) - 1].segment.state_dict()
         assert all(torch.equal(state[k], live[k]) for k in live)

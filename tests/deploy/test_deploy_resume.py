@@ -121,6 +121,9 @@ def test_verifier_killed_mid_epoch_is_restarted_by_launch_and_resumes(
     assert len(recoveries) == 1 and recoveries[0]["resumed_from_step"] >= 35
     _check_steps(out, results)
     _verify(out, cli_inprocess)
+    held = ("segments", "audit", "checkpoints", "parties", "verifier", "owner")
+    private = [p for d in held for p in (out / d).rglob("*") if p.is_file()]  # weights, keys
+    assert private and all(stat.S_IMODE(p.stat().st_mode) & 0o077 == 0 for p in private)
     assert "verifier: set up (resumed)" in (out / "logs" / "verifier.log").read_text()
     assert results["mode"] == "clicooper" and results["watermark"]["verified"]
     for name in ("ledger.sqlite", "owner", "parties", "verifier", "audit", "segments"):

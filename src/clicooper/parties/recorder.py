@@ -12,7 +12,9 @@ from collections import deque
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as st_save
+
+from clicooper.common.files import ensure_dir, write_private
 
 Batch = dict[str, torch.Tensor]
 
@@ -54,7 +56,8 @@ class Recorder:
         return {name: torch.cat([b[name] for b in batches]) for name in batches[0]}
 
     def save(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write the records, mode 0600: they are derived from the owner's private data."""
+        ensure_dir(path.parent)
         data = self.tensors()
         if data:
-            save_file(data, str(path))
+            write_private(path, st_save(data))

@@ -1,7 +1,7 @@
 """The data owner's secret and the sub-secrets derived from it.
 
 The owner secret is 32 bytes from the OS CSPRNG, stored only in the owner's
-directory (mode 0700, file mode 0600). Every sub-secret is
+directory (mode 0700, file mode 0600, written by :mod:`clicooper.common.files`). Every sub-secret is
 HKDF-SHA256(owner secret, info = "clicooper-v1/" + label), so sub-secrets for
 different purposes are independent and none reveals the owner secret.
 """
@@ -14,6 +14,10 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from clicooper.common.files import UnsafePathError, private_dir, write_private
+
+__all__ = ["OwnerSecret", "UnsafePathError", "private_dir", "write_private"]
 
 SECRET_BYTES = 32
 SECRET_FILE = "owner.secret"
@@ -50,14 +54,8 @@ class OwnerSecret:
         return hashlib.sha256(self.derive("commitment")).digest()
 
     def save(self, directory: Path) -> Path:
-        """Write the secret to ``directory/owner.secret`` (dir 0700, file 0600)."""
-        private_dir(directory)
-        path = directory / SECRET_FILE
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(self._value)
-        os.chmod(path, 0o600)
-        return path
+        """Write the secret to ``directory/owner.secret`` (dir 0700, file 0600; no symlinks)."""
+        return write_private(private_dir(directory) / SECRET_FILE, self._value)
 
     @classmethod
     def read(cls, path: Path) -> OwnerSecret:
@@ -85,19 +83,3 @@ class OwnerSecret:
             raise ValueError(
                 f"no owner secret at {path}: is this the data owner's directory?"
             ) from None
-
-
-def private_dir(directory: Path) -> Path:
-    """Create ``directory`` readable by its owner only."""
-    directory.mkdir(parents=True, exist_ok=True)
-    os.chmod(directory, 0o700)
-    return directory
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` with mode 0600, atomically (temporary file, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)

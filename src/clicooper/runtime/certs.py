@@ -214,23 +214,15 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 
 def _write_pem(path: Path, data: bytes, mode: int) -> None:
-    """Write atomically (temporary file, then rename) with ``mode`` from the start.
+    """Write atomically with exactly ``mode`` (keys 0600), refusing symlinks.
 
-    Creating the temporary file with ``mode`` means a key is never readable by
-    others, not even for the moment between write and chmod.
+    :func:`clicooper.common.files.write_file` sets the mode on the unique
+    temporary file before writing, so a key is never readable by others, not
+    even for the moment between write and rename.
     """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    from clicooper.common.files import write_file
+
+    write_file(path, data, mode)
 
 
 def _read(path: Path) -> bytes:

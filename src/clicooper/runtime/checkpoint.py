@@ -3,11 +3,12 @@
 One checkpoint is one file ``<dir>/step-<s>.safetensors``: the tensors (segment
 or head, flattened optimizer state, RNG states) plus a JSON document in the
 safetensors header (``__metadata__["clicooper"]``) with every scalar: step,
-counters, the party's ledger position. It is written to a temporary file,
-fsynced, then renamed over the final name (``os.replace``), so a crash leaves
-either the old or the new checkpoint, never half of one. The last
-:data:`KEEP` checkpoints are kept: after a crash in the middle of a
-checkpoint round the parties still share an earlier step.
+counters, the party's ledger position. It is written by
+:func:`clicooper.common.files.write_private` (mode 0600, in a 0700 directory):
+a unique temporary file, fsynced, then renamed over the final name
+(``os.replace``), so a crash leaves either the old or the new checkpoint,
+never half of one. The last :data:`KEEP` checkpoints are kept: after a crash
+in the middle of a checkpoint round the parties still share an earlier step.
 
 The optimizer's ``state_dict`` is flattened by hand: its tensors become
 ``optim.state.<param>.<key>``, its non-tensor per-parameter values and its
@@ -17,7 +18,6 @@ The optimizer's ``state_dict`` is flattened by hand: its tensors become
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from clicooper.privacy.secrets import private_dir
+from clicooper.common.files import private_dir, write_private
 
 KEEP = 3
 _NAME = re.compile(r"^step-(\d{1,12})\.safetensors$")
@@ -39,29 +39,6 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing or cannot be read."""
 
 
-# -- files -----------------------------------------------------------------------
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` (mode 0600): temporary file, fsync, rename, fsync dir."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def save(
     directory: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
 ) -> Path:
@@ -70,7 +47,7 @@ def save(
     clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     doc = json.dumps({**meta, "step": step}, sort_keys=True, allow_nan=False)
     path = directory / f"step-{step}.safetensors"
-    atomic_write(path, st_save(clean, metadata={_META_KEY: doc}))
+    write_private(path, st_save(clean, metadata={_META_KEY: doc}))
     for old in steps(directory)[:-KEEP]:
         (directory / f"step-{old}.safetensors").unlink(missing_ok=True)
     return path

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save as st_save
 from torch import nn
 
+from clicooper.common.files import private_dir, write_private
 from clicooper.config import RunConfig, WatermarkConfig
 from clicooper.data import Dataset, default_dataset, load_dataset
 from clicooper.models import SplitModel
@@ -34,7 +35,7 @@ from clicooper.parties.watermarking import OwnerChain, TrainerChain
 from clicooper.privacy import accounting, gradient
 from clicooper.privacy.activation import ActivationNoise
 from clicooper.privacy.labels import LabelObfuscator
-from clicooper.privacy.secrets import OwnerSecret, private_dir, write_private
+from clicooper.privacy.secrets import OwnerSecret
 from clicooper.runtime import checkpoint
 from clicooper.runtime.deploy import Deployment, Remote, party_settings, preset_split
 from clicooper.runtime.driver import Driver

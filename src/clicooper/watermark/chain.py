@@ -115,13 +115,16 @@ def segment_hash(state: dict[str, torch.Tensor]) -> bytes:
 
 
 def save_segment(path: Path | str, state: dict[str, torch.Tensor]) -> Path:
-    """Write ``segment_bytes(state)`` to ``path`` (parents created); its SHA-256 is the hash."""
+    """Write ``segment_bytes(state)`` to ``path``, mode 0600; its SHA-256 is the hash.
+
+    Weights are private: missing parents are created 0700, and the file is
+    written by :func:`clicooper.common.files.write_private` (atomic, no symlinks).
+    """
+    from clicooper.common.files import ensure_dir, write_private
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(segment_bytes(state))
-    tmp.replace(path)
-    return path
+    ensure_dir(path.parent)
+    return write_private(path, segment_bytes(state))
 
 
 def load_segment(path: Path | str) -> dict[str, torch.Tensor]:

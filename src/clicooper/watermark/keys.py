@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from clicooper.common.files import ensure_dir, write_private
+
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 SECRET_BYTES = 32
@@ -49,21 +51,19 @@ class PartyKey:
         return self._key.sign(bytes(data))
 
     def save(self, path: Path | str) -> Path:
-        """Write the key as unencrypted PKCS#8 PEM, file mode 0600 (parent made 0700 if missing)."""
+        """Write the key as unencrypted PKCS#8 PEM, file mode 0600 (parent made 0700 if missing).
+
+        Through :func:`clicooper.common.files.write_private`: a symlink at ``path``
+        or at its directory is refused (:class:`~clicooper.common.files.UnsafePathError`).
+        """
         path = Path(path)
-        if not path.parent.exists():
-            path.parent.mkdir(parents=True, mode=0o700)
-            os.chmod(path.parent, 0o700)
+        ensure_dir(path.parent)
         pem = self._key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
-        os.chmod(path, 0o600)
-        return path
+        return write_private(path, pem)
 
     @classmethod
     def load(cls, path: Path | str) -> PartyKey:

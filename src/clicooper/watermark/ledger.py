@@ -186,7 +186,7 @@ class Ledger:
             raise LedgerError("session id and nonce must be non-empty bytes")
         _check_parties(parties)
         try:  # claim the path exclusively: never overwrite (or later delete) another file
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
         except FileExistsError:
             raise LedgerError(
                 f"{path} already exists: a ledger is created once, then opened"
