@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import time
 import warnings
@@ -23,7 +22,7 @@ import torch
 from safetensors.torch import save as st_save
 from torch import nn
 
-from clicooper.common.files import private_dir, write_private
+from clicooper.common.files import private_dir, write_file, write_private
 from clicooper.config import RunConfig, WatermarkConfig
 from clicooper.data import Dataset, default_dataset, load_dataset
 from clicooper.models import SplitModel
@@ -175,9 +174,7 @@ class HistoryLog:
             json.dumps({**entry, "epsilon": self._epsilon(i + 1)})
             for i, entry in enumerate(history)
         ]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(line + "\n" for line in lines))
-        os.replace(tmp, self.path)
+        write_file(self.path, "".join(line + "\n" for line in lines).encode(), 0o644)
         epoch_done = getattr(self.progress, "epoch_done", None)
         if epoch_done is not None:
             epoch_done(history[-1])
