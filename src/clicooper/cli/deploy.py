@@ -1,4 +1,4 @@
-"""Deployment commands: ``certs init``, ``serve`` and ``launch`` (DESIGN §8, §11).
+"""Deployment commands: ``certs init``, ``certs issue``, ``serve`` and ``launch`` (DESIGN §8, §11).
 
 ``launch`` takes exactly the flags of ``run`` (its signature is copied from
 it) plus the gRPC timeouts, and runs the same session with each trainer and
