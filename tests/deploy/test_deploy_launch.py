@@ -19,7 +19,8 @@ import torch
 from cc_helpers import quick_config
 from conftest import alive, cli, env, pids, wait_for
 
-from clicooper.runtime.deploy import launch
+from clicooper.runtime.certs import load_party_credentials
+from clicooper.runtime.deploy import Launcher, launch
 from clicooper.runtime.session import run
 
 VANILLA = {"mode": "vanilla", "trainers": 3, "epochs": 2, "train_subset": 320}
@@ -57,6 +58,42 @@ def test_same_seed_same_training_in_process_and_over_grpc_with_pipelining(inproc
 
 
 CLICOOPER = {"trainers": 2, "epochs": 2, "train_subset": 320, "watermark.enabled": False}
+
+
+def _bundles_hold_only_their_own_keys(certs: Path, parties: list[str]) -> None:
+    """``certs/<party>`` holds that party's key, certificate and the CA's; no CA key anywhere."""
+    assert {p.name for p in certs.iterdir()} == {"ca", *parties}
+    assert {p.name for p in (certs / "ca").iterdir()} == {"ca.pem"}  # the CA key was never kept
+    for party in parties:
+        assert {p.name for p in (certs / party).iterdir()} == {
+            f"{party}.key",
+            f"{party}.pem",
+            "ca.pem",
+        }
+        load_party_credentials(certs / party, party)
+    assert sorted(k.relative_to(certs) for k in certs.rglob("*.key")) == sorted(
+        Path(party, f"{party}.key") for party in parties
+    )
+
+
+def test_a_launched_run_gave_each_party_only_its_own_bundle(over_grpc):
+    out, _ = over_grpc
+    _bundles_hold_only_their_own_keys(out / "certs", ["do", "t1", "t2", "t3"])
+    assert not [p for p in out.rglob("*") if p.name == "ca.key"]
+
+
+def test_each_child_is_given_only_its_own_bundle(tmp_path):
+    cfg = quick_config(trainers=2, **{"watermark.enabled": True})
+    launcher = Launcher(tmp_path, cfg)
+    launcher.prepare()
+    assert launcher.names == ["t1", "t2", "verifier"]
+    _bundles_hold_only_their_own_keys(tmp_path / "certs", ["do", *launcher.names])
+    for name in launcher.names:
+        argv = launcher.argv(name)
+        bundle = Path(argv[argv.index("--certs") + 1])
+        assert bundle == tmp_path / "certs" / name
+        assert not any(str(tmp_path / "certs" / other) in argv for other in ("do", "ca"))
+    assert launcher.deployment(10.0, 10.0).certs_dir == tmp_path / "certs" / "do"
 
 
 def test_clicooper_with_the_same_owner_secret_trains_the_same_over_grpc(tmp_path, digits):

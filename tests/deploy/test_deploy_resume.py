@@ -50,13 +50,15 @@ def test_trainer_killed_mid_epoch_and_restarted_resumes(tmp_path, procs, cli_inp
     )
     write_peers(tmp_path / "peers.toml", "killtest", peers, {"send": 3, "step": 30, "resume": 90})
     (tmp_path / "config.toml").write_text(config_toml(cfg))
-    common = ["--config", str(tmp_path / "config.toml"), "--certs", str(tmp_path / "certs")]
+    common = ["--config", str(tmp_path / "config.toml")]
     common += ["--peers", str(tmp_path / "peers.toml"), "--out", str(run_dir)]
     common += ["--send-timeout", "3"]
 
     def serve(name: str):
         role = "verifier" if name == "verifier" else "trainer"
+        bundle = str(tmp_path / "certs" / name)  # each party only its own bundle
         argv = cli("serve", role, "--name", name, "--listen", peers[name], *common)
+        argv += ["--certs", bundle]
         return procs.start(argv, tmp_path / f"{name}.log")
 
     servers = {name: serve(name) for name in ("t1", "t2", "verifier")}
@@ -70,7 +72,7 @@ def test_trainer_killed_mid_epoch_and_restarted_resumes(tmp_path, procs, cli_inp
             "--peers",
             str(tmp_path / "peers.toml"),
             "--certs",
-            str(tmp_path / "certs"),
+            str(tmp_path / "certs" / "do"),
             "--out",
             str(run_dir),
         ),
@@ -128,6 +130,6 @@ def test_verifier_killed_mid_epoch_is_restarted_by_launch_and_resumes(
     assert results["mode"] == "clicooper" and results["watermark"]["verified"]
     for name in ("ledger.sqlite", "owner", "parties", "verifier", "audit", "segments"):
         assert (out / name).exists(), name
-    assert stat.S_IMODE(os.stat(out / "certs").st_mode) == 0o700
-    assert stat.S_IMODE(os.stat(out / "certs" / "t1.key").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(out / "certs" / "t1").st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(out / "certs" / "t1" / "t1.key").st_mode) == 0o600
     assert not any(alive(pid) for name, pid in pids(out).items() if name != "launcher")

@@ -28,6 +28,7 @@ PARTIES = ["do", "t1", "t2", "t3"]
 
 @pytest.fixture(scope="session")
 def certs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The output of `certs init`: ``ca/`` and one bundle ``<party>/`` per party."""
     out = tmp_path_factory.mktemp("certs") / "session"
     create_certificates(PARTIES, out)
     return out
@@ -52,9 +53,10 @@ class Net:
         self._channels: list[grpc.Channel] = []
 
     def transport(self, name: str, peers: dict[str, str] | None = None, **kw) -> GrpcTransport:
-        """A started transport for ``name`` listening on a free port."""
+        """A started transport for ``name`` (its own bundle) listening on a free port."""
         kw.setdefault("send_timeout", 10.0)
-        t = GrpcTransport(name, "127.0.0.1:0", peers or {}, self.certs_dir, SESSION, **kw)
+        bundle = self.certs_dir / name
+        t = GrpcTransport(name, "127.0.0.1:0", peers or {}, bundle, SESSION, **kw)
         self._transports.append(t)
         return t.start()
 
@@ -72,8 +74,8 @@ class Net:
         certs: Path | None = None,
         envelope_bytes: int = 4 << 20,
     ) -> grpc.Channel:
-        """A mutual-TLS channel to ``server`` holding ``as_party``'s certificate."""
-        creds = load_party_credentials(certs or self.certs_dir, as_party)
+        """A mutual-TLS channel to ``server`` holding ``as_party``'s certificate (own bundle)."""
+        creds = load_party_credentials((certs or self.certs_dir) / as_party, as_party)
         ch = open_channel(f"127.0.0.1:{server.port}", server.name, creds, envelope_bytes)
         self._channels.append(ch)
         return ch

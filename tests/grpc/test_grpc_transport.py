@@ -112,7 +112,7 @@ def test_send_waits_for_a_peer_that_starts_late(net, certs_dir: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     t1 = net.transport("t1", {"t2": f"127.0.0.1:{port}"})
-    t2 = GrpcTransport("t2", f"127.0.0.1:{port}", {}, certs_dir, net.session)
+    t2 = GrpcTransport("t2", f"127.0.0.1:{port}", {}, certs_dir / "t2", net.session)
     timer = threading.Timer(0.5, t2.start)
     timer.start()
     try:
@@ -169,7 +169,7 @@ def test_server_accepts_only_client_certificates_of_the_session_ca(
     _, t2 = net.pair()
     client_dir = certs_dir if issuer == "session" else foreign_certs_dir
     channel = _channel_from_files(
-        t2, certs_dir / "ca.pem", client_dir / "t1.pem", client_dir / "t1.key"
+        t2, certs_dir / "t2/ca.pem", client_dir / "t1/t1.pem", client_dir / "t1/t1.key"
     )
     try:
         if issuer == "session":
@@ -427,7 +427,7 @@ def test_constructor_names_missing_certificates(tmp_path: Path) -> None:
 
 def test_listen_on_a_busy_port_fails_clearly(net, certs_dir: Path) -> None:
     t2 = net.transport("t2")
-    clash = GrpcTransport("t3", f"127.0.0.1:{t2.port}", {}, certs_dir, net.session)
+    clash = GrpcTransport("t3", f"127.0.0.1:{t2.port}", {}, certs_dir / "t3", net.session)
     try:
         with pytest.raises(OSError, match="cannot listen on"):
             clash.start()

@@ -1,4 +1,4 @@
-"""Deployment commands: ``certs init``, ``serve`` and ``launch`` (DESIGN §8, §11).
+"""Deployment commands: ``certs init``, ``certs issue``, ``serve`` and ``launch`` (DESIGN §8, §11).
 
 ``launch`` takes exactly the flags of ``run`` (its signature is copied from
 it) plus the gRPC timeouts, and runs the same session with each trainer and
@@ -38,11 +38,14 @@ _LAUNCH: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVa
 @certs_app.command("init")
 def certs_init(
     parties: Annotated[str, Opt(help="comma-separated party names, e.g. do,t1,t2,verifier")],
-    out: Annotated[Path, Opt(help="directory for the CA and the party keys (mode 0700)")],
+    out: Annotated[Path, Opt(help="directory for OUT/ca (the CA) and one OUT/<party> bundle each")],
     valid_days: Annotated[int, Opt(help="certificate lifetime in days")] = 30,
     overwrite: Annotated[bool, Opt(help="replace an existing CA (invalidates its certs)")] = False,
 ) -> None:
-    """Create a session CA and one key and certificate per party (keys mode 0600)."""
+    """Create a session CA (OUT/ca) and one bundle per party (OUT/<party>: key, cert, CA cert).
+
+    Give each machine only its party's bundle; ca.key stays with the operator.
+    """
     from clicooper.runtime.certs import create_certificates
 
     names = [p.strip() for p in parties.split(",") if p.strip()]
@@ -50,7 +53,27 @@ def certs_init(
         create_certificates(names, out, valid_days, overwrite=overwrite)
     except (ValueError, FileExistsError, OSError) as exc:
         fail(str(exc).splitlines()[0])
-    console.print(f"certificates for {', '.join(names)} in {out}")
+    console.print(f"CA in {out / 'ca'} (ca.key stays with you, offline); one bundle per party:")
+    for name in names:
+        console.print(f"  {name}: {out / name}  (copy to {name}'s machine only)")
+
+
+@certs_app.command("issue")
+def certs_issue(
+    ca: Annotated[Path, Opt(help="the CA folder (OUT/ca of `certs init`: ca.key, ca.pem)")],
+    party: Annotated[str, Opt(help="name of the party to add, e.g. t3")],
+    out: Annotated[Path, Opt(help="where its bundle goes (as OUT/<party>)")],
+    valid_days: Annotated[int, Opt(help="certificate lifetime in days (at most the CA's)")] = 30,
+    overwrite: Annotated[bool, Opt(help="replace the party's existing bundle")] = False,
+) -> None:
+    """Add a party to a session: a bundle for it, signed by the existing CA."""
+    from clicooper.runtime.certs import issue_bundle
+
+    try:
+        bundle = issue_bundle(ca, party, out, valid_days, overwrite=overwrite)
+    except (ValueError, FileExistsError, OSError) as exc:
+        fail(str(exc).splitlines()[0])
+    console.print(f"  {party}: {bundle}  (copy to {party}'s machine only)")
 
 
 @app.command()
@@ -58,7 +81,7 @@ def serve(
     role: Annotated[str, typer.Argument(help="trainer or verifier")],
     config: Annotated[Path, Opt(help="TOML config: the same as the data owner's")],
     listen: Annotated[str, Opt(help="HOST:PORT this party listens on")],
-    certs: Annotated[Path, Opt(help="certificate directory from `clicooper certs init`")],
+    certs: Annotated[Path, Opt(help="this party's own bundle (OUT/<name> of `certs init`)")],
     peers: Annotated[Path, Opt(help="peers file (TOML): session id and every party's address")],
     name: Annotated[str | None, Opt(help="party name: t1 .. tn (trainers)")] = None,
     out: Annotated[Path, Opt(help="this party's directory (segments, keys, checkpoints)")] = Path(
@@ -70,6 +93,7 @@ def serve(
     ] = None,
 ) -> None:
     """Run one party (a trainer or the verifier) until the data owner shuts it down."""
+    from clicooper.runtime.certs import load_party_credentials
     from clicooper.runtime.deploy import EpochTransport, PartyHost, read_peers, serve
 
     if role not in ("trainer", "verifier"):
@@ -79,6 +103,7 @@ def serve(
         fail("a trainer needs --name t1 .. tn")
     cfg = build_config(config)
     try:
+        load_party_credentials(certs, name)  # its own bundle only: refused before anything starts
         session, addresses = read_peers(peers)
         if addresses.get(name) != listen:
             addresses = {**addresses, name: listen}
@@ -119,7 +144,7 @@ def session_runner(cfg: RunConfig, peers: Path | None, certs: Path | None) -> Ca
         fail("--transport grpc needs --peers FILE and --certs DIR (or use `clicooper launch`)")
     try:
         deployment = deploy.Deployment.from_file(peers, certs, **deploy.peers_timeouts(peers))
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         fail(str(exc).splitlines()[0])
     return functools.partial(run, deployment=deployment)
 

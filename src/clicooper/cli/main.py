@@ -117,7 +117,7 @@ def run(
     overwrite: Annotated[bool, Opt(help="replace a run already in --out")] = False,
     transport: Annotated[str | None, Opt(help="inprocess or grpc (with --peers, --certs)")] = None,
     peers: Annotated[Path | None, Opt(help="peers file of served parties (grpc)")] = None,
-    certs: Annotated[Path | None, Opt(help="certificate directory (grpc)")] = None,
+    certs: Annotated[Path | None, Opt(help="the data owner's own bundle, OUT/do (grpc)")] = None,
 ) -> None:
     """Train with every party in this process (the embedded default)."""
     flags = config_overrides(locals())

@@ -15,7 +15,8 @@ Pieces:
   epoch (at start and after a failure, see :mod:`clicooper.runtime.driver`
   for the resume protocol), sets them up, and shuts them down;
 * :func:`launch` starts every trainer and the verifier as its own process on
-  127.0.0.1 with fresh certificates and runs the data owner in this process.
+  127.0.0.1 with fresh certificates (each process gets only its own bundle)
+  and runs the data owner in this process.
 
 Moving parties between epochs. The owner first asks every live party, in the
 old epoch, to ``rekey`` to epoch e; then it switches itself and pings each
@@ -60,7 +61,11 @@ from clicooper.parties.verifier import Verifier
 from clicooper.parties.watermarking import TrainerChain
 from clicooper.privacy import gradient
 from clicooper.runtime import checkpoint as ckpt
-from clicooper.runtime.certs import create_certificates, validate_party_name
+from clicooper.runtime.certs import (
+    create_certificates,
+    load_party_credentials,
+    validate_party_name,
+)
 from clicooper.runtime.transport.base import Party, Transport
 from clicooper.runtime.transport.grpc import GrpcTransport
 
@@ -103,7 +108,9 @@ class Deployment:
 
     @classmethod
     def from_file(cls, peers_file: Path, certs_dir: Path, **timeouts: float) -> Deployment:
+        """The data owner's deployment; ``certs_dir`` must be its own bundle (``OUT/do``)."""
         session, peers = read_peers(peers_file)
+        load_party_credentials(Path(certs_dir), "do")  # refuses the CA key or another's key
         return cls(peers, session, Path(certs_dir), **timeouts)
 
 
@@ -658,11 +665,20 @@ class Launcher:
         self.send_timeout = send_timeout
         self.children: dict[str, Child] = {}
 
+    def bundle(self, name: str) -> Path:
+        """``name``'s own certificate bundle: the only one its process is given."""
+        return self.certs_dir / name
+
     def prepare(self) -> None:
-        """Certificates (dir 0700, keys 0600), peers file, config file, log directory."""
+        """Certificates (one bundle per party), peers file, config file, log directory.
+
+        The session CA's key is never written: every bundle is issued here at
+        once, so no party, nor anything left in the run directory, can issue
+        itself another certificate.
+        """
         from clicooper.privacy.secrets import private_dir
 
-        create_certificates(["do", *self.names], private_dir(self.certs_dir))
+        create_certificates(["do", *self.names], private_dir(self.certs_dir), keep_ca_key=False)
         self.deploy_dir.mkdir()
         (self.out_dir / "logs").mkdir()
         write_peers(self.deploy_dir / "peers.toml", self.session, self.peers)
@@ -686,7 +702,7 @@ class Launcher:
             "--listen",
             self.peers[name],
             "--certs",
-            str(self.certs_dir),
+            str(self.bundle(name)),
             "--peers",
             str(self.deploy_dir / "peers.toml"),
             "--out",
@@ -747,7 +763,7 @@ class Launcher:
         return Deployment(
             self.peers,
             self.session,
-            self.certs_dir,
+            self.bundle("do"),
             send_timeout=self.send_timeout,
             step_timeout=step_timeout,
             resume_timeout=resume_timeout,
@@ -826,7 +842,8 @@ def launch(
 ) -> Any:
     """Run a whole session with each trainer and the verifier in its own process.
 
-    Fresh certificates go to ``out_dir/certs``; every process listens on a free
+    Fresh certificates go to ``out_dir/certs``, one bundle per party (each process
+    is given only its own; the CA key is not kept); every process listens on a free
     port of 127.0.0.1; the data owner runs here. Every process started is
     stopped on return, on an error, on Ctrl-C, SIGTERM or SIGHUP, and each
     child also exits by itself if this process dies.
