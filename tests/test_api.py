@@ -1,0 +1,73 @@
+"""The Python API: a model given as its segments, errors for bad ones, torch state restored."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from cc_helpers import quick_config
+from torch import nn
+
+import clicooper
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _segments(n_outputs):
+    head = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU())
+    return [head, nn.Sequential(nn.Linear(32, 32), nn.ReLU()), nn.Linear(32, n_outputs)]
+
+
+def test_a_list_of_segments_trains_and_each_trainer_holds_its_own(tmp_path, small_digits):
+    cfg = quick_config(mode="vanilla", trainers=2, epochs=10, lr=3e-3)
+    session = clicooper.train(cfg, tmp_path, data=small_digits, model=_segments)
+    assert session.results["accuracy"]["test"] > 0.5  # chance 0.1
+    shapes = [tuple(t.segment.state_dict()["weight" if i else "0.weight"].shape)
+              for i, t in enumerate(session.trainers)]  # fmt: skip
+    assert shapes == [(32, 32), (10, 32)]
+
+
+@pytest.mark.parametrize(
+    "model,cuts,needle",
+    [
+        (lambda n: _segments(n)[:2], None, "needs 3 nn.Module entries"),
+        (lambda n: [*_segments(n)[:2], "not a module"], None, "needs 3 nn.Module entries"),
+        (_segments, [1, 2], "cuts apply to an nn.Sequential"),
+        (lambda n: nn.Sequential(*_segments(n)), None, "with cuts=[...]"),
+        (lambda n: nn.Sequential(*_segments(n)), [1], "one cut index per trainer"),
+    ],
+)
+def test_bad_models_are_refused_before_the_run_directory_is_made(
+    tmp_path, small_digits, model, cuts, needle
+):
+    cfg = quick_config(trainers=2)
+    with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace(".", r"\.")):
+        clicooper.train(cfg, tmp_path / "run", data=small_digits, model=model, cuts=cuts)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_restores_torch_threads_and_rng(tmp_path, small_digits):
+    torch.set_num_threads(2)
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    cfg = quick_config(mode="vanilla", epochs=1, threads=1, seed=7)
+    clicooper.train(cfg, tmp_path, data=small_digits)
+    assert torch.get_num_threads() == 2
+    assert torch.equal(torch.rand(3), expected)
+    torch.set_num_threads(1)
+
+
+def test_rgb_example_runs(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "rgb_segments.py"), str(tmp_path / "ex")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "image shape (3, 32, 32)" in proc.stdout
+    acc = float(proc.stdout.split("test accuracy ")[1].split(",")[0])
+    assert acc > 0.8, proc.stdout  # chance 0.25; four runs of 12 epochs reached 1.0
+    assert "ledger verified" in proc.stdout
