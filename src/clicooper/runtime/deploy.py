@@ -63,6 +63,7 @@ from clicooper.runtime import checkpoint as ckpt
 from clicooper.runtime.certs import create_certificates, validate_party_name
 from clicooper.runtime.transport.base import Party, Transport
 from clicooper.runtime.transport.grpc import GrpcTransport
+from clicooper.watermark.anchor import fingerprint
 
 log = logging.getLogger(__name__)
 JOIN = "join"
@@ -406,6 +407,7 @@ class PartyHost(Party):
             verifier = Verifier.resume(self.out_dir, *args)
         else:
             verifier = Verifier(self.out_dir, *args)
+        log.info("verifier: trust anchor %s (publish it)", fingerprint(verifier.key.public_bytes()))
         ckpt.attach_verifier(verifier, self._checkpoint_dir(resume))
         return verifier
 
