@@ -217,6 +217,17 @@ def check_bits(bits: int | None) -> None:
             fail(f"--bits: {exc}")
 
 
+def one_line(text: object) -> str:
+    """``text`` as one line of plain text for the console: whitespace folded, markup escaped.
+
+    Verification messages quote a run directory that anyone may have edited; rich must
+    neither break them over lines nor read them as markup.
+    """
+    from rich.markup import escape
+
+    return escape(" ".join(str(text).split()))
+
+
 def holds_line(report: VerifyReport, secrets: Path) -> str:
     """The last line of a verification that holds: what it did and did not establish."""
     parts = [f"chain holds: {len(report.lines)} records verified"]
@@ -231,7 +242,7 @@ def holds_line(report: VerifyReport, secrets: Path) -> str:
             "self-consistent but UNANCHORED: pass --anchor with the fingerprint published when "
             f"the session ran (this ledger's verifier key: {report.verifier_fingerprint})"
         )
-    return "; ".join(parts)
+    return one_line("; ".join(parts))
 
 
 @app.command()
@@ -267,8 +278,8 @@ def verify(
         table.add_row(
             str(line.seq),
             str(line.stage),
-            line.party,
-            line.kind,
+            one_line(line.party),
+            one_line(line.kind),
             mark[line.signature_ok],
             mark[line.link_ok],
             mark[line.hash_ok],
@@ -278,7 +289,7 @@ def verify(
 
     console.print(table)
     if not report.ok:
-        fail(f"chain does not hold: {report.first_failure}", code=1)
+        fail(f"chain does not hold: {one_line(report.first_failure)}", code=1)
     console.print(holds_line(report, secrets_file), highlight=False, soft_wrap=True)
 
 
@@ -338,17 +349,21 @@ def claim(
     except (ValueError, OSError) as exc:
         fail(str(exc).splitlines()[0])
     try:
-        with Ledger.open(run_dir / "ledger.sqlite", readonly=True) as ledger:
-            report = verify_run(run_dir, cfg.watermark, secrets_file, None, expected, ledger)
-            refused = _refusal(report, secrets_file)
-            if refused:
-                fail(f"claim refused: {refused}", code=1)
-            if bits is not None and bits != ledger.watermark_bits:
-                fail(f"--bits {bits} is not the ledger's signed B = {ledger.watermark_bits}")
-            inputs = claim_inputs(ledger, party, report)
-            n_bits = ledger.watermark_bits
+        ledger = Ledger.open(run_dir / "ledger.sqlite", readonly=True)
     except LedgerError as exc:
-        fail(str(exc).splitlines()[0])
+        fail(f"claim refused: the run does not verify: {one_line(exc)}", code=1)
+    with ledger:
+        report = verify_run(run_dir, cfg.watermark, secrets_file, None, expected, ledger)
+        refused = _refusal(report, secrets_file)
+        if refused:
+            fail(f"claim refused: {one_line(refused)}", code=1)
+        if bits is not None and bits != ledger.watermark_bits:
+            fail(f"--bits {bits} is not the ledger's signed B = {ledger.watermark_bits}")
+        try:
+            inputs = claim_inputs(ledger, party, report)
+        except LedgerError as exc:  # the ledger holds, but not for this party
+            fail(one_line(exc))
+        n_bits = ledger.watermark_bits
     result = run_claim(
         suspect,
         claimant_secret,
@@ -362,10 +377,10 @@ def claim(
     )
     ber = "-" if result.ber is None else f"{result.ber:.4f}"
     console.print(
-        f"party {party}, stage {inputs.stage}, tensor {inputs.param_name}: matching bits "
-        f"{result.matching}/{result.n_bits}, BER {ber}, p-value {result.p_value:.3g}"
+        f"party {one_line(party)}, stage {inputs.stage}, tensor {one_line(inputs.param_name)}: "
+        f"matching bits {result.matching}/{result.n_bits}, BER {ber}, p-value {result.p_value:.3g}"
     )
-    console.print(result.reason)
+    console.print(one_line(result.reason))
     if not result.holds:
         raise typer.Exit(1)
 
