@@ -50,6 +50,10 @@ SCHEMA_VERSION = 2
 APPLICATION_ID = 0x436C4350
 COMMITMENT_BYTES = 32
 DEFAULT_WATERMARK_BITS = 256
+MAX_PARTIES = 1026  # do, up to 1024 trainers, verifier: far more than any chain needs
+MAX_META_ROWS = 64
+MAX_META_VALUE = 1024  # characters of one meta value (hex ids are 32 to 64)
+_ROW_TYPES = (int, int, str, str, str, str, bytes, bytes)
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -141,6 +145,8 @@ def describe_slot(slot: Slot) -> str:
 
 
 def _check_parties(parties: Sequence[tuple[str, bytes, bytes | None]]) -> None:
+    if len(parties) > MAX_PARTIES:
+        raise LedgerError(f"a ledger registers at most {MAX_PARTIES} parties")
     names = [name for name, _, _ in parties]
     n = len(names) - 2
     expected = ["do", *(f"t{i}" for i in range(1, n + 1)), "verifier"]
@@ -163,12 +169,6 @@ def _sqlite_errors(path: Path) -> Iterator[None]:
         yield
     except sqlite3.Error as exc:
         raise LedgerError(f"{path} is not a readable clicooper ledger ({exc})") from None
-
-
-MAX_PARTIES = 1026  # do, up to 1024 trainers, verifier: far more than any chain needs
-MAX_META_ROWS = 64
-MAX_META_VALUE = 1024  # characters of one meta value (hex ids are 32 to 64)
-_ROW_TYPES = (int, int, str, str, str, str, bytes, bytes)
 
 
 def _shown(value: object) -> str:

@@ -108,7 +108,7 @@ class VerifyReport:
 class _Settings:
     audit_dir: Path | None
     secrets: dict[str, bytes] | None
-    n_bits: int
+    n_bits: int | None  # None: the ledger's signed B
     ber_threshold: float
     param_names: dict[str, str]
 
@@ -147,7 +147,7 @@ def verify_ledger(
     settings = _Settings(
         audit_dir=None if audit_dir is None else Path(audit_dir),
         secrets=watermark_secrets,
-        n_bits=0 if n_bits is None else n_bits,
+        n_bits=n_bits,
         ber_threshold=ber_threshold,
         param_names=dict(param_names or {}),
     )
@@ -169,7 +169,8 @@ def _verify(
     expected_stages: int | None,
     anchor: Anchor | None,
 ) -> VerifyReport:
-    settings.n_bits = check_watermark_bits(settings.n_bits or ledger.watermark_bits)
+    wanted = ledger.watermark_bits if settings.n_bits is None else settings.n_bits
+    settings.n_bits = check_watermark_bits(wanted)
     head_failures, genesis, n_trainers = _check_head(ledger, settings.secrets, anchor)
     rows = _check_structure(ledger, genesis, n_trainers)
     tail_failures = _check_complete(rows, n_trainers, expected_stages)
