@@ -44,6 +44,7 @@ from clicooper.watermark.records import (
     canonical,
     from_canonical,
     link,
+    shown,
 )
 
 SCHEMA_VERSION = 2
@@ -171,12 +172,6 @@ def _sqlite_errors(path: Path) -> Iterator[None]:
         raise LedgerError(f"{path} is not a readable clicooper ledger ({exc})") from None
 
 
-def _shown(value: object) -> str:
-    """``repr`` of a stored value, cut short: error messages stay one short line."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
 def _read_meta(conn: sqlite3.Connection, path: Path) -> dict[str, str]:
     rows = conn.execute("SELECT key, value FROM meta").fetchmany(MAX_META_ROWS + 1)
     if len(rows) > MAX_META_ROWS:
@@ -184,7 +179,7 @@ def _read_meta(conn: sqlite3.Connection, path: Path) -> dict[str, str]:
     meta: dict[str, str] = {}
     for key, value in rows:
         if not isinstance(key, str) or not isinstance(value, str) or len(value) > MAX_META_VALUE:
-            raise LedgerError(f"{path}: malformed ledger meta row {_shown(key)}")
+            raise LedgerError(f"{path}: malformed ledger meta row {shown(key)}")
         meta[key] = value
     return meta
 
@@ -200,15 +195,15 @@ def _bits_value(value: str | None) -> int:
     if value is None:
         raise ValueError("meta watermark_bits is missing")
     if not value.isascii() or not value.isdigit() or len(value) > 6:
-        raise ValueError(f"meta watermark_bits {_shown(value)} is not a small decimal integer")
+        raise ValueError(f"meta watermark_bits {shown(value)} is not a small decimal integer")
     return check_watermark_bits(int(value))
 
 
 def _party_entry(name: object, index: object, key: object, com: object) -> PartyEntry:
     if not isinstance(name, str) or len(name) > 16:
-        raise ValueError(f"party name {_shown(name)} is not a short string")
+        raise ValueError(f"party name {shown(name)} is not a short string")
     if not isinstance(index, int) or not 0 <= index < MAX_PARTIES:
-        raise ValueError(f"party index {_shown(index)} of {name} is not 0 .. {MAX_PARTIES - 1}")
+        raise ValueError(f"party index {shown(index)} of {name} is not 0 .. {MAX_PARTIES - 1}")
     if not isinstance(key, str) or len(key) != 2 * PUBLIC_KEY_BYTES:
         raise ValueError(f"public key of {name} is not {2 * PUBLIC_KEY_BYTES} hex digits")
     if com is not None and (not isinstance(com, str) or len(com) != 2 * COMMITMENT_BYTES):
@@ -221,12 +216,12 @@ def _stored_row(row: tuple) -> StoredRow:
     for name, want, value in zip(_COLUMNS["records"], _ROW_TYPES, row, strict=True):
         if not isinstance(value, want) or isinstance(value, bool):
             raise LedgerError(
-                f"record row {_shown(row[0])}: column {name} holds {type(value).__name__}, "
+                f"record row {shown(row[0])}: column {name} holds {type(value).__name__}, "
                 f"not {want.__name__}"
             )
     stage, canonical_bytes = row[1], row[6]
     if not 1 <= stage <= MAX_STAGE:
-        raise LedgerError(f"record row {row[0]}: stage {_shown(stage)} is not 1 .. {MAX_STAGE}")
+        raise LedgerError(f"record row {row[0]}: stage {shown(stage)} is not 1 .. {MAX_STAGE}")
     if len(canonical_bytes) > MAX_CANONICAL_BYTES:
         raise LedgerError(
             f"record row {row[0]}: {len(canonical_bytes)} canonical bytes, "
@@ -353,7 +348,7 @@ class Ledger:
         meta = _read_meta(conn, self.path)
         if meta.get("schema_version") != str(SCHEMA_VERSION):
             raise LedgerError(
-                f"{self.path} has ledger schema version {_shown(meta.get('schema_version'))}; "
+                f"{self.path} has ledger schema version {shown(meta.get('schema_version'))}; "
                 f"this build reads version {SCHEMA_VERSION}"
             )
         try:

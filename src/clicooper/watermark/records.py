@@ -48,17 +48,17 @@ def kind_of(party: str) -> str:
         return KINDS[party]
     if TRAINER_NAME.fullmatch(party):
         return "trainer"
-    raise ValueError(f"unknown party {_shown(party)}: use do, t1..tn or verifier")
+    raise ValueError(f"unknown party {shown(party)}: use do, t1..tn or verifier")
 
 
 def trainer_index(party: str) -> int:
     """``i`` of trainer ``ti``."""
     if not TRAINER_NAME.fullmatch(party):
-        raise ValueError(f"{_shown(party)} is not a trainer name (t1..tn)")
+        raise ValueError(f"{shown(party)} is not a trainer name (t1..tn)")
     return int(party[1:])
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     """``repr`` cut short, so that a message about tampered input stays one short line."""
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -108,19 +108,19 @@ def _check_body(kind: str, body: Any) -> None:
         raise ValueError("record body must be a dict")
     for key, value in body.items():
         if not isinstance(key, str):
-            raise ValueError(f"record body keys must be strings, got {_shown(key)}")
+            raise ValueError(f"record body keys must be strings, got {shown(key)}")
         if not isinstance(value, Scalar):
             raise ValueError(
-                f"body field {_shown(key)} must be a JSON scalar, got {type(value).__name__}"
+                f"body field {shown(key)} must be a JSON scalar, got {type(value).__name__}"
             )
         if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"body field {_shown(key)} must be finite, got {value}")
+            raise ValueError(f"body field {shown(key)} must be finite, got {value}")
     for key, rule in _BODY_RULES[kind].items():
         if key not in body:
             raise ValueError(f"a {kind} record body needs {key!r}")
         if not rule(body[key]):
             raise ValueError(
-                f"body field {key!r} of a {kind} record is invalid: {_shown(body[key])}"
+                f"body field {key!r} of a {kind} record is invalid: {shown(body[key])}"
             )
 
 
@@ -142,9 +142,9 @@ class Record:
             raise ValueError("session_id must be a non-empty lowercase hex string")
         stage = self.stage
         if not isinstance(stage, int) or isinstance(stage, bool) or not 1 <= stage <= MAX_STAGE:
-            raise ValueError(f"stage must be an int in 1 .. {MAX_STAGE}, got {_shown(stage)}")
+            raise ValueError(f"stage must be an int in 1 .. {MAX_STAGE}, got {shown(stage)}")
         if not isinstance(self.party, str):
-            raise ValueError(f"party must be a string, got {_shown(self.party)}")
+            raise ValueError(f"party must be a string, got {shown(self.party)}")
         if kind_of(self.party) != self.kind:
             raise ValueError(
                 f"party {self.party} writes {kind_of(self.party)} records, not {self.kind!r}"
