@@ -44,6 +44,12 @@ def test_honest_run_verifies_with_one_stage_per_epoch(honest, cli_inprocess):
     code, err, out = cli_inprocess("verify", str(run_dir))
     assert code == 0, err
     assert "chain holds: 21 records" in err + out  # 3 stages x (do + 3 x (trainer + attest))
+    assert "UNANCHORED" in err.strip().splitlines()[-1]
+    anchor = (run_dir / "verifier" / "anchor.txt").read_text()
+    assert wm["anchor"] in anchor and wm["anchored"] and wm["bers_checked"]
+    code, err, _ = cli_inprocess("verify", str(run_dir), "--anchor", wm["anchor"])
+    assert code == 0, err
+    assert err.strip().splitlines()[-1].endswith(f"anchored to verifier key {wm['anchor']}")
 
 
 def test_stage_steps_setting_makes_more_stages(tmp_path, small_digits):
@@ -145,27 +151,34 @@ def test_not_a_ledger_is_one_line(copy, junk, cli_inprocess):
 def test_claims_by_the_owner_hold_and_others_fail(honest, tmp_path, cli_inprocess):
     run_dir, _ = honest
     seg = str(run_dir / "segments" / "t2.safetensors")
-    code, err, _ = cli_inprocess("claim", str(run_dir), "--party", "t2", "--segment", seg)
+    anchor = ("--anchor", str(run_dir / "verifier" / "anchor.txt"))
+    code, err, _ = cli_inprocess("claim", str(run_dir), "--party", "t2", "--segment", seg, *anchor)
     assert code == 0 and "the claim holds" in err
     # t1's secret on t2's segment (wrong owner): no claim
     other = tmp_path / "t1-secret"
     other.write_bytes((run_dir / "parties" / "t1" / "watermark.secret").read_bytes())
     code, err, _ = cli_inprocess(
-        "claim", str(run_dir), "--party", "t2", "--segment", seg, "--secret", str(other)
+        "claim", str(run_dir), "--party", "t2", "--segment", seg, "--secret", str(other), *anchor
     )
     assert code == 1 and "does not match the commitment" in err
     # an outsider with its own secret has no commitment in the ledger
     outsider = tmp_path / "outsider"
     outsider.write_bytes(torch.randint(0, 256, (32,), dtype=torch.uint8).numpy().tobytes())
     code, _, _ = cli_inprocess(
-        "claim", str(run_dir), "--party", "t2", "--segment", seg, "--secret", str(outsider)
+        "claim", str(run_dir), "--party", "t2", "--segment", seg, "--secret", str(outsider), *anchor
     )
     assert code == 1
     # the right secret against an unrelated segment of the same shape
     fresh = {k: torch.randn_like(v) * 0.1 for k, v in load_segment(seg).items()}
     save_segment(tmp_path / "fresh.safetensors", fresh)
     code, err, _ = cli_inprocess(
-        "claim", str(run_dir), "--party", "t2", "--segment", str(tmp_path / "fresh.safetensors")
+        "claim",
+        str(run_dir),
+        "--party",
+        "t2",
+        "--segment",
+        str(tmp_path / "fresh.safetensors"),
+        *anchor,
     )
     assert code == 1 and "does not hold" in err
 
@@ -180,6 +193,8 @@ def test_claim_and_verify_bad_input(tmp_path, honest, cli_inprocess):
         "t9",
         "--segment",
         str(honest[0] / "segments" / "t1.safetensors"),
+        "--anchor",
+        str(honest[0] / "verifier" / "anchor.txt"),
     )
     assert code == 2 and "secret" in err
 
@@ -193,8 +208,24 @@ def test_the_ledger_records_its_bits_for_verify_and_claim(tmp_path, small_digits
     code, err, _ = cli_inprocess("verify", str(run_dir), "--bits", "256")
     assert code == 1 and "bits_hash is not the hash" in err
     segment = str(run_dir / "segments" / "t2.safetensors")
-    code, err, out = cli_inprocess("claim", str(run_dir), "--party", "t2", "--segment", segment)
+    anchor = str(run_dir / "verifier" / "anchor.txt")
+    code, err, out = cli_inprocess(
+        "claim", str(run_dir), "--party", "t2", "--segment", segment, "--anchor", anchor
+    )
     assert code == 0 and "matching bits 64/64" in err + out
+    code, err, _ = cli_inprocess(  # B is signed: a claimant cannot choose another
+        "claim",
+        str(run_dir),
+        "--party",
+        "t2",
+        "--segment",
+        segment,
+        "--anchor",
+        anchor,
+        "--bits",
+        "32",
+    )
+    assert code == 2 and "not the ledger's signed B = 64" in err
 
 
 def test_small_marked_tensor_warns_once_per_trainer(tmp_path, small_digits):

@@ -277,3 +277,44 @@ def built_chain(tmp_path_factory: pytest.TempPathFactory) -> Chain:
 def chain(built_chain: Chain, tmp_path: Path) -> Chain:
     """A private copy of the session's chain that a test may tamper with."""
     return built_chain.relocated(tmp_path / "run")
+
+
+# ---- real runs on digits, anchored (issue 9: forgery, fabricated ledgers, tampering) -------
+@dataclass(frozen=True)
+class AnchoredRuns:
+    """Run A (B = 16 bits, 3 trainers, 3 stages), an unrelated run B, and A's trust anchor."""
+
+    a: Path
+    b: Path
+    anchor: str  # A's verifier key fingerprint, as printed at the end of the run
+
+
+@pytest.fixture(scope="session")
+def anchored_runs(tmp_path_factory: pytest.TempPathFactory) -> AnchoredRuns:
+    from cc_helpers import quick_config
+
+    from clicooper.data import load_dataset
+    from clicooper.runtime.session import run
+
+    root = tmp_path_factory.mktemp("anchored")
+    data = load_dataset("digits", seed=0).limit(300, 100, seed=0)
+    settings = {
+        "trainers": 3,
+        "batch_size": 10,
+        "watermark.bits": 16,
+        "watermark.strength": 0.01,
+        "privacy.noise_multiplier": 0.1,
+        "labels.mode": "keyed",
+    }
+    with one_thread():
+        session = run(quick_config(epochs=3, **settings), root / "a", data=data)
+        run(quick_config(epochs=1, seed=7, **settings), root / "b", data=data)
+    wm = session.results["watermark"]
+    assert wm["verified"] and wm["anchored"] and wm["stages"] == 3
+    return AnchoredRuns(root / "a", root / "b", wm["anchor"])
+
+
+@pytest.fixture()
+def run_a(anchored_runs: AnchoredRuns, tmp_path: Path) -> Path:
+    """A private copy of run A that a test may tamper with."""
+    return Path(shutil.copytree(anchored_runs.a, tmp_path / "a"))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from clicooper.watermark.chain import (
+    MAX_WATERMARK_BITS,
     bits_hash,
     frame,
     genesis_link,
@@ -28,20 +29,37 @@ KEYS = [os.urandom(32) for _ in range(4)]
 
 def test_genesis_is_deterministic_and_binds_every_input() -> None:
     sid, nonce = b"session-1", b"nonce-1"
-    base = genesis_link(sid, nonce, KEYS)
-    assert base == genesis_link(sid, nonce, list(KEYS)) and len(base) == 32
-    assert base == hashlib.sha256(frame(b"clicooper-v1", sid, nonce, *KEYS)).digest()
+    coms = [None, os.urandom(32), os.urandom(32), None]  # do, t1, t2, verifier
+    base = genesis_link(sid, nonce, KEYS, coms, 256)
+    assert base == genesis_link(sid, nonce, list(KEYS), list(coms), 256) and len(base) == 32
+    pairs = [f for k, c in zip(KEYS, coms, strict=True) for f in (k, c or b"")]
+    assert base == hashlib.sha256(frame(b"clicooper-v2/genesis", sid, nonce, 256, *pairs)).digest()
     variants = [
-        genesis_link(b"session-2", nonce, KEYS),
-        genesis_link(sid, b"nonce-2", KEYS),
-        genesis_link(sid, nonce, KEYS[::-1]),
-        genesis_link(sid, nonce, KEYS[:-1]),
+        genesis_link(b"session-2", nonce, KEYS, coms, 256),
+        genesis_link(sid, b"nonce-2", KEYS, coms, 256),
+        genesis_link(sid, nonce, KEYS[::-1], coms, 256),
+        genesis_link(sid, nonce, KEYS[:-1], coms[:-1], 256),
+        genesis_link(sid, nonce, KEYS, [None, coms[2], coms[1], None], 256),  # commitments
+        genesis_link(sid, nonce, KEYS, [None, os.urandom(32), coms[2], None], 256),
+        genesis_link(sid, nonce, KEYS, coms, 255),  # B
     ]
-    assert base not in variants
+    assert base not in variants and len(set(variants)) == len(variants)
+
+
+def test_genesis_refuses_unbounded_or_mismatched_inputs() -> None:
+    coms = [None] * len(KEYS)
+    for bits in (0, -1, MAX_WATERMARK_BITS + 1, 10**12, True):
+        with pytest.raises(ValueError, match="watermark bits B must be"):
+            genesis_link(b"s", b"n", KEYS, coms, bits)
+    with pytest.raises(ValueError, match="one commitment"):
+        genesis_link(b"s", b"n", KEYS, coms[:-1], 256)
+    with pytest.raises(ValueError, match="watermark bits B must be"):
+        target_bits(os.urandom(32), os.urandom(32), 1, 1, 10**12)  # never a hang
 
 
 def test_framing_is_unambiguous() -> None:
-    assert genesis_link(b"ab", b"c", KEYS) != genesis_link(b"a", b"bc", KEYS)
+    coms = [None] * len(KEYS)
+    assert genesis_link(b"ab", b"c", KEYS, coms, 8) != genesis_link(b"a", b"bc", KEYS, coms, 8)
     assert frame(b"ab", b"c") != frame(b"a", b"bc")
     assert frame(7) == b"\x00\x00\x00\x017"
 

@@ -9,18 +9,31 @@ import torch
 from scipy.stats import binom
 from torch import nn
 
+from clicooper.watermark.anchor import Anchor
 from clicooper.watermark.claim import ClaimResult, claim, claim_inputs
 from clicooper.watermark.embed import StageWatermark
 from clicooper.watermark.keys import commitment
 from clicooper.watermark.ledger import Ledger, LedgerError
 from clicooper.watermark.records import link
+from clicooper.watermark.verify import VerifyReport, verify_ledger
+
+
+def anchored_report(chain, ledger: Ledger) -> VerifyReport:
+    """The full verification, anchored to the chain's real verifier key."""
+    return verify_ledger(
+        ledger,
+        chain.audit_dir,
+        chain.final_dir,
+        chain.secrets,
+        anchor=Anchor(chain.keys["verifier"].public_bytes()),
+    )
 
 
 def claim_t1(
     chain, state: dict[str, torch.Tensor], secret: bytes | None = None, **kw
 ) -> ClaimResult:
     with Ledger.open(chain.ledger_path, readonly=True) as ledger:
-        inputs = claim_inputs(ledger, "t1")
+        inputs = claim_inputs(ledger, "t1", anchored_report(chain, ledger))
     return claim(
         state,
         secret or chain.secrets["t1"],
@@ -28,7 +41,7 @@ def claim_t1(
         inputs.prev_link,
         inputs.party_index,
         inputs.stage,
-        inputs.param_name or "weight",
+        inputs.param_name,
         **kw,
     )
 
@@ -39,15 +52,29 @@ def final_t1(chain) -> dict[str, torch.Tensor]:
 
 def test_claim_inputs_come_from_the_latest_stage(built_chain) -> None:
     with Ledger.open(built_chain.ledger_path, readonly=True) as ledger:
-        inputs = claim_inputs(ledger, "t2")
+        report = anchored_report(built_chain, ledger)
+        assert report.ok and report.anchored and report.bers_checked
+        inputs = claim_inputs(ledger, "t2", report)
         records = ledger.records()
         assert (inputs.party_index, inputs.stage, inputs.param_name) == (2, 3, "weight")
         assert inputs.prev_link == link(records[9])  # last record of stage 2
         assert inputs.commitment == commitment(built_chain.secrets["t2"])
         with pytest.raises(LedgerError, match="not a trainer"):
-            claim_inputs(ledger, "do")
+            claim_inputs(ledger, "do", report)
         with pytest.raises(LedgerError, match="not registered"):
-            claim_inputs(ledger, "t9")
+            claim_inputs(ledger, "t9", report)
+
+
+def test_claim_inputs_refuse_an_unanchored_or_failed_verification(built_chain) -> None:
+    with Ledger.open(built_chain.ledger_path, readonly=True) as ledger:
+        unanchored = verify_ledger(ledger, built_chain.audit_dir, None, built_chain.secrets)
+        assert unanchored.ok and not unanchored.anchored
+        with pytest.raises(LedgerError, match="not checked against an anchor"):
+            claim_inputs(ledger, "t1", unanchored)
+        wrong = verify_ledger(ledger, anchor=Anchor(os.urandom(32)))
+        assert not wrong.ok and "trust anchor mismatch" in wrong.first_failure
+        with pytest.raises(LedgerError, match="trust anchor mismatch"):
+            claim_inputs(ledger, "t1", wrong)
 
 
 def test_claim_holds_on_the_watermarked_weights(built_chain) -> None:

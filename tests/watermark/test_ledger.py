@@ -53,6 +53,7 @@ class Kit:
                 "loss_last": 1.0,
                 "steps": 1,
                 "time": 1.0,
+                "param": "weight",
             },
             "attestation": {
                 "subject": "t1",
@@ -104,7 +105,11 @@ def kit(tmp_path: Path) -> Kit:
 def test_create_append_and_reopen(kit: Kit) -> None:
     assert kit.ledger.tip() == kit.ledger.genesis
     keys = [kit.keys[name].public_bytes() for name in NAMES]
-    assert kit.ledger.genesis == genesis_link(kit.session_id, kit.ledger.nonce, keys)
+    commitments = [entry.commitment for entry in kit.ledger.parties()]
+    assert kit.ledger.watermark_bits == 256
+    assert kit.ledger.genesis == genesis_link(
+        kit.session_id, kit.ledger.nonce, keys, commitments, 256
+    )
     kit.stage(1)
     kit.stage(2)
     records = kit.ledger.records()
@@ -282,12 +287,12 @@ def test_open_rejects_things_that_are_not_ledgers(tmp_path: Path, kit: Kit, tamp
         Ledger.open(foreign)
     kit.ledger.close()
     conn = tamper.raw_db(kit.path)
-    conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     conn.close()
-    with pytest.raises(LedgerError, match="schema version '2'"):
+    with pytest.raises(LedgerError, match="schema version '1'"):
         Ledger.open(kit.path)
     conn = tamper.raw_db(kit.path)
-    conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     conn.execute("ALTER TABLE records ADD COLUMN extra TEXT")
     conn.close()
     with pytest.raises(LedgerError, match="table records has columns"):

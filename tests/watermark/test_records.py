@@ -38,6 +38,7 @@ def trainer_record(**changes: object) -> Record:
             "loss_last": 0.5,
             "steps": 10,
             "time": 1700000000.5,
+            "param": "weight",
         },
     }
     fields.update(changes)
@@ -80,11 +81,17 @@ def test_sign_refuses_a_key_other_than_the_declared_one() -> None:
         ({"party": "mallory", "kind": "trainer"}, "unknown party"),
         ({"stage": 0}, "stage must be"),
         ({"stage": True}, "stage must be"),
+        ({"stage": 10**300}, "stage must be an int in 1 .. 1000000000"),
+        ({"party": "t" + "9" * 300, "kind": "trainer"}, "unknown party 't99999"),
         ({"prev": "AB" * 32}, "prev must be"),
         ({"public_key": "ab"}, "public_key must be"),
         ({"session_id": ""}, "session_id"),
         ({"signature": "00" * 10}, "signature must be"),
         ({"body": {"segment_hash": HEX}}, "needs 'bits_hash'"),
+        (  # the marked tensor's name is signed: verification and claims read it from here
+            {"body": {k: v for k, v in trainer_record().body.items() if k != "param"}},
+            "needs 'param'",
+        ),
         (
             {
                 "body": {
@@ -95,6 +102,7 @@ def test_sign_refuses_a_key_other_than_the_declared_one() -> None:
                     "loss_last": 0,
                     "steps": 1,
                     "time": 0,
+                    "param": "weight",
                 }
             },
             "'ber'",
@@ -109,6 +117,7 @@ def test_sign_refuses_a_key_other_than_the_declared_one() -> None:
                     "loss_last": 0,
                     "steps": 1,
                     "time": 0,
+                    "param": "weight",
                 }
             },
             "finite",
@@ -123,6 +132,7 @@ def test_sign_refuses_a_key_other_than_the_declared_one() -> None:
                     "loss_last": 0,
                     "steps": 1,
                     "time": 0,
+                    "param": "weight",
                 }
             },
             "JSON scalar",
@@ -179,6 +189,9 @@ def test_from_canonical_refuses_malformed_and_non_canonical_bytes() -> None:
             {**payload, "format": "other/v9"}, sort_keys=True, separators=(",", ":")
         ).encode(),
         "array": b"[]",
+        "deep nesting": b"[" * 100_000,
+        "too large": data[:-1] + b',"pad":"' + b"x" * 70_000 + b'"}',
+        "huge integer": data.replace(b'"stage":2', b'"stage":' + b"9" * 5000),
     }
     for name, blob in bad.items():
         with pytest.raises(ValueError):

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from clicooper.watermark.chain import save_segment
+from clicooper.watermark.anchor import Anchor, fingerprint
+from clicooper.watermark.chain import genesis_link, save_segment
 from clicooper.watermark.ledger import Ledger, StoredRow
 from clicooper.watermark.records import Record, canonical, from_canonical, link, sign
 from clicooper.watermark.verify import NOT_RETAINED, VerifyReport, verify_ledger
@@ -309,3 +310,64 @@ def test_not_a_ledger_gives_a_failing_report(tmp_path: Path) -> None:
     path.write_bytes(os.urandom(4096))
     report = verify_ledger(path)
     assert not report.ok and "not a readable clicooper ledger" in report.first_failure
+
+
+# ---- issue 9: anchor, signed B and commitments, signed param, unchecked BERs ---------------
+def test_anchor_is_checked_and_reported(chain) -> None:
+    key = chain.keys["verifier"].public_bytes()
+    report = full_verify(chain, anchor=Anchor(key))
+    assert report.ok and report.anchored and report.bers_checked
+    assert report.verifier_fingerprint == fingerprint(key)
+    assert not full_verify(chain).anchored  # self-consistent, unanchored
+    wrong = full_verify(chain, anchor=Anchor(os.urandom(32)))
+    assert not wrong.ok and not wrong.anchored
+    assert wrong.first_failure.startswith("trust anchor mismatch: the ledger's verifier key")
+    assert all(line.hash_ok is None for line in wrong.lines)  # no segment read on a bad head
+
+
+@pytest.mark.parametrize(
+    ("sql", "params"),
+    [
+        ("UPDATE meta SET value = '128' WHERE key = 'watermark_bits'", ()),
+        (
+            "UPDATE parties SET commitment = (SELECT commitment FROM parties WHERE name = 't2') "
+            "WHERE name = 't1'",
+            (),
+        ),
+        ("UPDATE parties SET commitment = ? WHERE name = 't2'", ("ab" * 32,)),
+    ],
+)
+def test_b_and_commitments_are_bound_into_the_genesis(chain, tamper, sql, params) -> None:
+    conn = tamper.raw_db(chain.ledger_path)
+    conn.execute(sql, params)
+    conn.close()
+    report = full_verify(chain, watermark_secrets=None)
+    assert report.first_failure.startswith("ledger meta: stored genesis link does not match")
+    assert all(line.hash_ok is None for line in report.lines)
+    # rewriting the stored genesis too only moves the failure to the first signed record
+    with Ledger.open(chain.ledger_path, readonly=True) as ledger:
+        parties = ledger.parties()
+        forged = genesis_link(
+            ledger.session_id,
+            ledger.nonce,
+            [p.public_key for p in parties],
+            [p.commitment for p in parties],
+            ledger.watermark_bits,
+        )
+    conn = tamper.raw_db(chain.ledger_path)
+    conn.execute("UPDATE meta SET value = ? WHERE key = 'genesis'", (forged.hex(),))
+    conn.close()
+    failed_at(full_verify(chain, watermark_secrets=None), 1, "prev is not the genesis link")
+
+
+def test_the_marked_tensor_is_the_signed_param(chain) -> None:
+    assert full_verify(chain, param_names={"t1": "weight"}).ok
+    report = full_verify(chain, param_names={"t1": "bias"})
+    failed_at(report, 2, "param_names gives 'bias', the signed record names 'weight'")
+
+
+def test_without_secrets_the_report_says_bers_were_not_checked(chain) -> None:
+    report = full_verify(chain, watermark_secrets=None)
+    assert report.ok and not report.bers_checked
+    assert all(line.ber is None for line in report.lines)
+    assert full_verify(chain).bers_checked

@@ -41,12 +41,13 @@ from clicooper.attacks.removal import magnitude_prune
 from clicooper.config import RunConfig
 from clicooper.data import Dataset, Split
 from clicooper.privacy.labels import LabelObfuscator
-from clicooper.runtime.session import Session, preset_factory
+from clicooper.runtime.session import Session, preset_factory, run_anchor, verify_run
 from clicooper.watermark import (
     ClaimInputs,
     ClaimResult,
     Ledger,
     StageWatermark,
+    VerifyReport,
     claim,
     claim_inputs,
     commitment,
@@ -127,7 +128,9 @@ class Lab:
         self.parties = [f"t{i}" for i in range(1, self.cfg.trainers + 1)]
         self.stolen = self.build()
         with Ledger.open(self.run_dir / "ledger.sqlite", readonly=True) as ledger:
-            self.claimants = {p: self._claimant(ledger, p) for p in self.parties}
+            anchor = run_anchor(self.run_dir)  # the lab's own run: its anchor file is trusted
+            report = verify_run(self.run_dir, self.cfg.watermark, anchor=anchor, ledger=ledger)
+            self.claimants = {p: self._claimant(ledger, p, report) for p in self.parties}
         steps_per_epoch = math.ceil(len(self.data.train) / self.batch_size)
         self.train_steps = self.cfg.epochs * steps_per_epoch
         self.stage_steps = self.cfg.watermark.stage_steps or steps_per_epoch
@@ -137,11 +140,11 @@ class Lab:
         assert self.cfg.batch_size is not None  # resolved in __init__
         return self.cfg.batch_size
 
-    def _claimant(self, ledger: Ledger, party: str) -> Claimant:
-        inputs = claim_inputs(ledger, party)
+    def _claimant(self, ledger: Ledger, party: str, report: VerifyReport) -> Claimant:
+        inputs = claim_inputs(ledger, party, report)
         secret = (self.run_dir / "parties" / party / SECRET_FILE).read_bytes()
         seg = load_segment(self.run_dir / "segments" / f"{party}.safetensors")
-        return Claimant(party, secret, inputs, tuple(seg[inputs.param_name or ""].shape))
+        return Claimant(party, secret, inputs, tuple(seg[inputs.param_name].shape))
 
     def build(self) -> nn.Sequential:
         """The whole stolen chain: the owner's head file and the trainers' segment files."""
@@ -175,7 +178,7 @@ class Lab:
             c.inputs.prev_link,
             c.inputs.party_index,
             c.inputs.stage,
-            c.inputs.param_name or "",
+            c.inputs.param_name,
             wm.bits,
             wm.claim_p_value,
             c.shape,
@@ -334,7 +337,7 @@ def overwrite(lab: Lab, loss: Loss, strength: float, factor: float) -> Row:
             os.urandom(32),
             i + 1,
             1,
-            c.inputs.param_name or "",
+            c.inputs.param_name,
             math.prod(c.shape),
             lab.cfg.watermark.bits,
             strength,

@@ -11,7 +11,7 @@ import contextlib
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from typer.exceptions import TyperException
@@ -21,6 +21,10 @@ from clicooper.cli.progress import console, summary_table, training_progress
 from clicooper.config import ConfigError, RunConfig
 from clicooper.data import DataError
 from clicooper.runtime.rundirs import RUNS_ROOT, new_run_dir, point_latest
+
+if TYPE_CHECKING:
+    from clicooper.watermark import VerifyReport
+    from clicooper.watermark.anchor import Anchor
 
 app = typer.Typer(
     add_completion=False,
@@ -144,6 +148,13 @@ def run(
         point_latest(out)
     console.print(summary_table(session.results))
     console.print(f"run directory: {out}")
+    anchor = (session.results.get("watermark") or {}).get("anchor")
+    if anchor:
+        console.print(
+            f"trust anchor (verifier key fingerprint): {anchor}\n"
+            f"publish it now; `clicooper verify {out} --anchor {anchor}` and `clicooper claim` "
+            "check the ledger against it"
+        )
 
 
 def _drop_if_empty(path: Path) -> None:
@@ -183,9 +194,66 @@ def main() -> None:
     sys.exit(code if isinstance(code, int) else 0)
 
 
+ANCHOR_HELP = (
+    "the verifier key's fingerprint published when the session ran (64 hex digits), "
+    "the raw key, or an anchor file kept apart from the run directory"
+)
+
+
+def parse_anchor(value: str) -> Anchor:
+    """``--anchor`` as an :class:`Anchor`; exit 2 with one line when it is not one."""
+    from clicooper.watermark.anchor import Anchor
+
+    try:
+        return Anchor.parse(value)
+    except (ValueError, OSError) as exc:
+        fail(str(exc).splitlines()[0])
+        raise  # unreachable
+
+
+def check_bits(bits: int | None) -> None:
+    """``--bits`` within the ledger's bound (exit 2 otherwise)."""
+    from clicooper.watermark.chain import check_watermark_bits
+
+    if bits is not None:
+        try:
+            check_watermark_bits(bits)
+        except ValueError as exc:
+            fail(f"--bits: {exc}")
+
+
+def one_line(text: object) -> str:
+    """``text`` as one line of plain text for the console: whitespace folded, markup escaped.
+
+    Verification messages quote a run directory that anyone may have edited; rich must
+    neither break them over lines nor read them as markup.
+    """
+    from rich.markup import escape
+
+    return escape(" ".join(str(text).split()))
+
+
+def holds_line(report: VerifyReport, secrets: Path) -> str:
+    """The last line of a verification that holds: what it did and did not establish."""
+    parts = [f"chain holds: {len(report.lines)} records verified"]
+    if report.bers_checked:
+        parts.append("BERs re-checked")
+    else:
+        parts.append(f"BERs NOT re-checked (no watermark secrets at {secrets}: pass --secrets)")
+    if report.anchored:
+        parts.append(f"anchored to verifier key {report.verifier_fingerprint}")
+    else:
+        parts.append(
+            "self-consistent but UNANCHORED: pass --anchor with the fingerprint published when "
+            f"the session ran (this ledger's verifier key: {report.verifier_fingerprint})"
+        )
+    return one_line("; ".join(parts))
+
+
 @app.command()
 def verify(
     run_dir: Annotated[Path, typer.Argument(help="run directory holding ledger.sqlite")],
+    anchor: Annotated[str | None, Opt(help=ANCHOR_HELP)] = None,
     secrets: Annotated[
         Path | None, Opt(help="verifier's watermark secrets (default: RUN_DIR/verifier/...)")
     ] = None,
@@ -201,10 +269,10 @@ def verify(
     cfg = build_config(config, **{"watermark.ber_threshold": ber_threshold, "watermark.bits": bits})
     if not (run_dir / "ledger.sqlite").is_file():
         fail(f"{run_dir} has no ledger.sqlite: give the directory of a clicooper run")
-    try:
-        report = verify_run(run_dir, cfg.watermark, secrets, bits)
-    except ValueError as exc:
-        fail(str(exc).splitlines()[0])
+    expected = None if anchor is None else parse_anchor(anchor)
+    check_bits(bits)
+    secrets_file = _secrets_file(run_dir, secrets)
+    report = verify_run(run_dir, cfg.watermark, secrets_file, bits, expected)
     table = Table(title=f"ledger of {run_dir}")
     for column in ("seq", "stage", "party", "kind", "signature", "link", "hash", "BER", "verdict"):
         table.add_column(column)
@@ -215,8 +283,8 @@ def verify(
         table.add_row(
             str(line.seq),
             str(line.stage),
-            line.party,
-            line.kind,
+            one_line(line.party),
+            one_line(line.kind),
             mark[line.signature_ok],
             mark[line.link_ok],
             mark[line.hash_ok],
@@ -225,10 +293,18 @@ def verify(
         )
 
     console.print(table)
-    if report.ok:
-        console.print(f"chain holds: {len(report.lines)} records verified")
-        return
-    fail(f"chain does not hold: {report.first_failure}", code=1)
+    if not report.ok:
+        fail(f"chain does not hold: {one_line(report.first_failure)}", code=1)
+    console.print(holds_line(report, secrets_file), highlight=False, soft_wrap=True)
+
+
+def _secrets_file(run_dir: Path, secrets: Path | None) -> Path:
+    """``--secrets`` (which must exist), else the verifier's file in the run directory."""
+    from clicooper.parties.verifier import SECRETS_FILE
+
+    if secrets is not None and not secrets.is_file():
+        fail(f"no secrets file at {secrets}: pass the verifier's {SECRETS_FILE}")
+    return secrets or run_dir / "verifier" / SECRETS_FILE
 
 
 @app.command()
@@ -236,50 +312,91 @@ def claim(
     run_dir: Annotated[Path, typer.Argument(help="run directory holding ledger.sqlite")],
     party: Annotated[str, Opt(help="the claiming trainer, e.g. t1")],
     segment: Annotated[Path, Opt(help="suspect segment (.safetensors)")],
+    anchor: Annotated[str | None, Opt(help=f"required: {ANCHOR_HELP}")] = None,
     secret: Annotated[
         Path | None, Opt(help="the claimant's watermark secret (default: its party directory)")
     ] = None,
+    secrets: Annotated[
+        Path | None, Opt(help="verifier's watermark secrets (default: RUN_DIR/verifier/...)")
+    ] = None,
     p_value: Annotated[float | None, Opt(help="claim holds at or below this p-value")] = None,
-    bits: Annotated[int | None, Opt(help="watermark bits B (default: the ledger's)")] = None,
+    bits: Annotated[int | None, Opt(help="watermark bits B: must be the ledger's")] = None,
     config: Annotated[Path | None, Opt(help="TOML config; flags override it")] = None,
 ) -> None:
-    """Ownership claim on a suspect segment: exit 0 only when the claim holds."""
+    """Ownership claim on a suspect segment: exit 0 only when the claim holds.
+
+    The run is verified first, anchored (signatures, links, audit copies, BERs, final
+    segments); a ledger that does not verify is refused.
+    """
+    from clicooper.runtime.session import verify_run
     from clicooper.watermark import Ledger, LedgerError, claim_inputs, load_segment
     from clicooper.watermark import claim as run_claim
 
     cfg = build_config(config, **{"watermark.claim_p_value": p_value, "watermark.bits": bits})
+    if anchor is None:
+        fail(
+            "claim needs --anchor: pass the verifier key fingerprint published when the session "
+            "ran (a ledger in a run directory proves nothing by itself)"
+        )
+    expected = parse_anchor(anchor)
+    check_bits(bits)
     secret = secret or run_dir / "parties" / party / "watermark.secret"
     if not secret.is_file():
         fail(f"no watermark secret at {secret}: pass --secret FILE of the claiming trainer")
     if not segment.is_file():
         fail(f"no suspect segment at {segment}: give a .safetensors file")
+    if not (run_dir / "ledger.sqlite").is_file():
+        fail(f"{run_dir} has no ledger.sqlite: give the directory of a clicooper run")
+    secrets_file = _secrets_file(run_dir, secrets)
     try:
         suspect = load_segment(segment)
-        with Ledger.open(run_dir / "ledger.sqlite", readonly=True) as ledger:
-            inputs = claim_inputs(ledger, party)
-            n_bits = ledger.watermark_bits if bits is None else bits
-    except (LedgerError, ValueError, OSError) as exc:
+        claimant_secret = secret.read_bytes()
+    except (ValueError, OSError) as exc:
         fail(str(exc).splitlines()[0])
-    param = inputs.param_name or max(suspect, key=lambda k: suspect[k].numel())
+    try:
+        ledger = Ledger.open(run_dir / "ledger.sqlite", readonly=True)
+    except LedgerError as exc:
+        fail(f"claim refused: the run does not verify: {one_line(exc)}", code=1)
+    with ledger:
+        report = verify_run(run_dir, cfg.watermark, secrets_file, None, expected, ledger)
+        refused = _refusal(report, secrets_file)
+        if refused:
+            fail(f"claim refused: {one_line(refused)}", code=1)
+        if bits is not None and bits != ledger.watermark_bits:
+            fail(f"--bits {bits} is not the ledger's signed B = {ledger.watermark_bits}")
+        try:
+            inputs = claim_inputs(ledger, party, report)
+        except LedgerError as exc:  # the ledger holds, but not for this party
+            fail(one_line(exc))
+        n_bits = ledger.watermark_bits
     result = run_claim(
         suspect,
-        secret.read_bytes(),
+        claimant_secret,
         inputs.commitment,
         inputs.prev_link,
         inputs.party_index,
         inputs.stage,
-        param,
+        inputs.param_name,
         n_bits,
         cfg.watermark.claim_p_value,
     )
     ber = "-" if result.ber is None else f"{result.ber:.4f}"
     console.print(
-        f"party {party}, stage {inputs.stage}, tensor {param}: matching bits "
-        f"{result.matching}/{result.n_bits}, BER {ber}, p-value {result.p_value:.3g}"
+        f"party {one_line(party)}, stage {inputs.stage}, tensor {one_line(inputs.param_name)}: "
+        f"matching bits {result.matching}/{result.n_bits}, BER {ber}, p-value {result.p_value:.3g}"
     )
-    console.print(result.reason)
+    console.print(one_line(result.reason))
     if not result.holds:
         raise typer.Exit(1)
+
+
+def _refusal(report: VerifyReport, secrets: Path) -> str | None:
+    """Why a claim cannot rest on this verification (None: it can)."""
+    if not report.ok:
+        return f"the run does not verify: {report.first_failure}"
+    if not report.bers_checked:
+        return f"BERs were not re-checked (no verifier watermark secrets at {secrets})"
+    return None
 
 
 from clicooper.cli import deploy as _deploy  # noqa: E402,F401

@@ -35,6 +35,7 @@ from clicooper.watermark import (
     segment_hash,
     sign,
 )
+from clicooper.watermark.anchor import write_anchor
 from clicooper.watermark.records import trainer_index
 
 SECRETS_FILE = "watermark_secrets.json"
@@ -182,6 +183,7 @@ class Verifier(Party):
         self.ledger = Ledger.create(
             self.run_dir / "ledger.sqlite", self.session_id, self.nonce, parties, self.n_bits
         )
+        write_anchor(vdir, self.key.public_bytes())  # the trust anchor, apart from the ledger
         self._stage_links = {0: self.ledger.genesis}
 
     def _append(self, record: Record) -> bytes:

@@ -68,6 +68,7 @@ from clicooper.runtime.certs import (
 )
 from clicooper.runtime.transport.base import Party, Transport
 from clicooper.runtime.transport.grpc import GrpcTransport
+from clicooper.watermark.anchor import fingerprint
 
 log = logging.getLogger(__name__)
 JOIN = "join"
@@ -413,6 +414,7 @@ class PartyHost(Party):
             verifier = Verifier.resume(self.out_dir, *args)
         else:
             verifier = Verifier(self.out_dir, *args)
+        log.info("verifier: trust anchor %s (publish it)", fingerprint(verifier.key.public_bytes()))
         ckpt.attach_verifier(verifier, self._checkpoint_dir(resume))
         return verifier
 

@@ -39,8 +39,11 @@ from clicooper.runtime import checkpoint
 from clicooper.runtime.deploy import Deployment, Remote, party_settings, preset_split
 from clicooper.runtime.driver import Driver
 from clicooper.runtime.transport.inprocess import InProcessTransport
-from clicooper.watermark import PartyKey, VerifyReport, verify_ledger
+from clicooper.watermark import Ledger, PartyKey, VerifyReport, verify_ledger
+from clicooper.watermark.anchor import ANCHOR_FILE, Anchor, fingerprint
 from clicooper.watermark.embed import WatermarkWarning, capacity_note, select_weight, stage_note
+
+_MAX_SECRETS_BYTES = 1 << 20  # a secrets file of a thousand trainers is under 100 KiB
 
 ProgressFn = Callable[[int, int, int, float], None]
 ModelFactory = Callable[[int], SplitModel]  # n_outputs -> head and segments
@@ -473,8 +476,9 @@ def _open_chain(
 
 
 def _watermark_summary(chain: OwnerChain, out_dir: Path, wm: WatermarkConfig) -> dict[str, Any]:
-    """The verifier's verdicts and an offline verification of the finished run."""
-    report = verify_run(out_dir, wm)
+    """The verifier's verdicts, its trust anchor and an offline verification of the run."""
+    anchor = run_anchor(out_dir)
+    report = verify_run(out_dir, wm, anchor=anchor)
     last: dict[str, Any] = {}
     for verdict in chain.verdicts:
         last[verdict["party"]] = verdict
@@ -488,7 +492,45 @@ def _watermark_summary(chain: OwnerChain, out_dir: Path, wm: WatermarkConfig) ->
         "attestations_failed": sum(v["verdict"] != "ok" for v in chain.verdicts),
         "verified": report.ok,
         "first_failure": report.first_failure,
+        "anchor": None if anchor is None else fingerprint(anchor.value),
+        "anchored": report.anchored,
+        "bers_checked": report.bers_checked,
     }
+
+
+def run_anchor(run_dir: Path) -> Anchor | None:
+    """The verifier's anchor file of a run it just finished here (None when it ran elsewhere).
+
+    Only for the summary of the run that wrote it: a run directory that anyone else
+    controls proves nothing about its own anchor; verify and claim take it from outside.
+    """
+    path = run_dir / "verifier" / ANCHOR_FILE
+    if not path.is_file():
+        return None
+    try:
+        return Anchor.from_file(path)
+    except (OSError, ValueError):
+        return None
+
+
+def load_secrets(path: Path) -> dict[str, bytes] | None:
+    """The verifier's watermark secrets (``{"t1": hex, ...}``), or None when there is no file.
+
+    ValueError (one line) for a file that is not one: too large, not a flat JSON object of
+    hex strings.
+    """
+    if not path.is_file():
+        return None
+    problem = f"{path} is not a verifier secrets file"
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(_MAX_SECRETS_BYTES + 1)
+        if len(raw) > _MAX_SECRETS_BYTES:
+            raise ValueError(f"{problem} (over {_MAX_SECRETS_BYTES} bytes)")
+        parsed = json.loads(raw.decode("utf-8"))
+        return {str(k): bytes.fromhex(v) for k, v in parsed.items()}
+    except (ValueError, AttributeError, TypeError, RecursionError, OSError):
+        raise ValueError(problem) from None
 
 
 def verify_run(
@@ -496,28 +538,30 @@ def verify_run(
     wm: WatermarkConfig | None = None,
     secrets_file: Path | None = None,
     n_bits: int | None = None,
+    anchor: Anchor | None = None,
+    ledger: Ledger | None = None,
 ) -> VerifyReport:
     """Verify a run directory: ledger, audit copies, final segments, trainers' BER.
 
     ``n_bits`` overrides the watermark length the ledger records; ``wm`` gives the
-    BER threshold.
+    BER threshold; ``anchor`` the verifier key published when the session ran
+    (without it the report is not ``anchored``); ``ledger``: an open ledger of this
+    run (else ``run_dir/ledger.sqlite`` is opened). Never raises on a tampered run
+    directory: every problem is a failure of the report.
     """
     wm = wm or WatermarkConfig()
-    secrets_file = secrets_file or run_dir / "verifier" / SECRETS_FILE
-    secrets = None
-    if secrets_file.is_file():
-        try:
-            raw = json.loads(secrets_file.read_text())
-            secrets = {k: bytes.fromhex(v) for k, v in raw.items()}
-        except (ValueError, AttributeError, TypeError):
-            raise ValueError(f"{secrets_file} is not a verifier secrets file") from None
+    try:
+        secrets = load_secrets(secrets_file or run_dir / "verifier" / SECRETS_FILE)
+    except ValueError as exc:
+        return VerifyReport(ok=False, lines=[], first_failure=str(exc), failures=[str(exc)])
     return verify_ledger(
-        run_dir / "ledger.sqlite",
+        run_dir / "ledger.sqlite" if ledger is None else ledger,
         run_dir / "audit",
         run_dir / "segments",
         secrets,
         n_bits,
         wm.ber_threshold,
+        anchor=anchor,
     )
 
 

@@ -1,12 +1,14 @@
 """Dynamic chained watermarking (DESIGN section 5).
 
-Modules: :mod:`keys` (Ed25519 party keys, watermark secrets), :mod:`embed`
+Modules: :mod:`keys` (Ed25519 party keys, watermark secrets), :mod:`anchor` (the
+session's trust anchor: the verifier key, held apart from the ledger), :mod:`embed`
 (Uchida-style white-box watermark), :mod:`chain` (genesis link, per-stage
 target bits, canonical segment hashes), :mod:`records` (signed records),
 :mod:`ledger` (append-only SQLite ledger), :mod:`verify` (offline verification),
 :mod:`claim` (ownership claims).
 """
 
+from clicooper.watermark.anchor import Anchor, fingerprint
 from clicooper.watermark.chain import (
     bits_hash,
     genesis_link,
@@ -25,6 +27,7 @@ from clicooper.watermark.records import Record, canonical, from_canonical, link,
 from clicooper.watermark.verify import RecordCheck, VerifyReport, verify_ledger
 
 __all__ = [
+    "Anchor",
     "ClaimInputs",
     "ClaimResult",
     "Ledger",
@@ -40,6 +43,7 @@ __all__ = [
     "claim",
     "claim_inputs",
     "commitment",
+    "fingerprint",
     "from_canonical",
     "genesis_link",
     "link",

@@ -5,8 +5,13 @@ concatenation of ``u32be(len(f_j)) | f_j`` for each field, so no two different
 field lists share an encoding. Integers are framed as their decimal ASCII
 digits (``7`` -> ``b"7"``).
 
-- Genesis: ``L_0 = SHA-256(frame(b"clicooper-v1", session_id, nonce, pk_1, ..., pk_m))``
-  with the public keys in party order (``do``, ``t1`` .. ``tn``, ``verifier``).
+- Genesis: ``L_0 = SHA-256(frame(b"clicooper-v2/genesis", session_id, nonce, B,
+  pk_1, c_1, ..., pk_m, c_m))`` with the parties in order (``do``, ``t1`` .. ``tn``,
+  ``verifier``), ``pk_j`` the raw public key, ``c_j`` the watermark commitment of a
+  trainer (``b""`` for the others) and ``B`` the watermark bit count. Every record
+  chains from ``L_0`` and is signed, so every signature covers the keys, the
+  commitments and B. Fields come in fixed positions, then in pairs: no two inputs
+  share an encoding.
 - Target bits of trainer ``i`` for stage ``t`` after the previous stage's last
   link ``L``: with ``m = frame(L, i, t)``, block 0 is ``HMAC-SHA256(w_i, m)`` and
   block ``k >= 1`` is ``HMAC-SHA256(w_i, m | frame(k))``; the bits are the
@@ -20,6 +25,7 @@ digits (``7`` -> ``b"7"``).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +34,9 @@ from cryptography.hazmat.primitives import hashes, hmac
 from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
-DOMAIN = b"clicooper-v1"
+GENESIS_DOMAIN = b"clicooper-v2/genesis"
 LINK_BYTES = 32
+MAX_WATERMARK_BITS = 65536  # B is bounded so a tampered ledger cannot ask for 1e12 bits
 _BLOCK_BITS = 256
 
 
@@ -42,13 +49,36 @@ def frame(*fields: bytes | int) -> bytes:
     return bytes(out)
 
 
-def genesis_link(session_id: bytes, nonce: bytes, public_keys: list[bytes]) -> bytes:
-    """``L_0 = SHA-256(frame(b"clicooper-v1", session_id, nonce, *public_keys))``."""
+def check_watermark_bits(n_bits: object) -> int:
+    """``n_bits`` as an int in ``1 .. MAX_WATERMARK_BITS``; ValueError (one line) otherwise."""
+    if not isinstance(n_bits, int) or isinstance(n_bits, bool):
+        raise ValueError(f"watermark bits B must be an integer, got {n_bits!r}")
+    if not 1 <= n_bits <= MAX_WATERMARK_BITS:
+        raise ValueError(f"watermark bits B must be 1 .. {MAX_WATERMARK_BITS}, got {n_bits}")
+    return n_bits
+
+
+def genesis_link(
+    session_id: bytes,
+    nonce: bytes,
+    public_keys: Sequence[bytes],
+    commitments: Sequence[bytes | None],
+    watermark_bits: int,
+) -> bytes:
+    """``L_0`` of the module docstring: binds session, keys, commitments and B."""
     if not session_id or not nonce:
         raise ValueError("session id and nonce must be non-empty bytes")
     if not public_keys:
         raise ValueError("genesis needs the ordered public keys of every party")
-    return hashlib.sha256(frame(DOMAIN, session_id, nonce, *public_keys)).digest()
+    if len(commitments) != len(public_keys):
+        raise ValueError("genesis needs one commitment (or None) per public key")
+    pairs = [
+        field
+        for key, com in zip(public_keys, commitments, strict=True)
+        for field in (bytes(key), b"" if com is None else bytes(com))
+    ]
+    bits = check_watermark_bits(watermark_bits)
+    return hashlib.sha256(frame(GENESIS_DOMAIN, session_id, nonce, bits, *pairs)).digest()
 
 
 def _hmac(secret: bytes, message: bytes) -> bytes:
@@ -65,10 +95,9 @@ def target_bits(
         raise ValueError("watermark secret must be non-empty bytes")
     if len(prev_link) != LINK_BYTES:
         raise ValueError(f"prev link must be {LINK_BYTES} bytes, got {len(prev_link)}")
-    if party_index < 0 or stage < 1 or n_bits < 1:
-        raise ValueError(
-            f"need party_index >= 0, stage >= 1, n_bits >= 1 (got {party_index}, {stage}, {n_bits})"
-        )
+    if party_index < 0 or stage < 1:
+        raise ValueError(f"need party_index >= 0, stage >= 1 (got {party_index}, {stage})")
+    check_watermark_bits(n_bits)
     message = frame(prev_link, party_index, stage)
     n_blocks = -(-n_bits // _BLOCK_BITS)
     stream = b"".join(

@@ -9,7 +9,13 @@ null hypothesis (the suspect weights never saw ``(A, b)``) ``m ~ Binomial(B, 1/2
 so the claim holds when ``p = P[X >= m] <= p_threshold`` (default 1e-6).
 
 The secret alone proves nothing: the bits depend on the chain link, and the
-ledger's signed records prove when and by whom the stage was trained.
+ledger's signed records prove when and by whom the stage was trained. They prove
+it only for a ledger that verifies against the session's trust anchor (the
+verifier key published when it ran): :func:`claim_inputs` takes that report and
+refuses any other. Every input then comes from signed fields: ``L_{t-1}`` from the
+records, ``t`` is the ledger's last stage, the commitment and B are bound into
+``L_0``, and the marked tensor is the ``param`` the trainer signed. What freedom a
+claimant keeps, and why ``p <= 1e-6`` leaves margin for it, is in the README.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from clicooper.watermark.embed import StageWatermark
 from clicooper.watermark.keys import commitment as commit
 from clicooper.watermark.ledger import Ledger, LedgerError
 from clicooper.watermark.records import link, trainer_index
+from clicooper.watermark.verify import VerifyReport
 
 
 @dataclass(frozen=True)
@@ -47,7 +54,7 @@ class ClaimInputs:
     stage: int
     prev_link: bytes
     commitment: bytes
-    param_name: str | None
+    param_name: str
 
 
 def _rejected(n_bits: int, reason: str) -> ClaimResult:
@@ -93,11 +100,15 @@ def claim(
     return ClaimResult(holds, matching, n_bits, ber, p_value, reason)
 
 
-def claim_inputs(ledger: Ledger, party: str) -> ClaimInputs:
+def claim_inputs(ledger: Ledger, party: str, verified: VerifyReport) -> ClaimInputs:
     """The latest stage of trainer ``party`` in ``ledger`` and the link that closed the one before.
 
-    Run :func:`clicooper.watermark.verify.verify_ledger` first: this trusts the ledger.
+    ``verified``: the report of an anchored verification of this ledger (verify_ledger
+    with ``anchor``); LedgerError unless it holds and is anchored.
     """
+    if not (verified.ok and verified.anchored):
+        why = verified.first_failure if not verified.ok else "it was not checked against an anchor"
+        raise LedgerError(f"a claim needs a ledger that verifies, anchored: {why}")
     entry = ledger.party(party)
     if entry.commitment is None:
         raise LedgerError(f"{party} is not a trainer: only trainers hold watermarks")
@@ -109,11 +120,10 @@ def claim_inputs(ledger: Ledger, party: str) -> ClaimInputs:
             latest = record
     if latest is None:
         raise LedgerError(f"{party} has no records in this ledger: there is nothing to claim")
-    param = latest.body.get("param")
     return ClaimInputs(
         party_index=trainer_index(party),
         stage=latest.stage,
         prev_link=stage_end[latest.stage - 1],
         commitment=entry.commitment,
-        param_name=param if isinstance(param, str) else None,
+        param_name=str(latest.body["param"]),
     )

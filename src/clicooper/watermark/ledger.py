@@ -1,11 +1,13 @@
 """The verifier's append-only ledger: one SQLite file (stdlib ``sqlite3``).
 
-Schema version 1 (``PRAGMA application_id`` = 0x436C4350, "ClCP"):
+Schema version 2 (``PRAGMA application_id`` = 0x436C4350, "ClCP"):
 
-- ``meta(key, value)``: ``schema_version`` = "1", ``session_id``, ``nonce`` and
-  ``genesis`` (lowercase hex), and ``watermark_bits`` (B, decimal; 256 when absent).
-  B is not signed, and needs not be: every trainer record signs the hash of its bits,
-  so a wrong B only makes verification fail.
+- ``meta(key, value)``: ``schema_version`` = "2", ``session_id``, ``nonce`` and
+  ``genesis`` (lowercase hex), and ``watermark_bits`` (B, decimal, 1 .. 65536).
+  The genesis link ``L_0`` binds session id, nonce, B, every public key and every
+  commitment (:func:`clicooper.watermark.chain.genesis_link`); each record chains
+  from it and is signed, so none of these can change without breaking a signature.
+  (Version 1 left B and the commitments out of ``L_0``.)
 - ``parties(name, party_index, public_key, commitment)``: ``do`` (index 0),
   ``t1`` .. ``tn`` (index i), ``verifier`` (index n+1); hex public keys; trainers'
   watermark commitments ``SHA-256(w_i)`` in hex, NULL for the others.
@@ -18,7 +20,9 @@ stage 1, 2, ... in turn, each stage being ``do``, ``t1``, attestation of ``t1``,
 ``t2``, attestation of ``t2``, ..., ``tn``, attestation of ``tn``. Each append is
 one transaction, so a crash leaves the ledger as it was before the append.
 Triggers refuse UPDATE and DELETE (a guard against accidents; integrity rests on
-signatures and links, not on the file).
+signatures and links, not on the file). Reading is strict about types and sizes
+(every column, every meta value), so a tampered file gives a one-line
+:class:`LedgerError`, never another exception.
 """
 
 from __future__ import annotations
@@ -31,14 +35,26 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from clicooper.watermark.chain import genesis_link
+from clicooper.watermark.chain import check_watermark_bits, genesis_link
 from clicooper.watermark.keys import PUBLIC_KEY_BYTES, verify_signature
-from clicooper.watermark.records import Record, canonical, from_canonical, link
+from clicooper.watermark.records import (
+    MAX_CANONICAL_BYTES,
+    MAX_STAGE,
+    Record,
+    canonical,
+    from_canonical,
+    link,
+    shown,
+)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x436C4350
 COMMITMENT_BYTES = 32
 DEFAULT_WATERMARK_BITS = 256
+MAX_PARTIES = 1026  # do, up to 1024 trainers, verifier: far more than any chain needs
+MAX_META_ROWS = 64
+MAX_META_VALUE = 1024  # characters of one meta value (hex ids are 32 to 64)
+_ROW_TYPES = (int, int, str, str, str, str, bytes, bytes)
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -130,6 +146,8 @@ def describe_slot(slot: Slot) -> str:
 
 
 def _check_parties(parties: Sequence[tuple[str, bytes, bytes | None]]) -> None:
+    if len(parties) > MAX_PARTIES:
+        raise LedgerError(f"a ledger registers at most {MAX_PARTIES} parties")
     names = [name for name, _, _ in parties]
     n = len(names) - 2
     expected = ["do", *(f"t{i}" for i in range(1, n + 1)), "verifier"]
@@ -152,6 +170,66 @@ def _sqlite_errors(path: Path) -> Iterator[None]:
         yield
     except sqlite3.Error as exc:
         raise LedgerError(f"{path} is not a readable clicooper ledger ({exc})") from None
+
+
+def _read_meta(conn: sqlite3.Connection, path: Path) -> dict[str, str]:
+    rows = conn.execute("SELECT key, value FROM meta").fetchmany(MAX_META_ROWS + 1)
+    if len(rows) > MAX_META_ROWS:
+        raise LedgerError(f"{path}: ledger meta has more than {MAX_META_ROWS} rows")
+    meta: dict[str, str] = {}
+    for key, value in rows:
+        if not isinstance(key, str) or not isinstance(value, str) or len(value) > MAX_META_VALUE:
+            raise LedgerError(f"{path}: malformed ledger meta row {shown(key)}")
+        meta[key] = value
+    return meta
+
+
+def _hex_value(meta: dict[str, str], key: str) -> bytes:
+    value = bytes.fromhex(meta[key])
+    if not value:
+        raise ValueError(f"meta {key} is empty")
+    return value
+
+
+def _bits_value(value: str | None) -> int:
+    if value is None:
+        raise ValueError("meta watermark_bits is missing")
+    if not value.isascii() or not value.isdigit() or len(value) > 6:
+        raise ValueError(f"meta watermark_bits {shown(value)} is not a small decimal integer")
+    return check_watermark_bits(int(value))
+
+
+def _party_entry(name: object, index: object, key: object, com: object) -> PartyEntry:
+    if not isinstance(name, str) or len(name) > 16:
+        raise ValueError(f"party name {shown(name)} is not a short string")
+    if not isinstance(index, int) or not 0 <= index < MAX_PARTIES:
+        raise ValueError(f"party index {shown(index)} of {name} is not 0 .. {MAX_PARTIES - 1}")
+    if not isinstance(key, str) or len(key) != 2 * PUBLIC_KEY_BYTES:
+        raise ValueError(f"public key of {name} is not {2 * PUBLIC_KEY_BYTES} hex digits")
+    if com is not None and (not isinstance(com, str) or len(com) != 2 * COMMITMENT_BYTES):
+        raise ValueError(f"commitment of {name} is not {2 * COMMITMENT_BYTES} hex digits")
+    return PartyEntry(name, index, bytes.fromhex(key), None if com is None else bytes.fromhex(com))
+
+
+def _stored_row(row: tuple) -> StoredRow:
+    """A ``records`` row with each column of its schema type (the file may have been edited)."""
+    for name, want, value in zip(_COLUMNS["records"], _ROW_TYPES, row, strict=True):
+        if not isinstance(value, want) or isinstance(value, bool):
+            raise LedgerError(
+                f"record row {shown(row[0])}: column {name} holds {type(value).__name__}, "
+                f"not {want.__name__}"
+            )
+    stage, canonical_bytes = row[1], row[6]
+    if not 1 <= stage <= MAX_STAGE:
+        raise LedgerError(f"record row {row[0]}: stage {shown(stage)} is not 1 .. {MAX_STAGE}")
+    if len(canonical_bytes) > MAX_CANONICAL_BYTES:
+        raise LedgerError(
+            f"record row {row[0]}: {len(canonical_bytes)} canonical bytes, "
+            f"more than {MAX_CANONICAL_BYTES}"
+        )
+    if any(len(value) > 256 for value in row[2:6]):
+        raise LedgerError(f"record row {row[0]}: a text column is longer than 256 characters")
+    return StoredRow(*row)
 
 
 class Ledger:
@@ -193,13 +271,23 @@ class Ledger:
             ) from None
         except OSError as exc:
             raise LedgerError(f"cannot create {path} ({exc.strerror})") from None
-        genesis = genesis_link(session_id, nonce, [bytes(key) for _, key, _ in parties])
+        try:
+            bits = check_watermark_bits(watermark_bits)
+        except ValueError as exc:
+            raise LedgerError(str(exc)) from None
+        genesis = genesis_link(
+            session_id,
+            nonce,
+            [bytes(key) for _, key, _ in parties],
+            [None if com is None else bytes(com) for _, _, com in parties],
+            bits,
+        )
         meta = {
             "schema_version": str(SCHEMA_VERSION),
             "session_id": session_id.hex(),
             "nonce": nonce.hex(),
             "genesis": genesis.hex(),
-            "watermark_bits": str(int(watermark_bits)),
+            "watermark_bits": str(bits),
         }
         conn = None
         try:
@@ -257,24 +345,24 @@ class Ledger:
             found = [row[1] for row in conn.execute(f"PRAGMA table_info({table})")]
             if found != columns:
                 raise LedgerError(f"{self.path}: table {table} has columns {found}, want {columns}")
-        meta = dict(conn.execute("SELECT key, value FROM meta"))
+        meta = _read_meta(conn, self.path)
         if meta.get("schema_version") != str(SCHEMA_VERSION):
             raise LedgerError(
-                f"{self.path} has ledger schema version {meta.get('schema_version')!r}; "
+                f"{self.path} has ledger schema version {shown(meta.get('schema_version'))}; "
                 f"this build reads version {SCHEMA_VERSION}"
             )
         try:
-            self.session_id = bytes.fromhex(meta["session_id"])
-            self.nonce = bytes.fromhex(meta["nonce"])
-            self.genesis = bytes.fromhex(meta["genesis"])
-            self.watermark_bits = int(meta.get("watermark_bits", DEFAULT_WATERMARK_BITS))
-            self._parties = [
-                PartyEntry(
-                    name, int(i), bytes.fromhex(key), None if c is None else bytes.fromhex(c)
-                )
-                for name, i, key, c in conn.execute("SELECT * FROM parties ORDER BY party_index")
-            ]
-        except (KeyError, ValueError, TypeError) as exc:
+            self.session_id = _hex_value(meta, "session_id")
+            self.nonce = _hex_value(meta, "nonce")
+            self.genesis = _hex_value(meta, "genesis")
+            self.watermark_bits = _bits_value(meta.get("watermark_bits"))
+            rows = conn.execute("SELECT * FROM parties ORDER BY party_index").fetchmany(
+                MAX_PARTIES + 1
+            )
+            if len(rows) > MAX_PARTIES:
+                raise ValueError(f"more than {MAX_PARTIES} parties")
+            self._parties = [_party_entry(*row) for row in rows]
+        except (KeyError, ValueError, TypeError, OverflowError) as exc:
             raise LedgerError(f"{self.path}: malformed ledger meta or parties ({exc})") from None
         if not self._parties:
             raise LedgerError(f"{self.path}: ledger has no registered parties")
@@ -305,10 +393,10 @@ class Ledger:
         return sum(1 for entry in self._parties if entry.commitment is not None)
 
     def rows(self) -> list[StoredRow]:
-        """Every stored row, by ``seq``, exactly as stored."""
+        """Every stored row, by ``seq``, exactly as stored; LedgerError for a mistyped column."""
         with self._locked():
             rows = self._conn.execute("SELECT * FROM records ORDER BY seq").fetchall()
-        return [StoredRow(*row) for row in rows]
+        return [_stored_row(row) for row in rows]
 
     def records(self) -> list[Record]:
         """Every record in order (parsed from its canonical bytes and signature)."""
@@ -330,7 +418,7 @@ class Ledger:
 
     def _last(self) -> StoredRow | None:
         row = self._conn.execute("SELECT * FROM records ORDER BY seq DESC LIMIT 1").fetchone()
-        return None if row is None else StoredRow(*row)
+        return None if row is None else _stored_row(row)
 
     def tip(self) -> bytes:
         """Link of the last record, or the genesis link of an empty ledger."""

@@ -12,7 +12,8 @@ Body fields (JSON scalars; more keys may be added, and are signed too):
 
 - ``do``: ``head_hash`` (hex SHA-256), ``label_commitment`` (hex SHA-256), ``steps``, ``time``
 - trainer: ``segment_hash``, ``bits_hash`` (hex SHA-256), ``ber``, ``loss_mean``,
-  ``loss_last``, ``steps``, ``time``; optional ``param`` (the marked tensor's name)
+  ``loss_last``, ``steps``, ``time``, ``param`` (the marked tensor's name: signed,
+  so verification and claims read the watermark from the tensor the trainer named)
 - attestation: ``subject`` (trainer name), ``subject_link`` (hex), ``ber`` (or null),
   ``verdict`` (``"ok"`` / ``"fail"``), ``time``
 """
@@ -31,7 +32,9 @@ from clicooper.watermark.keys import PartyKey
 
 FORMAT = "clicooper-v1/record"
 KINDS = {"do": "do", "verifier": "attestation"}  # every other party (t1..tn) is a "trainer"
-TRAINER_NAME = re.compile(r"t[1-9][0-9]*")
+TRAINER_NAME = re.compile(r"t[1-9][0-9]{0,8}")
+MAX_STAGE = 10**9  # stages are numbered 1 .. MAX_STAGE (a bound on tampered input)
+MAX_CANONICAL_BYTES = 1 << 16  # an honest record's canonical bytes are under 1 KiB
 _HEX = re.compile(r"(?:[0-9a-f]{2})+")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _SIG_HEX = re.compile(r"(?:[0-9a-f]{128})?")
@@ -45,14 +48,20 @@ def kind_of(party: str) -> str:
         return KINDS[party]
     if TRAINER_NAME.fullmatch(party):
         return "trainer"
-    raise ValueError(f"unknown party {party!r}: use do, t1..tn or verifier")
+    raise ValueError(f"unknown party {shown(party)}: use do, t1..tn or verifier")
 
 
 def trainer_index(party: str) -> int:
     """``i`` of trainer ``ti``."""
     if not TRAINER_NAME.fullmatch(party):
-        raise ValueError(f"{party!r} is not a trainer name (t1..tn)")
+        raise ValueError(f"{shown(party)} is not a trainer name (t1..tn)")
     return int(party[1:])
+
+
+def shown(value: Any) -> str:
+    """``repr`` cut short, so that a message about tampered input stays one short line."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _is_number(value: Any) -> bool:
@@ -82,6 +91,7 @@ _BODY_RULES: dict[str, dict[str, Any]] = {
         "loss_last": _is_number,
         "steps": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
         "time": _is_number,
+        "param": lambda v: isinstance(v, str) and 0 < len(v) <= 256,
     },
     "attestation": {
         "subject": lambda v: isinstance(v, str) and TRAINER_NAME.fullmatch(v) is not None,
@@ -98,18 +108,20 @@ def _check_body(kind: str, body: Any) -> None:
         raise ValueError("record body must be a dict")
     for key, value in body.items():
         if not isinstance(key, str):
-            raise ValueError(f"record body keys must be strings, got {key!r}")
+            raise ValueError(f"record body keys must be strings, got {shown(key)}")
         if not isinstance(value, Scalar):
             raise ValueError(
-                f"body field {key!r} must be a JSON scalar, got {type(value).__name__}"
+                f"body field {shown(key)} must be a JSON scalar, got {type(value).__name__}"
             )
         if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"body field {key!r} must be finite, got {value}")
+            raise ValueError(f"body field {shown(key)} must be finite, got {value}")
     for key, rule in _BODY_RULES[kind].items():
         if key not in body:
             raise ValueError(f"a {kind} record body needs {key!r}")
         if not rule(body[key]):
-            raise ValueError(f"body field {key!r} of a {kind} record is invalid: {body[key]!r}")
+            raise ValueError(
+                f"body field {key!r} of a {kind} record is invalid: {shown(body[key])}"
+            )
 
 
 @dataclass(frozen=True)
@@ -128,10 +140,11 @@ class Record:
     def __post_init__(self) -> None:
         if not isinstance(self.session_id, str) or not _HEX.fullmatch(self.session_id):
             raise ValueError("session_id must be a non-empty lowercase hex string")
-        if not isinstance(self.stage, int) or isinstance(self.stage, bool) or self.stage < 1:
-            raise ValueError(f"stage must be an int >= 1, got {self.stage!r}")
+        stage = self.stage
+        if not isinstance(stage, int) or isinstance(stage, bool) or not 1 <= stage <= MAX_STAGE:
+            raise ValueError(f"stage must be an int in 1 .. {MAX_STAGE}, got {shown(stage)}")
         if not isinstance(self.party, str):
-            raise ValueError(f"party must be a string, got {self.party!r}")
+            raise ValueError(f"party must be a string, got {shown(self.party)}")
         if kind_of(self.party) != self.kind:
             raise ValueError(
                 f"party {self.party} writes {kind_of(self.party)} records, not {self.kind!r}"
@@ -198,14 +211,21 @@ def from_canonical(canonical_bytes: bytes, signature: bytes) -> Record:
     """The record whose canonical encoding is exactly ``canonical_bytes``.
 
     ValueError for anything malformed: not JSON, duplicate or missing or extra keys,
-    a wrong format tag, invalid fields, or bytes that are not in canonical form.
+    a wrong format tag, invalid fields, bytes that are not in canonical form, more
+    than ``MAX_CANONICAL_BYTES`` bytes, or nesting deeper than Python's parser takes.
     """
+    if len(canonical_bytes) > MAX_CANONICAL_BYTES:
+        raise ValueError(
+            f"record has {len(canonical_bytes)} bytes, more than {MAX_CANONICAL_BYTES}"
+        )
     try:
         payload = json.loads(
             bytes(canonical_bytes).decode("ascii"), object_pairs_hook=_no_duplicates
         )
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"record is not ASCII JSON: {exc}") from None
+    except ValueError as exc:  # not ASCII, not JSON, or an integer of over 4,300 digits
+        raise ValueError(f"record is not ASCII JSON: {str(exc)[:80]}") from None
+    except RecursionError:
+        raise ValueError("record JSON is nested too deeply") from None
     if not isinstance(payload, dict):
         raise ValueError("record JSON must be an object")
     if payload.pop("format", None) != FORMAT:

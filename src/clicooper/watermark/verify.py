@@ -5,7 +5,8 @@ A chain holds when, for every record ``r_k`` in ledger order:
 - its stored columns (stage, party, kind, prev, link) equal what its canonical
   encoding says, ``link = SHA-256(canonical | signature)``;
 - it is signed by the registered key of its party and carries that key;
-- ``prev(r_1) = L_0`` (recomputed from meta and parties) and
+- ``prev(r_1) = L_0``, recomputed from meta and parties (session id, nonce, B, every
+  public key and commitment: :func:`clicooper.watermark.chain.genesis_link`), and
   ``prev(r_k) = link(r_{k-1})``; it belongs to the ledger's session;
 - stages never go back and each stage is ``do, t1, attest(t1), ..., tn, attest(tn)``,
   each attestation's ``subject_link`` being the link of the record before it, and
@@ -20,9 +21,18 @@ A chain holds when, for every record ``r_k`` in ledger order:
 
 Also: the last stage is complete (else the ledger was truncated), every secret
 matches its commitment, and each ``segments/<party>.safetensors`` hashes to the
-last stage's record. The marked tensor is ``param_names[party]``, else the
-record's optional ``param`` field, else the state's largest floating tensor
-(ties by sorted name; record ``param`` to avoid ambiguity).
+last stage's record. The marked tensor is the one the trainer's signed record
+names (``param``); a ``param_names`` entry must agree with it.
+
+A self-consistent ledger proves nothing by itself: anyone can write one with fresh
+keys. With an ``anchor`` (the verifier key published when the session ran, see
+:mod:`clicooper.watermark.anchor`) the ledger's registered verifier key must match
+it; since every field above is signed and chained from ``L_0``, and the verifier
+attests every trainer record, a matching anchor pins the whole ledger. Segments
+and watermarks are checked only once the head (anchor, ``L_0``, secrets) holds and
+only for records whose signature verifies: unsigned data never names a file or B.
+The report says whether it was anchored and whether BERs were re-checked
+(they are not without the trainers' secrets and the audit directory).
 """
 
 from __future__ import annotations
@@ -33,8 +43,10 @@ from pathlib import Path
 
 import torch
 
+from clicooper.watermark.anchor import Anchor, fingerprint
 from clicooper.watermark.chain import (
     bits_hash,
+    check_watermark_bits,
     genesis_link,
     load_segment,
     segment_hash,
@@ -74,19 +86,29 @@ class RecordCheck:
 
 @dataclass
 class VerifyReport:
-    """``ok`` iff no failure; ``first_failure`` names record, stage, party and reason."""
+    """``ok`` iff no failure; ``first_failure`` names record, stage, party and reason.
+
+    ``anchored``: the ledger's verifier key matched the given anchor (``ok`` then means
+    the ledger is the anchored session's; without an anchor, only that it is
+    self-consistent). ``bers_checked``: every retained audit copy's watermark was
+    re-extracted with the trainers' secrets. ``verifier_fingerprint``: of the key
+    the ledger registers, to compare with the one published.
+    """
 
     ok: bool
     lines: list[RecordCheck]
     first_failure: str | None
     failures: list[str] = field(default_factory=list)
+    anchored: bool = False
+    bers_checked: bool = False
+    verifier_fingerprint: str | None = None
 
 
 @dataclass
 class _Settings:
     audit_dir: Path | None
     secrets: dict[str, bytes] | None
-    n_bits: int
+    n_bits: int | None  # None: the ledger's signed B
     ber_threshold: float
     param_names: dict[str, str]
 
@@ -115,47 +137,60 @@ def verify_ledger(
     ber_threshold: float = 0.05,
     param_names: dict[str, str] | None = None,
     expected_stages: int | None = None,
+    anchor: Anchor | None = None,
 ) -> VerifyReport:
     """Check the whole chain (module docstring); never raises on a bad ledger.
 
     A ledger cut cleanly after a complete stage is only detectable against an anchor
     outside it: the final segments (which match the true last stage) or ``expected_stages``.
     """
-    if not isinstance(ledger, Ledger):
-        try:
-            with Ledger.open(ledger, readonly=True) as opened:
-                return verify_ledger(
-                    opened,
-                    audit_dir,
-                    final_segments_dir,
-                    watermark_secrets,
-                    n_bits,
-                    ber_threshold,
-                    param_names,
-                    expected_stages,
-                )
-        except LedgerError as exc:
-            return VerifyReport(ok=False, lines=[], first_failure=str(exc), failures=[str(exc)])
     settings = _Settings(
         audit_dir=None if audit_dir is None else Path(audit_dir),
         secrets=watermark_secrets,
-        n_bits=ledger.watermark_bits if n_bits is None else n_bits,
+        n_bits=n_bits,
         ber_threshold=ber_threshold,
         param_names=dict(param_names or {}),
     )
-    head_failures, genesis, n_trainers = _check_head(ledger, watermark_secrets)
+    final_dir = None if final_segments_dir is None else Path(final_segments_dir)
+    try:
+        if isinstance(ledger, Ledger):
+            return _verify(ledger, settings, final_dir, expected_stages, anchor)
+        with Ledger.open(ledger, readonly=True) as opened:
+            return _verify(opened, settings, final_dir, expected_stages, anchor)
+    except (LedgerError, ValueError, OSError) as exc:  # a last guard; checks name their record
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return VerifyReport(ok=False, lines=[], first_failure=message, failures=[message])
+
+
+def _verify(
+    ledger: Ledger,
+    settings: _Settings,
+    final_dir: Path | None,
+    expected_stages: int | None,
+    anchor: Anchor | None,
+) -> VerifyReport:
+    wanted = ledger.watermark_bits if settings.n_bits is None else settings.n_bits
+    settings.n_bits = check_watermark_bits(wanted)
+    head_failures, genesis, n_trainers = _check_head(ledger, settings.secrets, anchor)
     rows = _check_structure(ledger, genesis, n_trainers)
     tail_failures = _check_complete(rows, n_trainers, expected_stages)
-    if not tail_failures:  # a truncated ledger is rejected before any segment is read
+    head_ok = not head_failures and bool(rows) and rows[0].link_ok and rows[0].record is not None
+    checked = head_ok and not tail_failures  # a truncated ledger: no segment is read
+    if checked:
         _check_segments(ledger, rows, genesis, settings)
-        if final_segments_dir is not None:
-            tail_failures += _check_final(rows, Path(final_segments_dir))
+        if final_dir is not None:
+            tail_failures += _check_final(rows, final_dir)
     failures = head_failures + [_failure(row) for row in rows if row.reasons] + tail_failures
+    verifier = next((e for e in ledger.parties() if e.name == "verifier"), None)
+    anchored = verifier is not None and anchor is not None and anchor.matches(verifier.public_key)
     return VerifyReport(
         ok=not failures,
         lines=[_line(row) for row in rows],
         first_failure=failures[0] if failures else None,
         failures=failures,
+        anchored=anchored,
+        bers_checked=checked and settings.secrets is not None and settings.audit_dir is not None,
+        verifier_fingerprint=None if verifier is None else fingerprint(verifier.public_key),
     )
 
 
@@ -181,18 +216,38 @@ def _line(row: _Row) -> RecordCheck:
 
 
 # ---- ledger head: parties, genesis, secrets ------------------------------------------------
-def _check_head(ledger: Ledger, secrets: dict[str, bytes] | None) -> tuple[list[str], bytes, int]:
+def _check_head(
+    ledger: Ledger, secrets: dict[str, bytes] | None, anchor: Anchor | None
+) -> tuple[list[str], bytes, int]:
     failures = []
     parties = ledger.parties()
+    by_name = {entry.name: entry for entry in parties}
+    if anchor is not None:
+        verifier = by_name.get("verifier")
+        if verifier is None:
+            failures.append("trust anchor: the ledger registers no verifier key")
+        elif not anchor.matches(verifier.public_key):
+            failures.append(
+                f"trust anchor mismatch: the ledger's verifier key has fingerprint "
+                f"{fingerprint(verifier.public_key)}, not the anchor {anchor}"
+            )
     names = [entry.name for entry in parties]
     n_trainers = len(names) - 2
     expected = ["do", *(f"t{i}" for i in range(1, n_trainers + 1)), "verifier"]
     if names != expected or [e.index for e in parties] != list(range(len(parties))):
         failures.append(f"ledger parties: {names} are not do, t1..tn, verifier in index order")
-    genesis = genesis_link(ledger.session_id, ledger.nonce, [e.public_key for e in parties])
+    genesis = genesis_link(
+        ledger.session_id,
+        ledger.nonce,
+        [e.public_key for e in parties],
+        [e.commitment for e in parties],
+        ledger.watermark_bits,
+    )
     if genesis != ledger.genesis:
-        failures.append("ledger meta: stored genesis link does not match session, nonce and keys")
-    by_name = {entry.name: entry for entry in parties}
+        failures.append(
+            "ledger meta: stored genesis link does not match session, nonce, B, keys "
+            "and commitments"
+        )
     for name, secret in sorted((secrets or {}).items()):
         entry = by_name.get(name)
         if entry is None or entry.commitment is None:
@@ -343,7 +398,7 @@ def _check_segments(ledger: Ledger, rows: list[_Row], genesis: bytes, cfg: _Sett
     commitments = {e.name: e.commitment for e in ledger.parties()}
     for row in rows:
         rec = row.record
-        if rec is None or rec.kind != "trainer":
+        if rec is None or rec.kind != "trainer" or not row.signature_ok:
             continue
         state = _audit_state(row, cfg.audit_dir, rec.stage == last_stage)
         secret = None if cfg.secrets is None else cfg.secrets.get(rec.party)
@@ -396,8 +451,12 @@ def _check_watermark(
         row.reasons.append(f"bits_hash is not the hash of stage {rec.stage}'s target bits")
     if state is None:
         return
-    name = cfg.param_names.get(rec.party) or rec.body.get("param") or _largest(state)
-    if not isinstance(name, str) or name not in state:
+    name = rec.body["param"]
+    override = cfg.param_names.get(rec.party)
+    if override is not None and override != name:
+        row.reasons.append(f"param_names gives {override!r}, the signed record names {name!r}")
+        return
+    if not isinstance(state.get(name), torch.Tensor):
         row.reasons.append(f"the audit copy has no tensor {name!r} to read the watermark from")
         return
     matrix = projection(secret, rec.stage, cfg.n_bits, state[name].numel())
@@ -407,11 +466,6 @@ def _check_watermark(
             f"BER {row.ber:.3f} on stage {rec.stage}'s bits is above {cfg.ber_threshold} "
             "(training skipped or weights swapped?)"
         )
-
-
-def _largest(state: dict[str, torch.Tensor]) -> str | None:
-    floats = sorted(k for k, v in state.items() if v.is_floating_point())
-    return max(floats, key=lambda k: state[k].numel()) if floats else None
 
 
 def _check_final(rows: list[_Row], final_dir: Path) -> list[str]:
