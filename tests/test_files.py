@@ -337,7 +337,9 @@ def test_no_secret_or_weights_file_of_a_run_is_readable_by_others(
     }
     assert expected <= set(private), sorted(set(expected) - set(private))
     assert any(n.startswith("owner/checkpoints/step-") for n in private)
-    loose = {name: f"{mode:o}" for name, mode in private.items() if mode != 0o600}
+    public = {"verifier/anchor.txt"}  # the trust anchor: a public key, meant to be published
+    assert public <= set(found)
+    loose = {n: f"{m:o}" for n, m in private.items() if m != 0o600 and n not in public}
     assert loose == {}
     for name in PRIVATE_DIRS:
         assert _mode(out / name) == 0o700, name
