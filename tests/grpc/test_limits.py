@@ -32,6 +32,11 @@ pytestmark = pytest.mark.timeout(90)
 KIB, MIB = 1 << 10, 1 << 20
 
 
+def _bundle(certs_dir: Path, party: str) -> Path:
+    """``party``'s credentials: its own bundle folder where ``certs init`` writes one."""
+    return certs_dir / party if (certs_dir / party).is_dir() else certs_dir
+
+
 class Stalled:
     """A ``Deliver`` stream from ``as_party`` that sends one chunk of two, then stalls.
 
@@ -41,8 +46,7 @@ class Stalled:
 
     def __init__(self, net, as_party: str, server: GrpcTransport) -> None:
         self.release = threading.Event()
-        creds = load_party_credentials(net.certs_dir, as_party)
-        ca, cert, key = creds
+        ca, cert, key = load_party_credentials(_bundle(net.certs_dir, as_party), as_party)
         self.channel = grpc.secure_channel(
             f"127.0.0.1:{server.port}",
             grpc.ssl_channel_credentials(ca, key, cert),
@@ -336,7 +340,7 @@ def test_limits_that_cannot_hold_a_message_are_refused(certs_dir: Path) -> None:
     with pytest.raises(ValueError, match="max_streams_per_peer 8 exceeds"):
         TransportLimits(max_concurrent_streams=4, max_streams_per_peer=8)
     with pytest.raises(ValueError, match="max_message_bytes"):
-        GrpcTransport("t1", "127.0.0.1:0", {}, certs_dir, "s", max_message_bytes=0)
+        GrpcTransport("t1", "127.0.0.1:0", {}, _bundle(certs_dir, "t1"), "s", max_message_bytes=0)
 
 
 # -- the inbox ------------------------------------------------------------------------------
@@ -364,8 +368,8 @@ def memory():
     fields = dict(line.split(":", 1) for line in open("/proc/self/status"))
     return {k: int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM")}
 
-certs, session, limits = sys.argv[1:4]
-t = GrpcTransport("t2", "127.0.0.1:0", {}, Path(certs), session,
+bundle, session, limits = sys.argv[1:4]
+t = GrpcTransport("t2", "127.0.0.1:0", {}, Path(bundle), session,
                   limits=TransportLimits.model_validate_json(limits)).start()
 print(json.dumps({"port": t.port, **memory()}), flush=True)
 sys.stdin.readline()  # the party does not read while the messages arrive
@@ -427,7 +431,13 @@ def test_20_messages_of_100_mib_keep_a_party_that_is_not_reading_under_its_bound
     script = tmp_path / "receiver.py"
     script.write_text(_RECEIVER)
     proc = subprocess.Popen(
-        [sys.executable, str(script), str(certs_dir), net.session, limits.model_dump_json()],
+        [
+            sys.executable,
+            str(script),
+            str(_bundle(certs_dir, "t2")),
+            net.session,
+            limits.model_dump_json(),
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=(tmp_path / "receiver.log").open("w"),
@@ -441,7 +451,7 @@ def test_20_messages_of_100_mib_keep_a_party_that_is_not_reading_under_its_bound
         with pytest.raises(ProtocolError, match="RESOURCE_EXHAUSTED.*limits.max_inbox_bytes"):
             t1.send(_msg(step=1, x=x))
         del x
-        creds = load_party_credentials(certs_dir, "t3")
+        creds = load_party_credentials(_bundle(certs_dir, "t3"), "t3")
         with open_channel(f"127.0.0.1:{start['port']}", "t2", creds) as ch:
             for step in range(2, 20):
                 made: list[int] = []

@@ -80,8 +80,8 @@ def scan_header(header: bytes) -> tuple[int, int]:
     header is not a JSON object of entries with ``data_offsets`` ``[begin, end]``.
     """
     try:
-        pairs = json.loads(header, object_pairs_hook=_Pairs)
-    except (ValueError, RecursionError) as exc:
+        pairs = _PAIRS_DECODER.decode(header.decode())
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise ProtocolError(f"malformed safetensors payload: header is not JSON ({exc})") from None
     if not isinstance(pairs, _Pairs):
         raise ProtocolError("malformed safetensors payload: header is not a JSON object")
@@ -102,6 +102,9 @@ def scan_header(header: bytes) -> tuple[int, int]:
 
 class _Pairs(list):
     """A JSON object read as its (key, value) pairs, told apart from a JSON array."""
+
+
+_PAIRS_DECODER = json.JSONDecoder(object_pairs_hook=_Pairs)
 
 
 def _is_span(value: Any) -> bool:

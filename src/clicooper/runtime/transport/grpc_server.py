@@ -222,24 +222,30 @@ class _Payload:
         return payload
 
     def _read_header(self, data: bytes, last: bool) -> None:
-        room = HEADER_LENGTH_BYTES + self.caps.max_header_bytes - len(self._head)
-        self._head += data[:room]
-        if len(self._head) < HEADER_LENGTH_BYTES:
+        if self._head or len(data) < HEADER_LENGTH_BYTES:  # the header spans chunks
+            room = HEADER_LENGTH_BYTES + self.caps.max_header_bytes - len(self._head)
+            self._head += data[:room]
+            data = self._head
+        if len(data) < HEADER_LENGTH_BYTES:
             if last:
                 self._malformed(f"{self.size} bytes, shorter than a header length")
             return
-        length = header_length(self._head)
+        length = header_length(data)
         end = HEADER_LENGTH_BYTES + length
-        if length > SAFETENSORS_MAX_HEADER or (
-            last and end > self.size
-        ):  # not a cap: a format error
+        if length > SAFETENSORS_MAX_HEADER or (last and end > self.size):  # not safetensors
             self._malformed(f"a {length}-byte header, {self.size} bytes received")
         if length > self.caps.max_header_bytes:
             self._over(f"a {length}-byte safetensors header", "max_header_bytes")
-        if len(self._head) < end:
+        if len(data) < end:
+            if not self._head:
+                self._head += data
             return
+        self._check_declared(bytes(data[HEADER_LENGTH_BYTES:end]), end)
+
+    def _check_declared(self, header: bytes, end: int) -> None:
+        """The caps on what the complete JSON header declares; fixes the total size."""
         try:
-            tensors, data_bytes = scan_header(bytes(self._head[HEADER_LENGTH_BYTES:end]))
+            tensors, data_bytes = scan_header(header)
         except ProtocolError as exc:
             _reject(grpc.StatusCode.INVALID_ARGUMENT, _one_line(str(exc)))
         if tensors > self.caps.max_tensors:
@@ -440,7 +446,7 @@ class Receiver:
         """Read one stream from the authenticated ``peer``, check it and queue it."""
         hold = _Hold(self.inbox)
         try:
-            header, payload = self._reassemble(peer, requests, hold)
+            header, meta, payload = self._reassemble(peer, requests, hold)
             tensors = _decode_payload(payload)
             del payload
             hold.release(hold.bytes // 2)  # the bytes are gone, their decoded copy stays
@@ -450,7 +456,7 @@ class Receiver:
                 sender=header.sender,
                 receiver=header.receiver,
                 tensors=tensors,
-                meta=_meta_object(header.meta_json),
+                meta=meta,
             )
             with self._lock:  # check-and-commit: one seq is accepted at most once
                 self._check_seq(header)
@@ -463,14 +469,14 @@ class Receiver:
 
     def _reassemble(
         self, peer: str, requests: Iterator[bytes], hold: _Hold
-    ) -> tuple[_Header, bytes]:
+    ) -> tuple[_Header, dict[str, Any], bytes]:
         header: _Header | None = None
         payload: _Payload | None = None
         received = 0
         for raw in requests:
             env = _parse(raw)
             if header is None:
-                header = self._check_header(_Header.of(env), peer)
+                header, meta = self._check_header(_Header.of(env), peer)
                 payload = _Payload(header.kind, self.limits, hold)
             elif _Header.of(env) != header:
                 _reject(grpc.StatusCode.INVALID_ARGUMENT, "chunk header differs from chunk 0")
@@ -484,9 +490,9 @@ class Receiver:
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"stream ended after {received} of {header.chunk_count} chunks",
             )
-        return header, payload.join()
+        return header, meta, payload.join()
 
-    def _check_header(self, header: _Header, peer: str) -> _Header:
+    def _check_header(self, header: _Header, peer: str) -> tuple[_Header, dict[str, Any]]:
         """Identity, route, session, kind, meta, framing and inbox room; cheap checks first."""
         denied = grpc.StatusCode.PERMISSION_DENIED
         if header.sender != peer:
@@ -507,13 +513,13 @@ class Receiver:
                 f"{header.kind} meta of {meta_bytes} bytes is over "
                 f"limits.{group}.max_meta_bytes {caps.max_meta_bytes}",
             )
-        _meta_object(header.meta_json)
+        meta = _meta_object(header.meta_json)
         if header.chunk_count < 1:
             _reject(grpc.StatusCode.INVALID_ARGUMENT, "chunk_count must be at least 1")
         self.inbox.check_count()
         with self._lock:  # early refusal of replays, before reading a large payload
             self._check_seq(header)
-        return header
+        return header, meta
 
     def _check_seq(self, header: _Header) -> None:
         expected = self._last_seq.get(header.sender, 0) + 1
