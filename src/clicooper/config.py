@@ -228,6 +228,19 @@ class TransportLimits(_Strict):
         max_tensors=1024, max_header_bytes=1 * MIB, max_bytes=256 * MIB, max_meta_bytes=256 * KIB
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_caps(cls, data: Any) -> Any:
+        """``work = {max_tensors = 8}`` changes one cap and keeps the group's other defaults."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for group in ("work", "control", "audit"):
+            if isinstance(data.get(group), dict):
+                default = cls.model_fields[group].default.model_dump()
+                data[group] = {**default, **data[group]}
+        return data
+
     @model_validator(mode="after")
     def _consistent(self) -> TransportLimits:
         if self.max_inbox_bytes < 2 * self.max_message_bytes:

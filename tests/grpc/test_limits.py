@@ -334,6 +334,13 @@ def test_every_kind_has_caps() -> None:
     assert {limits.caps(k.value)[0] for k in Kind} == {"work", "control", "audit"}
 
 
+def test_one_cap_of_a_group_can_be_changed_alone() -> None:
+    limits = TransportLimits.model_validate({"audit": {"max_tensors": 4096}})
+    assert limits.audit.max_tensors == 4096
+    assert limits.audit.max_header_bytes == TransportLimits().audit.max_header_bytes
+    assert limits.work == TransportLimits().work
+
+
 def test_limits_that_cannot_hold_a_message_are_refused(certs_dir: Path) -> None:
     with pytest.raises(ValueError, match="max_inbox_bytes .* at least twice"):
         TransportLimits(max_inbox_bytes=300 * MIB)

@@ -143,12 +143,6 @@ class Inbox:
             self._held -= nbytes
         return msg
 
-    @property
-    def held(self) -> int:
-        """Bytes held now: queued messages plus reservations of streams being read."""
-        with self._cond:
-            return self._held
-
     def _check_count(self) -> None:
         if len(self._queue) >= self.limits.max_inbox_messages:
             _reject(

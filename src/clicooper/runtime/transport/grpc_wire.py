@@ -1,4 +1,5 @@
-"""Client side of the gRPC wire: channels, chunking and raw delivery.
+"""Client side of the gRPC wire: channels, chunking and raw delivery (and the
+server's connection options, :func:`server_options`).
 
 A :class:`~clicooper.common.messages.Message` becomes one client stream of
 ``Envelope``s: the header (session, seq, step, kind, route, meta as JSON) is
