@@ -170,3 +170,101 @@ def one_line(exc: ValidationError) -> str:
     got = err.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
     return f"invalid setting {where}: {err['msg']}{shown}"
+
+
+KIB = 1 << 10
+MIB = 1 << 20
+
+
+class KindCaps(_Strict):
+    """Caps on the messages of one group of kinds, checked before any tensor is decoded.
+
+    ``max_header_bytes`` bounds the safetensors JSON header (the 8-byte length is read
+    first), ``max_tensors`` the entries it declares, ``max_bytes`` the whole payload
+    (header and tensor data; the transport's ``max_message_bytes`` applies as well) and
+    ``max_meta_bytes`` the message's JSON meta.
+    """
+
+    max_tensors: int = Field(ge=0)
+    max_header_bytes: int = Field(ge=8)
+    max_bytes: int = Field(ge=16)  # the smallest safetensors blob, no tensor, is 16 bytes
+    max_meta_bytes: int = Field(ge=2)  # "{}"
+
+
+#: Which caps apply to which :class:`~clicooper.common.messages.Kind` value. Work messages
+#: carry one batch tensor (activations, gradients, labels, logits); control messages carry
+#: only meta; an audit carries a whole segment's state dict.
+KIND_GROUPS: dict[str, str] = {
+    **dict.fromkeys(("forward", "backward", "labels", "infer", "logits", "loss"), "work"),
+    **dict.fromkeys(("control", "reply", "register", "record", "error"), "control"),
+    "audit": "audit",
+}
+
+
+class TransportLimits(_Strict):
+    """What one served party spends on its peers (gRPC transport), each limit named in the
+    error it produces.
+
+    Memory: an accepted message holds its payload size until the party takes it
+    (``recv``); a message being read or decoded holds twice its payload (the bytes and
+    their decoded copy). ``max_inbox_bytes`` bounds the sum, ``max_inbox_messages`` the
+    messages waiting. Time: a stream that sends no chunk for ``stream_idle_timeout_s``,
+    or is still sending after ``delivery_deadline_s``, is cut; a TLS handshake must finish
+    within ``handshake_timeout_s``. Threads: at most ``max_concurrent_streams`` streams are
+    read at once, at most ``max_streams_per_peer`` from one peer (an honest peer sends one
+    message at a time per link), and every admitted stream has a worker thread of its own,
+    so stalled streams of one peer cannot starve the others.
+    """
+
+    max_message_bytes: int = Field(256 * MIB, ge=1)
+    max_inbox_messages: int = Field(1024, ge=1)
+    max_inbox_bytes: int = Field(1024 * MIB, ge=1)
+    max_concurrent_streams: int = Field(64, ge=1, le=4096)
+    max_streams_per_peer: int = Field(4, ge=1)
+    stream_idle_timeout_s: float = Field(15.0, gt=0)
+    delivery_deadline_s: float = Field(120.0, gt=0)
+    handshake_timeout_s: float = Field(10.0, gt=0)
+    max_connections: int = Field(64, ge=1)
+    connection_idle_s: float = Field(600.0, gt=0)
+    work: KindCaps = KindCaps(
+        max_tensors=4, max_header_bytes=4 * KIB, max_bytes=256 * MIB, max_meta_bytes=64 * KIB
+    )
+    control: KindCaps = KindCaps(
+        max_tensors=0, max_header_bytes=256, max_bytes=1 * KIB, max_meta_bytes=256 * KIB
+    )
+    audit: KindCaps = KindCaps(
+        max_tensors=1024, max_header_bytes=1 * MIB, max_bytes=256 * MIB, max_meta_bytes=256 * KIB
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _partial_caps(cls, data: Any) -> Any:
+        """``work = {max_tensors = 8}`` changes one cap and keeps the group's other defaults."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for group in ("work", "control", "audit"):
+            if isinstance(data.get(group), dict):
+                default = cls.model_fields[group].default.model_dump()
+                data[group] = {**default, **data[group]}
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TransportLimits:
+        if self.max_inbox_bytes < 2 * self.max_message_bytes:
+            raise ValueError(
+                f"limits.max_inbox_bytes {self.max_inbox_bytes} must be at least twice "
+                f"limits.max_message_bytes {self.max_message_bytes} (a message being decoded "
+                "holds its bytes and their copy)"
+            )
+        if self.max_streams_per_peer > self.max_concurrent_streams:
+            raise ValueError(
+                f"limits.max_streams_per_peer {self.max_streams_per_peer} exceeds "
+                f"limits.max_concurrent_streams {self.max_concurrent_streams}"
+            )
+        return self
+
+    def caps(self, kind: str) -> tuple[str, KindCaps]:
+        """``(group name, caps)`` for a message kind value (``KeyError`` if unknown)."""
+        group = KIND_GROUPS[kind]
+        return group, getattr(self, group)

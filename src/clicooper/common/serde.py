@@ -59,6 +59,63 @@ def decode_tensors(data: bytes) -> dict[str, torch.Tensor]:
     return tensors
 
 
+#: A safetensors blob starts with its JSON header's length, 8 bytes little-endian.
+HEADER_LENGTH_BYTES = 8
+#: The longest header safetensors itself reads (its ``HeaderTooLarge`` error).
+SAFETENSORS_MAX_HEADER = 100_000_000
+
+
+def header_length(prefix: bytes) -> int:
+    """The JSON header length a safetensors blob declares in its first 8 bytes."""
+    return int.from_bytes(prefix[:HEADER_LENGTH_BYTES], "little")
+
+
+def scan_header(header: bytes) -> tuple[int, int]:
+    """``(tensors, data bytes)`` a safetensors JSON header declares, decoding no tensor.
+
+    Lets a receiver refuse a payload by its shape before reading or decoding it. Tensors
+    are counted with repeated names (the JSON object is read as pairs); the data size is
+    the largest end offset, since safetensors requires the entries to tile the data
+    exactly (:func:`decode_tensors` checks that later). :class:`ProtocolError` when the
+    header is not a JSON object of entries with ``data_offsets`` ``[begin, end]``.
+    """
+    try:
+        pairs = _PAIRS_DECODER.decode(header.decode())
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ProtocolError(f"malformed safetensors payload: header is not JSON ({exc})") from None
+    if not isinstance(pairs, _Pairs):
+        raise ProtocolError("malformed safetensors payload: header is not a JSON object")
+    tensors, end = 0, 0
+    for name, entry in pairs:
+        if name == "__metadata__":
+            continue
+        tensors += 1
+        offsets = dict(entry).get("data_offsets") if isinstance(entry, _Pairs) else None
+        if not _is_span(offsets):
+            raise ProtocolError(
+                f"malformed safetensors payload: entry {name[:40]!r} has no data_offsets "
+                "[begin, end]"
+            )
+        end = max(end, offsets[1])
+    return tensors, end
+
+
+class _Pairs(list):
+    """A JSON object read as its (key, value) pairs, told apart from a JSON array."""
+
+
+_PAIRS_DECODER = json.JSONDecoder(object_pairs_hook=_Pairs)
+
+
+def _is_span(value: Any) -> bool:
+    return (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(type(v) is int for v in value)
+        and 0 <= value[0] <= value[1]
+    )
+
+
 def _all_finite(value: torch.Tensor) -> bool:
     """No NaN or Inf in ``value``. A finite sum proves it (NaN and Inf propagate through
     a sum); a sum that overflowed is checked again with ``isfinite``. Summed in the tensor's

@@ -13,6 +13,10 @@ sequence numbers: ``send`` is synchronous and holds the link while a message
 is in flight, numbering messages 1, 2, 3, ...; the receiver accepts only the
 next number. A message the peer rejects does not consume a number, so the
 link stays usable after a rejection.
+
+What a peer may cost this party is bounded by :class:`~clicooper.config.TransportLimits`
+(inbox, streams, timeouts, connections, per-kind caps), each limit named in the error
+it produces; see :mod:`.grpc_server`.
 """
 
 from __future__ import annotations
@@ -28,8 +32,10 @@ from pathlib import Path
 from types import TracebackType
 
 import grpc
+from pydantic import ValidationError
 
 from clicooper.common.messages import Kind, Message, ProtocolError
+from clicooper.config import TransportLimits, one_line
 from clicooper.proto import SERVICE_NAME, Envelope
 from clicooper.runtime.certs import load_party_credentials, validate_party_name
 from clicooper.runtime.transport.base import Party, Transport
@@ -37,11 +43,10 @@ from clicooper.runtime.transport.grpc_server import Receiver
 from clicooper.runtime.transport.grpc_wire import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_ENVELOPE_BYTES,
-    DEFAULT_MAX_MESSAGE_BYTES,
     HEADER_ROOM,
-    channel_options,
     deliver,
     open_channel,
+    server_options,
     split_message,
 )
 
@@ -67,8 +72,10 @@ class GrpcTransport(Transport):
     """The transport of party ``name``: a TLS server on ``listen``, TLS clients to ``peers``.
 
     ``listen`` and the peer addresses are "host:port"; port 0 picks a free port
-    (read :attr:`port` after :meth:`start`). ``max_message_bytes`` bounds a
-    reassembled incoming message; ``chunk_bytes`` is the payload slice per
+    (read :attr:`port` after :meth:`start`). ``limits`` bounds what peers may cost
+    this party (defaults: :class:`~clicooper.config.TransportLimits`);
+    ``max_message_bytes``, when given, overrides ``limits.max_message_bytes``, the
+    largest reassembled incoming message. ``chunk_bytes`` is the payload slice per
     envelope and ``envelope_bytes`` the gRPC per-message limit both ways.
     ``send_timeout`` bounds one delivery, including waiting for a peer that is
     still starting.
@@ -81,28 +88,28 @@ class GrpcTransport(Transport):
         peers: dict[str, str],
         certs_dir: Path,
         session_id: str,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_message_bytes: int | None = None,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         *,
         envelope_bytes: int = DEFAULT_ENVELOPE_BYTES,
         send_timeout: float = 30.0,
-        workers: int = 4,
+        limits: TransportLimits | None = None,
     ) -> None:
         self.name = validate_party_name(name)
         self.listen = _check_address(listen, "listen")
         self.peers = {validate_party_name(p): _check_address(a, p) for p, a in peers.items()}
-        _check_sizes(max_message_bytes, chunk_bytes, envelope_bytes)
+        self.limits = _limits(limits, max_message_bytes)
+        _check_sizes(chunk_bytes, envelope_bytes)
         if not session_id:
             raise ValueError("session_id is empty: give every party the same session id")
         self.session_id = session_id
-        self.max_message_bytes = max_message_bytes
+        self.max_message_bytes = self.limits.max_message_bytes
         self.chunk_bytes = chunk_bytes
         self.envelope_bytes = envelope_bytes
         self.send_timeout = send_timeout
         self.bytes_sent = 0  # serialized envelope bytes, like InProcessTransport's count
         self._credentials = load_party_credentials(Path(certs_dir), name)
-        self._receiver = Receiver(name, session_id, max_message_bytes)
-        self._workers = workers
+        self._receiver = Receiver(name, session_id, self.limits)
         self._links: dict[str, _Link] = {}
         self._lock = threading.Lock()
         self._server: grpc.Server | None = None
@@ -126,12 +133,16 @@ class GrpcTransport(Transport):
         creds = grpc.ssl_server_credentials(
             [(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=True
         )
-        executor = ThreadPoolExecutor(
-            self._workers, thread_name_prefix=f"clicooper-grpc-{self.name}"
+        # A thread for every admitted stream, so stalled streams cannot hold back others;
+        # the headroom runs the refusals past the caps. gRPC refuses calls beyond it
+        # rather than queueing them behind busy threads.
+        workers = self.limits.max_concurrent_streams + self.limits.max_streams_per_peer
+        executor = ThreadPoolExecutor(workers, thread_name_prefix=f"clicooper-grpc-{self.name}")
+        server = grpc.server(
+            executor,
+            options=server_options(self.limits, self.envelope_bytes),
+            maximum_concurrent_rpcs=workers,
         )
-        # so_reuseport off: a second process must not silently share our port.
-        options = [*channel_options(self.envelope_bytes), ("grpc.so_reuseport", 0)]
-        server = grpc.server(executor, options=options)
         handlers = self._receiver.handlers()
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
@@ -144,6 +155,7 @@ class GrpcTransport(Transport):
             executor.shutdown(wait=False)
             raise OSError(f"{self.name} cannot listen on {self.listen}: address in use or invalid")
         server.start()
+        self._receiver.streams.start()
         self._server, self._executor, self._port = server, executor, port
 
     @property
@@ -166,6 +178,7 @@ class GrpcTransport(Transport):
             links, self._links = self._links, {}
         if server is not None:
             server.stop(grace=1.0).wait()
+            self._receiver.streams.stop()
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
         for link in links.values():
@@ -295,6 +308,12 @@ class GrpcTransport(Transport):
                 f"{self.name} could not reach {msg.receiver} at {self.peers[msg.receiver]} "
                 f"within {self.send_timeout} s ({code.name}: {details})"
             )
+        if code == grpc.StatusCode.CANCELLED:  # a cut call carries no text: say what cuts one
+            return ProtocolError(
+                f"{msg.receiver} cut {msg.kind} seq {seq} (CANCELLED): the stream passed its "
+                "limits.stream_idle_timeout_s or limits.delivery_deadline_s there, or "
+                f"{msg.receiver} is shutting down"
+            )
         return ProtocolError(f"{msg.receiver} refused {msg.kind} seq {seq}: {code.name}: {details}")
 
 
@@ -343,11 +362,22 @@ def _check_address(address: str, what: str) -> str:
     return address
 
 
-def _check_sizes(max_message_bytes: int, chunk_bytes: int, envelope_bytes: int) -> None:
+def _limits(limits: TransportLimits | None, max_message_bytes: int | None) -> TransportLimits:
+    """``limits`` (or the defaults) with ``max_message_bytes`` applied, validated again."""
+    limits = limits or TransportLimits()
+    if max_message_bytes is None:
+        return limits
+    try:
+        return TransportLimits.model_validate(
+            {**limits.model_dump(), "max_message_bytes": max_message_bytes}
+        )
+    except ValidationError as exc:
+        raise ValueError(one_line(exc)) from None
+
+
+def _check_sizes(chunk_bytes: int, envelope_bytes: int) -> None:
     if not 0 < chunk_bytes <= envelope_bytes - HEADER_ROOM:
         raise ValueError(
             f"chunk_bytes {chunk_bytes} must be positive and at most envelope_bytes - "
             f"{HEADER_ROOM} ({envelope_bytes - HEADER_ROOM})"
         )
-    if max_message_bytes < 1:
-        raise ValueError(f"max_message_bytes must be positive, got {max_message_bytes}")

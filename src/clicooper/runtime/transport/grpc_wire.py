@@ -1,4 +1,5 @@
-"""Client side of the gRPC wire: channels, chunking and raw delivery.
+"""Client side of the gRPC wire: channels, chunking and raw delivery (and the
+server's connection options, :func:`server_options`).
 
 A :class:`~clicooper.common.messages.Message` becomes one client stream of
 ``Envelope``s: the header (session, seq, step, kind, route, meta as JSON) is
@@ -21,12 +22,13 @@ import grpc
 
 from clicooper.common.messages import Message, ProtocolError
 from clicooper.common.serde import encode_tensors
+from clicooper.config import TransportLimits
 from clicooper.proto import DELIVER_METHOD, DELIVER_ONE_METHOD, Ack, Envelope
 
 MIB = 1 << 20
 DEFAULT_CHUNK_BYTES = 1 * MIB
 DEFAULT_ENVELOPE_BYTES = 4 * MIB
-DEFAULT_MAX_MESSAGE_BYTES = 256 * MIB
+DEFAULT_MAX_MESSAGE_BYTES = TransportLimits().max_message_bytes
 #: Room left in an envelope for its header (route, kind, meta JSON) beside the chunk.
 HEADER_ROOM = 256 * 1024
 
@@ -45,6 +47,37 @@ def channel_options(envelope_bytes: int) -> list[tuple[str, int | str]]:
         ("grpc.max_receive_message_length", envelope_bytes),
         ("grpc.enable_http_proxy", 0),
     ]
+
+
+def server_options(limits: TransportLimits, envelope_bytes: int) -> list[tuple[str, int | str]]:
+    """gRPC core options of a party's server: the connection-level limits.
+
+    * ``so_reuseport`` off: a second process must not silently share our port.
+    * ``grpc.server_handshake_timeout_ms``: a TCP connection that does not finish its
+      TLS (and HTTP/2) handshake in ``handshake_timeout_s`` is closed (default 120 s).
+    * ``grpc.max_allowed_incoming_connections``: at most ``max_connections`` open
+      connections; more are closed on accept.
+    * ``grpc.max_concurrent_streams``: HTTP/2 streams per connection, at
+      ``max_streams_per_peer`` (the client queues more until one ends).
+    * ``grpc.max_connection_idle_ms``: a connection without calls for
+      ``connection_idle_s`` is closed (a channel reconnects when it next sends).
+    * Ping policy pinned at gRPC's defaults (a client pinging without data more often
+      than every 5 minutes gets two strikes, then GOAWAY), so an upgrade cannot loosen it.
+    """
+    return [
+        *channel_options(envelope_bytes),
+        ("grpc.so_reuseport", 0),
+        ("grpc.server_handshake_timeout_ms", _ms(limits.handshake_timeout_s)),
+        ("grpc.max_allowed_incoming_connections", limits.max_connections),
+        ("grpc.max_concurrent_streams", limits.max_streams_per_peer),
+        ("grpc.max_connection_idle_ms", _ms(limits.connection_idle_s)),
+        ("grpc.http2.min_ping_interval_without_data_ms", 300_000),
+        ("grpc.http2.max_ping_strikes", 2),
+    ]
+
+
+def _ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
 
 
 def open_channel(
