@@ -184,8 +184,6 @@ class DataOwner:
                 f"gradient {gradient.dtype} {tuple(gradient.shape)} != activation "
                 f"{activation.dtype} {tuple(activation.shape)}"
             )
-        if not bool(torch.isfinite(gradient).all()):
-            raise ProtocolError(f"the gradient from {msg.sender} is not finite")
         return gradient
 
     def _logits(self, msg: Message, rows: int, name: str = "logits") -> torch.Tensor:
