@@ -13,10 +13,12 @@ are those of an honest run.
 from __future__ import annotations
 
 import os
+import re
 import threading
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from cc_helpers import quick_config
 from conftest import WM
@@ -199,3 +201,80 @@ def test_the_owner_takes_a_stage_verdict_only_from_the_verifier(tmp_path):
     finally:
         for transport in (owner.transport, t1, verifier):
             transport.close()
+
+
+# -- control arguments (what even the data owner may not ask) ---------------------------
+
+
+def _chained_trainer(tmp_path: Path) -> Any:
+    """t1 of 2 with its watermark chain at stage 1 and checkpoints, on the in-process hub."""
+    from clicooper.config import WatermarkConfig
+    from clicooper.parties.trainer import Trainer
+    from clicooper.parties.watermarking import TrainerChain
+    from clicooper.runtime.transport.inprocess import InProcessTransport
+
+    transport = InProcessTransport()
+    trainer = Trainer(1, 2, torch.nn.Linear(8, 8), 0.1)
+    TrainerChain(trainer, WatermarkConfig(bits=16), tmp_path / "t1")
+    checkpoint.attach_trainer(trainer, tmp_path / "ck")
+    transport.attach(trainer)
+    transport.add_mailbox("do")
+    trainer.handle(_control("stage_begin", stage=1, link="ab" * 32))
+    transport.recv("do")
+    return trainer
+
+
+def _control(op: str, sender: str = "do", **meta: Any) -> Message:
+    return Message(Kind.CONTROL, 0, sender, "t1", {}, {"op": op, **meta})
+
+
+BAD_CONTROL = {
+    "checkpoint of a 13-digit step": (_control("checkpoint", step=10**12), "integer in [0"),
+    "checkpoint of a step not applied": (_control("checkpoint", step=3), "applied 0 steps"),
+    "checkpoint step a string": (_control("checkpoint", step="0"), "field 'step'"),
+    "checkpoint step a bool": (_control("checkpoint", step=False), "field 'step'"),
+    "restore of a negative step": (_control("restore", step=-1), "field 'step'"),
+    "restore without a step": (_control("restore"), "no field 'step'"),
+    "stage_begin link not hex": (_control("stage_begin", stage=2, link="zz" * 32), "'link'"),
+    "stage_begin link short": (_control("stage_begin", stage=2, link="ab" * 16), "32 bytes"),
+    "stage_begin going back": (
+        _control("stage_begin", stage=1, link="cd" * 32),
+        "not move forward",
+    ),
+    "stage_end of another stage": (
+        _control("stage_end", stage=2, prev="ab" * 32, session_id="cd" * 16),
+        "cannot end stage 2",
+    ),
+    "stage_end without a session": (_control("stage_end", stage=1, prev="ab" * 32), "session"),
+    "control from the verifier": (_control("finish", sender="verifier"), "only do may"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONTROL))
+def test_trainer_refuses_bad_control_and_stays_as_it_was(tmp_path, case) -> None:
+    from clicooper.common.messages import ProtocolError
+
+    trainer = _chained_trainer(tmp_path)
+    before = (trainer.chain.stage, trainer.chain.link, trainer.steps_applied)
+    weights = [p.detach().clone() for p in trainer.segment.parameters()]
+    msg, expected = BAD_CONTROL[case]
+    with pytest.raises(ProtocolError, match=re.escape(expected)):
+        trainer.handle(msg)
+    assert (trainer.chain.stage, trainer.chain.link, trainer.steps_applied) == before
+    assert all(
+        torch.equal(a, b) for a, b in zip(weights, trainer.segment.parameters(), strict=True)
+    )
+    assert checkpoint.steps(tmp_path / "ck") == []
+
+
+def test_trainer_takes_a_register_reply_only_from_the_verifier_and_only_when_asked(
+    tmp_path,
+) -> None:
+    from clicooper.common.messages import ProtocolError
+
+    trainer = _chained_trainer(tmp_path)
+    reply = {"op": "register", "session_id": "ab" * 16}
+    for sender in ("t2", "do", "verifier"):  # nothing was asked yet: even the verifier's
+        with pytest.raises(ProtocolError):
+            trainer.handle(Message(Kind.REPLY, 0, sender, "t1", {}, reply))
+    assert trainer.session == {}

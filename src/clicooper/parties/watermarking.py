@@ -79,7 +79,8 @@ class TrainerChain:
         stage, link = meta_int(msg, "stage", 1), meta_hex(msg, "link", LINK_BYTES)
         if stage <= self.stage:
             raise ProtocolError(
-                f"{self.trainer.name} is at stage {self.stage}: stage_begin {stage} goes back"
+                f"{self.trainer.name} is at stage {self.stage}: stage_begin {stage} does not "
+                "move forward"
             )
         self.start(stage, link)
         self.losses, self.steps = [], 0
