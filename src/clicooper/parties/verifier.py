@@ -221,16 +221,14 @@ class Verifier(Party):
         if record.party != msg.sender or record.kind != "trainer":
             raise Unauthorized(f"verifier refused {msg.sender}'s audit of {record.party}'s record")
         try:
-            link = self.ledger.check(record)
+            self.ledger.check(record)
         except LedgerError as exc:
             raise ProtocolError(f"verifier refused a record: {exc}") from None
         state = {k: v.contiguous() for k, v in msg.tensors.items()}
         save_segment(
             self.run_dir / "audit" / str(record.stage) / f"{record.party}.safetensors", state
         )
-        if self._append(record) != link:
-            raise ProtocolError("the ledger moved while the verifier checked a record")
-        verdict = self._attest(record, state, link)
+        verdict = self._attest(record, state, self._append(record))
         self._reply("do", msg.step, op="stage_end", party=record.party, **verdict)
 
     def _attest(self, record: Record, state: dict[str, torch.Tensor], subject_link: bytes) -> dict:
