@@ -278,3 +278,63 @@ def test_trainer_takes_a_register_reply_only_from_the_verifier_and_only_when_ask
         with pytest.raises(ProtocolError):
             trainer.handle(Message(Kind.REPLY, 0, sender, "t1", {}, reply))
     assert trainer.session == {}
+
+
+def test_remote_collects_replies_only_from_the_parties_it_asked(tmp_path) -> None:
+    """Remote._collect (setup, over real gRPC): t2, not asked, answers first and t1 twice;
+    only t1's first answer is taken."""
+    from clicooper.runtime.deploy import Deployment, Remote
+
+    names = ["do", "t1", "t2"]
+    certs = tmp_path / "certs"
+    create_certificates(names, certs)
+    peers = {p: f"127.0.0.1:{port}" for p, port in zip(names, free_ports(3), strict=True)}
+    remote = Remote(Deployment(peers, "s-remote", certs, step_timeout=20.0), ["t1"], {"t1": {}})
+    remote.transport.rekey(1)
+    t1, t2 = (
+        GrpcTransport(n, peers[n], {"do": peers["do"]}, certs, "s-remote.1").start()
+        for n in ("t1", "t2")
+    )
+    try:
+        t2.send(Message(Kind.REPLY, 0, "t2", "do", {}, {"op": "setup", "ready": True}))
+        t1.send(Message(Kind.REPLY, 0, "t1", "do", {}, {"op": "setup", "ready": True, "n": 1}))
+        t1.send(Message(Kind.REPLY, 0, "t1", "do", {}, {"op": "setup", "ready": True, "n": 2}))
+        replies = remote._collect("setup")
+        assert list(replies) == ["t1"]
+        assert replies["t1"].meta["n"] == 1
+    finally:
+        for transport in (remote.transport, t1, t2):
+            transport.close()
+
+
+VERIFIER_REFUSES = {
+    "open from a trainer": (Kind.CONTROL, "t1", {"op": "open"}, "only do may send it"),
+    "ledger from a trainer": (Kind.CONTROL, "t2", {"op": "ledger", "stage": 1}, "only do may"),
+    "checkpoint of a 13-digit step": (
+        Kind.CONTROL,
+        "do",
+        {"op": "checkpoint", "step": 10**12},
+        "field 'step' must be an integer",
+    ),
+    "ledger of a stage not a number": (Kind.CONTROL, "do", {"op": "ledger", "stage": "1"}, "stage"),
+    "a bare record from a trainer": (Kind.RECORD, "t1", {"record": {}}, "only do may send it"),
+    "registration of a non-party": (Kind.REGISTER, "t1x", {"party": "t1x"}, "not a party"),
+    "registration as another party": (Kind.REGISTER, "t2", {"party": "t1"}, "cannot register"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(VERIFIER_REFUSES))
+def test_verifier_takes_each_operation_only_from_the_party_entitled(tmp_path, case) -> None:
+    from clicooper.common.messages import ProtocolError
+    from clicooper.parties.verifier import Verifier
+    from clicooper.runtime.transport.inprocess import InProcessTransport
+
+    verifier = Verifier(tmp_path / "run")
+    checkpoint.attach_verifier(verifier, tmp_path / "ck")
+    InProcessTransport().attach(verifier)
+    kind, sender, meta, expected = VERIFIER_REFUSES[case]
+    with pytest.raises(ProtocolError, match=re.escape(expected)):
+        verifier.handle(Message(kind, 0, sender, "verifier", {}, meta))
+    assert verifier.registered == {} and verifier.ledger is None
+    assert checkpoint.steps(tmp_path / "ck") == []
+    assert not (tmp_path / "run").exists()

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from clicooper.common.checks import Unauthorized, require_sender
+from clicooper.common.checks import Unauthorized, meta_int, require_sender
 from clicooper.common.messages import Kind, Message, ProtocolError
 from clicooper.privacy.secrets import private_dir, write_private
 from clicooper.runtime.transport.base import Party
@@ -39,6 +39,8 @@ from clicooper.watermark import (
 from clicooper.watermark.records import TRAINER_NAME, trainer_index
 
 SECRETS_FILE = "watermark_secrets.json"
+#: The step (or stage) argument of each control op, checked before a handler reads it.
+_STEP_ARGS = {"checkpoint": "step", "restore": "step", "ledger": "stage"}
 
 
 class Verifier(Party):
@@ -153,6 +155,8 @@ class Verifier(Party):
     def _on_control(self, msg: Message) -> None:
         op = msg.meta.get("op")
         require_sender(msg, {"do"}, f"control op {op!r}", self.name)
+        if op in _STEP_ARGS:
+            meta_int(msg, _STEP_ARGS[op])
         if op in self.control_handlers:
             answer = self.control_handlers[op](msg)
             self.send(Message(Kind.REPLY, msg.step, self.name, "do", {}, {**answer, "op": op}))
