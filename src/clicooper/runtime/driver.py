@@ -10,7 +10,10 @@ every party to checkpoint that step, waits for all of them, then writes its
 own. They happen every ``checkpoint_steps`` steps and *before* every stage
 close and epoch end (so the state a ledger record commits to is a checkpoint).
 
-Resume protocol, on a transport error, a timeout or an ERROR from a party:
+Resume protocol, on a transport error, a timeout, or an ERROR or a malformed answer
+(a field missing, of the wrong type or out of range: see
+:func:`clicooper.parties.data_owner.check_reply`) from a party the owner waits on;
+messages from any other party are dropped, never taken for an answer:
 
 1. the :class:`Recovery` (gRPC deployment) moves every party to a new
    transport epoch (fresh session id and sequence counters, so nothing from
