@@ -7,21 +7,34 @@ can map pseudo-logits back to true classes.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from clicooper.common.checks import (
+    MAX_STEP,
+    meta_dict,
+    meta_float,
+    meta_hex,
+    meta_int,
+    meta_ints,
+)
 from clicooper.common.messages import Kind, Message, ProtocolError
 from clicooper.data.base import Split
 from clicooper.privacy.activation import ActivationNoise
 from clicooper.privacy.labels import LabelObfuscator
 from clicooper.runtime.transport.base import Transport
 
+log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int, int, float], None]  # epoch, batch, n_batches, loss
 INFER_BATCH = 1024
+#: Most checkpoint steps a party may list (it keeps a few; see runtime.checkpoint.KEEP).
+MAX_LISTED = 1000
 
 
 @dataclass
@@ -65,6 +78,7 @@ class DataOwner:
         self.step = 0
         self.releases = 0  # noisy releases of each training sample so far
         self.log = StepLog()
+        self._classes: int | None = None  # pseudo-classes the last trainer reports
 
     # -- training ---------------------------------------------------------------
 
@@ -134,31 +148,81 @@ class DataOwner:
         n = len(protected)
         grads: set[int] = set()
         losses: dict[int, tuple[torch.Tensor, float]] = {}
+        first, last = self.trainers[0], self.trainers[-1]
         while len(grads) < n or len(losses) < n:
-            msg = self.transport.recv(self.name)
-            micro = int(msg.meta.get("micro", -1))
-            if msg.step != self.step or not 0 <= micro < n:
-                raise ProtocolError(
-                    f"do expected step {self.step}, got {msg.kind} for step {msg.step}"
-                )
-            if msg.kind == Kind.BACKWARD and msg.sender == self.trainers[0]:
+            msg = self.receive({first, last}, "training")
+            if msg.kind == Kind.BACKWARD and msg.sender == first:
+                micro = self._micro(msg, n)
                 if micro in grads:
                     raise ProtocolError(f"do got a second gradient for micro-batch {micro}")
-                gradient = msg.tensor("g")
-                if gradient.shape != protected[micro].shape:
-                    raise ProtocolError(
-                        f"gradient shape {tuple(gradient.shape)} != activation "
-                        f"{tuple(protected[micro].shape)}"
-                    )
-                protected[micro].backward(gradient)
+                protected[micro].backward(self._gradient(msg, protected[micro]))
                 grads.add(micro)
-            elif msg.kind == Kind.LOSS and msg.sender == self.trainers[-1]:
-                losses[micro] = (msg.tensor("logits"), float(msg.meta["loss"]))
+            elif msg.kind == Kind.LOSS and msg.sender == last:
+                micro = self._micro(msg, n)
+                if micro in losses:
+                    raise ProtocolError(f"do got a second loss for micro-batch {micro}")
+                logits = self._logits(msg, len(protected[micro]))
+                losses[micro] = (logits, meta_float(msg, "loss", 0.0))
             else:
                 raise ProtocolError(
-                    f"do did not expect {msg.kind} from {msg.sender} while training"
+                    f"do did not expect {msg.kind} from {msg.sender} while training: "
+                    f"{msg.meta.get('error', '')}"
                 )
         return [losses[i][0] for i in range(n)], [losses[i][1] for i in range(n)]
+
+    def _micro(self, msg: Message, n: int) -> int:
+        """The micro-batch a training answer belongs to (of this step, ``0 .. n - 1``)."""
+        if msg.step != self.step:
+            raise ProtocolError(f"do expected step {self.step}, got {msg.kind} for step {msg.step}")
+        return meta_int(msg, "micro", 0, n - 1)
+
+    @staticmethod
+    def _gradient(msg: Message, activation: torch.Tensor) -> torch.Tensor:
+        gradient = msg.tensor("g")
+        if gradient.shape != activation.shape or gradient.dtype != activation.dtype:
+            raise ProtocolError(
+                f"gradient {gradient.dtype} {tuple(gradient.shape)} != activation "
+                f"{activation.dtype} {tuple(activation.shape)}"
+            )
+        return gradient
+
+    def _logits(self, msg: Message, rows: int, name: str = "logits") -> torch.Tensor:
+        """Pseudo-logits of ``rows`` samples, as many classes as the labels (or as before)."""
+        logits = msg.tensor(name)
+        classes = self.labels.pseudo_classes if self.labels else self._classes
+        ok = logits.ndim == 2 and logits.shape[0] == rows and logits.is_floating_point()
+        if not ok or (classes is not None and logits.shape[1] != classes):
+            raise ProtocolError(
+                f"logits from {msg.sender} have shape {tuple(logits.shape)}, expected "
+                f"({rows}, {classes if classes is not None else 'classes'})"
+            )
+        self._classes = logits.shape[1]
+        return logits
+
+    def receive(self, senders: Collection[str], what: str) -> Message:
+        """The next message from one of ``senders``; any other is logged and dropped.
+
+        Only the parties the owner is waiting on can answer it: a message from
+        anyone else is never taken for their answer. The transport's
+        ``recv_timeout`` (when it has one) bounds the whole wait, so a peer that
+        keeps sending cannot hold the owner forever.
+        """
+        timeout = getattr(self.transport, "recv_timeout", None)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise TimeoutError(f"do got no answer from {', '.join(sorted(senders))} ({what})")
+            msg = self.transport.recv(self.name, left)
+            if msg.sender in senders:
+                return msg
+            log.warning(
+                "do dropped %s from %s while waiting for %s (%s)",
+                msg.kind,
+                msg.sender,
+                ", ".join(sorted(senders)),
+                what,
+            )
 
     # -- inference ----------------------------------------------------------------
 
@@ -174,10 +238,10 @@ class DataOwner:
                 self.transport.send(
                     Message(Kind.INFER, self.step, self.name, self.trainers[0], {"x": z}, {})
                 )
-                reply = self.transport.recv(self.name)
-                if reply.kind != Kind.LOGITS or reply.sender != self.trainers[-1]:
+                reply = self.receive({self.trainers[-1]}, "inference")
+                if reply.kind != Kind.LOGITS:
                     raise ProtocolError(f"do expected logits, got {reply.kind} from {reply.sender}")
-                outputs.append(self.to_true(reply.tensor("x")))
+                outputs.append(self.to_true(self._logits(reply, len(chunk), "x")))
         self.head.train()
         return torch.cat(outputs)
 
@@ -189,14 +253,95 @@ class DataOwner:
 
     # -- control --------------------------------------------------------------------
 
-    def control(self, party: str, op: str, **meta: Any) -> Message:
-        """Send a control op to ``party`` and wait for its reply."""
+    def control(self, party: str, op: str, reply_from: str | None = None, **meta: Any) -> Message:
+        """Send a control op to ``party`` and wait for the reply of ``reply_from`` (``party``
+        itself unless another party answers for it, e.g. the verifier after a stage_end)."""
         self.transport.send(
             Message(Kind.CONTROL, self.step, self.name, party, {}, {"op": op, **meta})
         )
-        reply = self.transport.recv(self.name)
-        if reply.kind != Kind.REPLY or reply.meta.get("op") != op:
-            raise ProtocolError(
-                f"do expected a reply to {op!r}, got {reply.kind} from {reply.sender}"
+        return self.expect_reply(reply_from or party, op)
+
+    def expect_reply(self, sender: str, op: str) -> Message:
+        """``sender``'s checked reply to ``op`` (:func:`check_reply`); others are dropped."""
+        return check_reply(self.receive({sender}, f"its reply to {op!r}"), op)
+
+    def ask_all(self, parties: list[str], op: str, **meta: Any) -> dict[str, Message]:
+        """Send control ``op`` to every party at once, then collect one checked reply each."""
+        for party in parties:
+            self.transport.send(
+                Message(Kind.CONTROL, self.step, self.name, party, {}, {"op": op, **meta})
             )
-        return reply
+        replies: dict[str, Message] = {}
+        while len(replies) < len(parties):
+            msg = self.receive(set(parties) - set(replies), f"replies to {op!r}")
+            replies[msg.sender] = check_reply(msg, op)
+        return replies
+
+
+def _verdict(msg: Message) -> None:
+    """A stage_end answer: the attested record's stage, party, BER, verdict and link."""
+    meta_int(msg, "stage", 1)
+    if not isinstance(msg.meta.get("party"), str):
+        raise ProtocolError(f"{msg.kind} from {msg.sender}: field 'party' must be a name")
+    if msg.meta.get("ber") is not None:
+        meta_float(msg, "ber", 0.0, 1.0)
+    if msg.meta.get("verdict") not in ("ok", "fail"):
+        raise ProtocolError(f"{msg.kind} from {msg.sender}: field 'verdict' must be ok or fail")
+    meta_hex(msg, "tip", 32)
+
+
+def _restored(msg: Message) -> None:
+    meta_int(msg, "step")
+    if msg.sender == "verifier":
+        meta_int(msg, "records")
+    else:
+        meta_int(msg, "steps_applied")
+
+
+def _finished(msg: Message) -> None:
+    meta_int(msg, "steps_applied")
+    meta_ints(msg, "sealed_bits", MAX_STEP)
+    if not isinstance(msg.meta.get("segment", ""), str):
+        raise ProtocolError(f"{msg.kind} from {msg.sender}: field 'segment' must be a path")
+
+
+def _ledger(msg: Message) -> None:
+    for party, entry in meta_dict(msg, "done").items():
+        if not isinstance(entry, dict):
+            raise ProtocolError(f"ledger reply from {msg.sender}: entry of {party!r} is no object")
+        probe = Message(msg.kind, msg.step, msg.sender, msg.receiver, {}, entry)
+        if party == "do":
+            meta_hex(probe, "tip", 32)
+        else:
+            _verdict(probe)
+
+
+#: The fields each control op's reply must carry, checked before the owner uses one.
+REPLY_CHECKS: dict[str, Callable[[Message], Any]] = {
+    "register": lambda m: meta_hex(m, "session_id", 16),
+    "open": lambda m: (meta_hex(m, "session_id", 16), meta_hex(m, "tip", 32)),
+    "record": lambda m: meta_hex(m, "tip", 32),
+    "stage_begin": lambda m: meta_int(m, "stage", 1),
+    "stage_end": _verdict,
+    "checkpoint": lambda m: meta_int(m, "step"),
+    "checkpoints": lambda m: meta_ints(m, "steps", MAX_LISTED),
+    "restore": _restored,
+    "ledger": _ledger,
+    "finish": _finished,
+}
+
+
+def check_reply(msg: Message, op: str) -> Message:
+    """``msg`` if it is a well-formed reply to ``op``; else a one-line ProtocolError.
+
+    An ERROR, a reply to another op or a reply missing a field (or with one of the
+    wrong type or range) fails the same way as a lost party, so the driver's
+    recovery path handles it.
+    """
+    if msg.kind != Kind.REPLY or msg.meta.get("op") != op:
+        raise ProtocolError(
+            f"do expected {msg.sender}'s reply to {op!r}, got {msg.kind}"
+            + (f": {msg.meta['error']}" if msg.meta.get("error") else "")
+        )
+    REPLY_CHECKS.get(op, lambda m: None)(msg)
+    return msg

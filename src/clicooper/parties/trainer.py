@@ -17,6 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from clicooper.common.checks import (
+    MAX_STEP,
+    as_int,
+    meta_float,
+    meta_hex,
+    meta_int,
+    require_sender,
+)
 from clicooper.common.messages import Kind, Message, ProtocolError
 from clicooper.parties.recorder import Recorder
 from clicooper.privacy.gradient import GradientNoise
@@ -24,6 +32,14 @@ from clicooper.runtime.transport.base import Party
 from clicooper.watermark.chain import save_segment
 
 Key = tuple[int, int]  # (step, micro-batch)
+#: Steps whose micro-batches a trainer may hold at once: the owner keeps one step in
+#: flight (it waits for every gradient before the next); the second is slack.
+PENDING_STEPS = 2
+
+
+def pending_limit(micro_batches: int) -> int:
+    """The ``max_pending`` bound for a session of ``micro_batches`` micro-batches a step."""
+    return PENDING_STEPS * micro_batches
 
 
 class Trainer(Party):
@@ -38,8 +54,17 @@ class Trainer(Party):
         out_dir: Path | None = None,
         recorder: Recorder | None = None,
         gradient_noise: GradientNoise | None = None,
+        max_pending: int = pending_limit(1),
     ) -> None:
-        """``gradient_noise``: protects the gradients the last trainer sends back."""
+        """``gradient_noise``: protects the gradients the last trainer sends back.
+
+        ``max_pending`` bounds each map of half-done work (forward passes awaiting
+        their gradient, activations awaiting labels, labels awaiting activations), so
+        a peer that floods messages for steps that never complete cannot grow them;
+        :func:`pending_limit` derives it from the session's ``micro_batches``.
+        """
+        if max_pending < 1:
+            raise ValueError(f"max_pending must be positive, got {max_pending}")
         self.index, self.n_trainers = index, n_trainers
         self.name = f"t{index}"
         self.prev = "do" if index == 1 else f"t{index - 1}"
@@ -55,6 +80,8 @@ class Trainer(Party):
         self._stash: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
         self._labels: dict[Key, torch.Tensor] = {}
         self._waiting: dict[Key, Message] = {}
+        self.max_pending = max_pending
+        self._registering = False  # a register op waits for the verifier's reply
         self.steps_applied = 0
         self.registration: dict[str, Any] = {}  # what this trainer tells the verifier
         self.session: dict[str, Any] = {}
@@ -86,19 +113,39 @@ class Trainer(Party):
 
     # -- training -------------------------------------------------------------
 
+    def _key(self, msg: Message) -> Key:
+        """``(step, micro-batch)`` of a training message, after checking its fields."""
+        micros = meta_int(msg, "micros", 1, MAX_STEP)
+        meta_int(msg, "epoch", 0, MAX_STEP)
+        return as_int(msg, "step", msg.step), meta_int(msg, "micro", 0, micros - 1)
+
+    def _hold(self, pending: dict[Key, Any], key: Key, value: Any, what: str) -> None:
+        """``pending[key] = value`` within ``max_pending`` entries (see :meth:`_room`)."""
+        if key not in pending:
+            self._room(pending, 1, what)
+        pending[key] = value
+
+    def _room(self, pending: dict[Key, Any], n: int, what: str) -> None:
+        """ProtocolError naming the limit unless ``n`` more entries fit in ``pending``."""
+        if len(pending) + n > self.max_pending:
+            raise ProtocolError(
+                f"{self.name} would hold {len(pending) + n} {what}, over the limit max_pending "
+                f"= {self.max_pending} ({PENDING_STEPS} x the session's micro_batches): a peer "
+                "sends work for steps that never complete"
+            )
+
     def _on_forward(self, msg: Message) -> None:
-        if msg.sender != self.prev:
-            raise ProtocolError(f"{self.name} takes activations only from {self.prev}")
-        key = (msg.step, int(msg.meta["micro"]))
+        require_sender(msg, {self.prev}, "activations", self.name)
+        key = self._key(msg)
         if self.is_last and key not in self._labels:
-            self._waiting[key] = msg  # labels travel separately and may come later
-            return
+            self._hold(self._waiting, key, msg, "activations awaiting labels")
+            return  # labels travel separately and may come later
         x = msg.tensor("x").requires_grad_(True)
         out = self.segment(x)
         if self.is_last:
             self._finish_forward(msg, key, x, out)
         else:
-            self._stash[key] = (x, out)
+            self._hold(self._stash, key, (x, out), "forward passes awaiting their gradient")
             self.send(
                 Message(Kind.FORWARD, msg.step, self.name, self.next, {"x": out.detach()}, msg.meta)
             )
@@ -110,6 +157,7 @@ class Trainer(Party):
         y_all, micros = msg.tensor("y").long(), msg.meta.get("micros")
         if not isinstance(micros, int) or not 1 <= micros <= max(len(y_all), 1):
             raise ProtocolError(f"labels for step {msg.step}: bad micro-batch count {micros!r}")
+        self._room(self._labels, micros, "labels awaiting activations")
         for micro, y in enumerate(y_all.tensor_split(micros)):
             key = (msg.step, micro)
             self._labels[key] = y
@@ -122,7 +170,7 @@ class Trainer(Party):
         y = self._labels.pop(key)
         if y.shape[0] != logits.shape[0] or int(y.max()) >= logits.shape[1] or int(y.min()) < 0:
             raise ProtocolError(f"labels for step {msg.step} do not fit the batch or the classes")
-        weight = float(msg.meta["weight"])
+        weight = meta_float(msg, "weight", 1e-12, 1.0)
         loss = nn.functional.cross_entropy(logits, y)
         total = loss * weight if weight != 1.0 else loss  # x * 1.0 == x: one op less
         reg = self._regularisation(msg.meta)
@@ -152,9 +200,10 @@ class Trainer(Party):
         self._send_back(msg.step, {**msg.meta, "loss": value}, x)
 
     def _on_backward(self, msg: Message) -> None:
-        if msg.sender != self.next:
-            raise ProtocolError(f"{self.name} takes gradients only from {self.next}")
-        key = (msg.step, int(msg.meta["micro"]))
+        require_sender(msg, {self.next} if self.next else set(), "gradients", self.name)
+        key = self._key(msg)
+        if "loss" in msg.meta:  # the last trainer's loss, passed back to the observers
+            meta_float(msg, "loss")
         if key not in self._stash:
             raise ProtocolError(
                 f"{self.name} has no forward pass for step {msg.step} micro {key[1]}"
@@ -201,15 +250,17 @@ class Trainer(Party):
     # -- inference and control --------------------------------------------------
 
     def _on_infer(self, msg: Message) -> None:
-        if msg.sender != self.prev:
-            raise ProtocolError(f"{self.name} takes activations only from {self.prev}")
+        require_sender(msg, {self.prev}, "activations", self.name)
         with torch.no_grad():
             out = self.segment(msg.tensor("x"))
         kind, to = (Kind.LOGITS, "do") if self.is_last else (Kind.INFER, self.next)
         self.send(Message(kind, msg.step, self.name, to, {"x": out}, msg.meta))
 
     def _on_control(self, msg: Message) -> None:
+        """Control ops come only from the data owner, which drives the session."""
         op = msg.meta.get("op")
+        require_sender(msg, {"do"}, f"control op {op!r}", self.name)
+        self._check_step_arg(msg, op)
         if op == "finish":
             sealed = self.chain.sealed if self.chain is not None else []
             answer = {
@@ -218,6 +269,7 @@ class Trainer(Party):
                 "sealed_bits": sealed,
             }
         elif op == "register":
+            self._registering = True
             self.send(
                 Message(
                     Kind.REGISTER,
@@ -237,9 +289,25 @@ class Trainer(Party):
             raise ProtocolError(f"{self.name} does not know control op {op!r}")
         self.send(Message(Kind.REPLY, msg.step, self.name, msg.sender, {}, {"op": op, **answer}))
 
+    def _check_step_arg(self, msg: Message, op: Any) -> None:
+        """A checkpoint names the step this trainer has applied; a restore, a sane step."""
+        if op == "checkpoint":
+            step = meta_int(msg, "step")
+            if step != self.steps_applied:
+                raise ProtocolError(
+                    f"{self.name} cannot checkpoint step {step}: it has applied "
+                    f"{self.steps_applied} steps"
+                )
+        elif op == "restore":
+            meta_int(msg, "step")
+
     def _on_reply(self, msg: Message) -> None:
-        if msg.sender != "verifier" or msg.meta.get("op") != "register":
+        """Only the verifier's answer to this trainer's pending registration."""
+        require_sender(msg, {"verifier"}, "replies", self.name)
+        if msg.meta.get("op") != "register" or not self._registering:
             raise ProtocolError(f"{self.name} did not expect a reply from {msg.sender}")
+        session_id = meta_hex(msg, "session_id", 16)
+        self._registering = False
         self.session = dict(msg.meta)
         self.send(
             Message(
@@ -248,7 +316,7 @@ class Trainer(Party):
                 self.name,
                 "do",
                 {},
-                {"op": "register", "session_id": msg.meta["session_id"]},
+                {"op": "register", "session_id": session_id},
             )
         )
 

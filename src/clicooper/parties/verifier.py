@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from clicooper.common.checks import Unauthorized, meta_int, require_sender
 from clicooper.common.messages import Kind, Message, ProtocolError
 from clicooper.privacy.secrets import private_dir, write_private
 from clicooper.runtime.transport.base import Party
@@ -36,9 +37,11 @@ from clicooper.watermark import (
     sign,
 )
 from clicooper.watermark.anchor import write_anchor
-from clicooper.watermark.records import trainer_index
+from clicooper.watermark.records import TRAINER_NAME, trainer_index
 
 SECRETS_FILE = "watermark_secrets.json"
+#: The step (or stage) argument of each control op, checked before a handler reads it.
+_STEP_ARGS = {"checkpoint": "step", "restore": "step", "ledger": "stage"}
 
 
 class Verifier(Party):
@@ -134,6 +137,9 @@ class Verifier(Party):
         self.send(Message(Kind.REPLY, step, self.name, to, {}, meta))
 
     def _on_register(self, msg: Message) -> None:
+        """The data owner and each trainer register once, as themselves, before open."""
+        if msg.sender != "do" and not TRAINER_NAME.fullmatch(msg.sender):
+            raise Unauthorized(f"verifier refused registration from {msg.sender}: not a party")
         if msg.meta.get("party") != msg.sender or msg.sender in self.registered:
             raise ProtocolError(f"{msg.sender} cannot register (again or as another party)")
         if self.ledger is not None:
@@ -149,12 +155,15 @@ class Verifier(Party):
 
     def _on_control(self, msg: Message) -> None:
         op = msg.meta.get("op")
-        if msg.sender == "do" and op in self.control_handlers:
+        require_sender(msg, {"do"}, f"control op {op!r}", self.name)
+        if op in _STEP_ARGS:
+            meta_int(msg, _STEP_ARGS[op])
+        if op in self.control_handlers:
             answer = self.control_handlers[op](msg)
             self.send(Message(Kind.REPLY, msg.step, self.name, "do", {}, {**answer, "op": op}))
             return
-        if msg.sender != "do" or op != "open":
-            raise ProtocolError(f"verifier does not take control op {msg.meta.get('op')!r}")
+        if op != "open":
+            raise ProtocolError(f"verifier does not take control op {op!r}")
         self.open()
         self._reply(
             "do", msg.step, op="open", session_id=self.session_id.hex(), tip=self.ledger.tip().hex()
@@ -195,20 +204,32 @@ class Verifier(Party):
     def _on_record(self, msg: Message) -> None:
         from clicooper.parties.watermarking import record_from_meta
 
+        require_sender(msg, {"do"}, "bare records", self.name)
         record = record_from_meta(msg.meta.get("record"))
-        if msg.sender != "do" or record.party != "do":
-            raise ProtocolError("only the data owner sends bare records")
+        if record.party != "do":
+            raise ProtocolError(f"do sent a record for {record.party}")
         self._reply("do", msg.step, op="record", tip=self._append(record).hex())
 
     def _on_audit(self, msg: Message) -> None:
-        """Check a trainer's segment against its record, keep a copy, append, attest."""
+        """Check a trainer's record, keep a copy of its segment, append, attest.
+
+        Only a trainer, for its own record, in its turn: the record must be the one the
+        ledger accepts next (signed by the trainer's registered key, ``prev`` = tip, its
+        slot of the open stage). So nothing is written for a record that would be
+        refused, and an attested stage's copy is never written again. The copy is
+        written before the append, so a verifier restarted in between still attests.
+        """
         from clicooper.parties.watermarking import record_from_meta
 
         if self.ledger is None:
             raise ProtocolError("no session is open")
         record = record_from_meta(msg.meta.get("record"))
         if record.party != msg.sender or record.kind != "trainer":
-            raise ProtocolError(f"{msg.sender} sent a record for {record.party}")
+            raise Unauthorized(f"verifier refused {msg.sender}'s audit of {record.party}'s record")
+        try:
+            self.ledger.check(record)
+        except LedgerError as exc:
+            raise ProtocolError(f"verifier refused a record: {exc}") from None
         state = {k: v.contiguous() for k, v in msg.tensors.items()}
         save_segment(
             self.run_dir / "audit" / str(record.stage) / f"{record.party}.safetensors", state

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from clicooper.common.checks import meta_hex, meta_int
 from clicooper.common.messages import Kind, Message, ProtocolError
 from clicooper.config import WatermarkConfig
 from clicooper.privacy.secrets import private_dir, write_private
@@ -34,6 +35,8 @@ from clicooper.watermark import (
 )
 
 KEY_FILE = "party.key"
+LINK_BYTES = 32  # a ledger link: SHA-256
+SESSION_BYTES = 16  # the verifier's session id
 SECRET_FILE = "watermark.secret"
 
 
@@ -72,9 +75,16 @@ class TrainerChain:
         trainer.loss_observers.append(self._observe)
 
     def begin(self, msg: Message) -> dict[str, Any] | None:
-        self.start(int(msg.meta["stage"]), msg.meta["link"])
+        """Start stage ``stage`` from ``link``; stages only move forward (a restore rewinds)."""
+        stage, link = meta_int(msg, "stage", 1), meta_hex(msg, "link", LINK_BYTES)
+        if stage <= self.stage:
+            raise ProtocolError(
+                f"{self.trainer.name} is at stage {self.stage}: stage_begin {stage} does not "
+                "move forward"
+            )
+        self.start(stage, link)
         self.losses, self.steps = [], 0
-        return {"stage": int(msg.meta["stage"])}
+        return {"stage": stage}
 
     def start(self, stage: int, link_hex: str) -> None:
         """Derive stage ``stage``'s watermark from the link that closed the stage before."""
@@ -118,9 +128,21 @@ class TrainerChain:
 
     def end(self, msg: Message) -> dict[str, Any] | None:
         """Seal the stage's bits, then hand in the segment (:meth:`commit`)."""
+        self._stage_mark()
+        self._check_end(msg)  # before the seal changes the segment
         if self.settings.seal and self.settings.strength > 0:
             self.sealed.append(self._stage_mark().seal(self.trainer.segment))
         return self.commit(msg)
+
+    def _check_end(self, msg: Message) -> None:
+        """A stage_end names this trainer's stage, a link and the session (checked first)."""
+        stage = meta_int(msg, "stage", 1)
+        meta_hex(msg, "prev", LINK_BYTES)
+        meta_hex(msg, "session_id", SESSION_BYTES)
+        if stage != self.stage:
+            raise ProtocolError(
+                f"{self.trainer.name} is at stage {self.stage}: it cannot end stage {stage}"
+            )
 
     def _stage_mark(self) -> StageWatermark:
         if self.mark is None:
@@ -254,17 +276,30 @@ class OwnerChain:
         else:
             self._send_record()
         for name in do.trainers:
-            if name in done:
-                meta = done[name]
-            else:
-                meta = do.control(
-                    name, "stage_end", stage=self.stage, prev=self.link, session_id=self.session_id
-                ).meta
+            meta = done[name] if name in done else self._end(name)
             self.link = meta["tip"]
             self.verdicts.append({k: meta[k] for k in ("stage", "party", "ber", "verdict")})
         self.steps_in_stage = 0
         if more:
             self._begin(self.stage + 1)
+
+    def _end(self, name: str) -> dict[str, Any]:
+        """Trainer ``name`` hands in its segment; the verifier's verdict on it (only the
+        verifier's, and only about ``name``'s record of this stage, is taken)."""
+        meta = self.owner.control(
+            name,
+            "stage_end",
+            reply_from="verifier",
+            stage=self.stage,
+            prev=self.link,
+            session_id=self.session_id,
+        ).meta
+        if meta["party"] != name or meta["stage"] != self.stage:
+            raise ProtocolError(
+                f"the verifier answered stage_end of {name} at stage {self.stage} with the "
+                f"verdict on {meta['party']} at stage {meta['stage']}"
+            )
+        return meta
 
     def _send_record(self) -> None:
         do = self.owner
@@ -293,7 +328,4 @@ class OwnerChain:
         self.link = self._expect_reply("record").meta["tip"]
 
     def _expect_reply(self, op: str) -> Message:
-        reply = self.owner.transport.recv(self.owner.name)
-        if reply.kind != Kind.REPLY or reply.meta.get("op") != op:
-            raise ProtocolError(f"do expected the verifier's {op!r} reply, got {reply.kind}")
-        return reply
+        return self.owner.expect_reply("verifier", op)

@@ -51,12 +51,14 @@ from typing import Any
 import torch
 
 import clicooper
+from clicooper.common.checks import Unauthorized, require_sender
 from clicooper.common.messages import Kind, Message, ProtocolError
 from clicooper.config import RunConfig
 from clicooper.models import SplitModel, build_preset, split_blocks
 from clicooper.models.presets import DEFAULT_CUT
+from clicooper.parties.data_owner import check_reply
 from clicooper.parties.recorder import Recorder
-from clicooper.parties.trainer import Trainer
+from clicooper.parties.trainer import Trainer, pending_limit
 from clicooper.parties.verifier import Verifier
 from clicooper.parties.watermarking import TrainerChain
 from clicooper.privacy import gradient
@@ -79,8 +81,20 @@ PROBE_AFTER = 3.0
 _WORK = (Kind.FORWARD, Kind.BACKWARD, Kind.LABELS, Kind.INFER)
 #: Settings a trainer and a verifier must share with the data owner.
 _SHARED = {
-    # privacy: the last trainer applies the gradient protection the owner asked for
-    "trainer": ("mode", "model", "cut", "trainers", "seed", "lr", "record", "privacy", "watermark"),
+    # privacy: the last trainer applies the gradient protection the owner asked for;
+    # micro_batches: a trainer bounds the work it holds by it (max_pending)
+    "trainer": (
+        "mode",
+        "model",
+        "cut",
+        "trainers",
+        "seed",
+        "lr",
+        "record",
+        "micro_batches",
+        "privacy",
+        "watermark",
+    ),
     "verifier": ("watermark",),
 }
 
@@ -342,10 +356,14 @@ class PartyHost(Party):
         self.broken = False  # a send failed: drop stale work until restored
 
     def handle(self, msg: Message) -> None:
+        """Control ops only from the data owner; ERRORs are logged, never answered."""
+        if msg.kind == Kind.ERROR:
+            log.warning("%s: %s reported: %s", self.name, msg.sender, msg.meta.get("error", ""))
+            return
         op = msg.meta.get("op") if msg.kind == Kind.CONTROL else None
+        if msg.kind == Kind.CONTROL:
+            require_sender(msg, {"do"}, f"control op {op!r}", self.name)
         if op in ("setup", "status"):
-            if msg.sender != "do":
-                raise ProtocolError(f"only the data owner may send {op}")
             answer = self._setup(msg.meta) if op == "setup" else self._status(msg.meta)
             self.send(Message(Kind.REPLY, msg.step, self.name, "do", {}, {"op": op, **answer}))
             return
@@ -395,6 +413,7 @@ class PartyHost(Party):
             self.out_dir,
             Recorder(cfg.record),
             gradient.for_trainer(cfg, self.index),
+            max_pending=pending_limit(cfg.micro_batches),
         )
         if meta.get("chain"):
             party_dir = self.out_dir / "parties" / self.name
@@ -440,7 +459,9 @@ def serve(
 
     Starts in the ``join`` epoch. A rejected message is answered with an ERROR
     to its sender and serving goes on; a failed send marks the host broken
-    (see :class:`PartyHost`) and is reported the same way.
+    (see :class:`PartyHost`) and is reported the same way. An ERROR is never
+    answered (two parties would bounce ERRORs forever), and a message refused
+    for its sender's role (:class:`Unauthorized`) leaves the host as it was.
     """
     host.transport = transport
     transport.rekey(None)
@@ -478,7 +499,7 @@ def _handle(host: PartyHost, transport: EpochTransport, msg: Message) -> None:
     try:
         host.handle(msg)
     except Exception as exc:  # one bad message must not end the party: report and go on
-        host.broken = True
+        host.broken = host.broken or not isinstance(exc, Unauthorized)
         expected = isinstance(exc, ProtocolError | ConnectionError | ValueError | OSError)
         log.log(
             logging.WARNING if expected else logging.ERROR,
@@ -489,6 +510,8 @@ def _handle(host: PartyHost, transport: EpochTransport, msg: Message) -> None:
             exc,
             exc_info=not expected,
         )
+        if msg.kind == Kind.ERROR:
+            return
         error = Message(Kind.ERROR, msg.step, host.name, msg.sender, {}, {"error": str(exc)[:500]})
         with contextlib.suppress(ProtocolError, ConnectionError):
             transport.send(error, timeout=5.0)
@@ -580,21 +603,23 @@ class Remote:
                 msg = self.transport.recv("do", timeout=max(0.1, deadline - time.monotonic()))
             except TimeoutError:
                 return False
-            if msg.sender == party and msg.meta.get("op") == "status" and msg.meta["ping"] == ping:
+            pong = msg.meta.get("op") == "status" and msg.meta.get("ping") == ping
+            if msg.sender == party and pong:
                 return True
         return False
 
     def _collect(self, op: str) -> dict[str, Message]:
+        """One checked reply to ``op`` from every party; a message from a party that has
+        answered already, or from none of them, is logged and dropped."""
         replies: dict[str, Message] = {}
         while len(replies) < len(self.parties):
             msg = self.transport.recv("do")
             if msg.kind == Kind.REPLY and msg.meta.get("op") == "status":
                 continue  # a late answer to a ping
-            if msg.kind != Kind.REPLY or msg.meta.get("op") != op:
-                raise ProtocolError(
-                    f"{msg.sender} answered {op} with {msg.kind}: {msg.meta.get('error', '')}"
-                )
-            replies[msg.sender] = msg
+            if msg.sender not in self.parties or msg.sender in replies:
+                log.warning("do dropped %s from %s while collecting %s", msg.kind, msg.sender, op)
+                continue
+            replies[msg.sender] = check_reply(msg, op)
         return replies
 
     def _control(self, party: str, op: str, **meta: Any) -> Message:
@@ -609,9 +634,11 @@ class Remote:
             answered: set[str] = set()
             while len(answered) < len(self.parties):
                 msg = self.transport.recv("do", timeout=self.deployment.send_timeout)
-                if msg.meta.get("op") == "status" and msg.meta.get("ping") == -1:
+                sent = msg.meta.get("bytes_sent", 0)
+                ping = msg.meta.get("op") == "status" and msg.meta.get("ping") == -1
+                if ping and msg.sender in self.parties and msg.sender not in answered:
                     answered.add(msg.sender)
-                    total += int(msg.meta.get("bytes_sent", 0))
+                    total += sent if isinstance(sent, int) and sent >= 0 else 0
         for party in self.parties:
             with contextlib.suppress(ProtocolError, ConnectionError):
                 self.transport.send(self._control(party, "shutdown"), timeout=5.0)

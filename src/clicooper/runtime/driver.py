@@ -10,7 +10,10 @@ every party to checkpoint that step, waits for all of them, then writes its
 own. They happen every ``checkpoint_steps`` steps and *before* every stage
 close and epoch end (so the state a ledger record commits to is a checkpoint).
 
-Resume protocol, on a transport error, a timeout or an ERROR from a party:
+Resume protocol, on a transport error, a timeout, or an ERROR or a malformed answer
+(a field missing, of the wrong type or out of range: see
+:func:`clicooper.parties.data_owner.check_reply`) from a party the owner waits on;
+messages from any other party are dropped, never taken for an answer:
 
 1. the :class:`Recovery` (gRPC deployment) moves every party to a new
    transport epoch (fresh session id and sequence counters, so nothing from
@@ -36,7 +39,7 @@ from typing import Any, Protocol
 
 import torch
 
-from clicooper.common.messages import Kind, Message, ProtocolError
+from clicooper.common.messages import Message, ProtocolError
 from clicooper.data.base import Dataset
 from clicooper.parties.data_owner import DataOwner, epoch_batches
 from clicooper.parties.watermarking import OwnerChain
@@ -47,6 +50,10 @@ ProgressFn = Callable[[int, int, int, float], None]
 #: What a failed party looks like to the owner.
 FAILURES = (ConnectionError, TimeoutError, ProtocolError)
 MAX_RECOVERIES = 10
+
+
+class RecoveryFailed(ProtocolError):
+    """The parties could not be brought back: the run ends with this one line."""
 
 
 class Recovery(Protocol):
@@ -101,6 +108,7 @@ class Driver:
         self._pending: bool | None = None  # a stage close to finish after a restore (its `more`)
         self._done: dict[str, dict[str, Any]] | None = None  # records already in the ledger
         self._epoch_batches: tuple[int, tuple[torch.Tensor, ...]] = (0, ())
+        self._attempts = 0  # recoveries started, including ones that failed
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -117,11 +125,17 @@ class Driver:
         return self.pos.history
 
     def _recover_retrying(self, exc: BaseException) -> None:
-        """Recover; a failure during recovery (a party lost again) starts it over."""
+        """Recover; a failure during recovery (a party lost again) starts it over.
+
+        Every attempt counts towards :data:`MAX_RECOVERIES`, so a party that keeps
+        answering recovery badly ends the run with one line instead of a loop.
+        """
         while True:
             try:
                 self._recover(exc)
                 return
+            except RecoveryFailed:
+                raise
             except FAILURES as again:
                 exc = again
 
@@ -213,22 +227,8 @@ class Driver:
         self._save_owner(step, {"pending_close": more if pending else None})
 
     def ask_all(self, op: str, **meta: Any) -> dict[str, Message]:
-        """Send control ``op`` to every party at once, then collect every reply."""
-        owner = self.owner
-        for party in self.parties:
-            owner.transport.send(
-                Message(Kind.CONTROL, owner.step, owner.name, party, {}, {"op": op, **meta})
-            )
-        replies: dict[str, Message] = {}
-        while len(replies) < len(self.parties):
-            msg = owner.transport.recv(owner.name)
-            if msg.kind != Kind.REPLY or msg.meta.get("op") != op or msg.sender in replies:
-                raise ProtocolError(
-                    f"do expected replies to {op!r}, got {msg.kind} from {msg.sender}: "
-                    f"{msg.meta.get('error', '')}"
-                )
-            replies[msg.sender] = msg
-        return replies
+        """Send control ``op`` to every party at once, then collect every (checked) reply."""
+        return self.owner.ask_all(self.parties, op, **meta)
 
     def _generators(self) -> dict[str, torch.Generator]:
         noise = self.owner.noise
@@ -271,13 +271,15 @@ class Driver:
     # -- recovery ---------------------------------------------------------------------------
 
     def _recover(self, exc: BaseException) -> None:
-        if len(self.recoveries) >= MAX_RECOVERIES:
-            raise RuntimeError(f"giving up after {MAX_RECOVERIES} recoveries: {exc}") from exc
+        self._attempts += 1
+        if self._attempts > MAX_RECOVERIES:
+            reason = " ".join(str(exc).split())[:300]
+            raise RecoveryFailed(f"giving up after {MAX_RECOVERIES} recoveries: {reason}") from exc
         log.warning("do: party failure at step %d (%s); resuming", self.owner.step, exc)
         failed_at = self.owner.step
         self.recovery.reconnect()
         listed = self.ask_all("checkpoints")
-        available = {p: list(m.meta["steps"]) for p, m in listed.items()}
+        available = {p: list(m.meta["steps"]) for p, m in listed.items()}  # checked ints
         available["do"] = ckpt.steps(self.checkpoint_dir)
         step = ckpt.common_step(available)
         restored = self.ask_all("restore", step=step)

@@ -29,6 +29,7 @@ from clicooper.models import SplitModel
 from clicooper.models.presets import DEFAULT_CUT
 from clicooper.parties import DataOwner, Recorder, Trainer, Verifier
 from clicooper.parties.data_owner import epoch_batches
+from clicooper.parties.trainer import pending_limit
 from clicooper.parties.verifier import SECRETS_FILE
 from clicooper.parties.watermarking import OwnerChain, TrainerChain
 from clicooper.privacy import accounting, gradient
@@ -409,6 +410,7 @@ def _local(
             out_dir,
             Recorder(cfg.record),
             gradient.for_trainer(cfg, i),
+            max_pending=pending_limit(cfg.micro_batches),
         )
         for i, seg in enumerate(split.segments, start=1)
     ]

@@ -444,6 +444,13 @@ class Ledger:
             self._conn.execute("COMMIT")
         return new_link
 
+    def check(self, record: Record) -> bytes:
+        """The link :meth:`append` would give ``record``; LedgerError where it would refuse."""
+        if not isinstance(record, Record):
+            raise LedgerError(f"can check only a Record, got {type(record).__name__}")
+        with self._locked():
+            return self._validate(record)
+
     def _validate(self, record: Record) -> bytes:
         who = f"{record.party}'s stage {record.stage} record refused"
         if not record.signature:

@@ -344,6 +344,8 @@ def serve_forever(
 
 
 def _report_error(party: Party, transport: Transport, msg: Message, exc: ProtocolError) -> None:
+    if msg.kind == Kind.ERROR:  # never answer an ERROR: two parties would bounce them forever
+        return
     error = Message(
         Kind.ERROR,
         msg.step,
