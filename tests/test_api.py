@@ -69,5 +69,5 @@ def test_rgb_example_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "image shape (3, 32, 32)" in proc.stdout
     acc = float(proc.stdout.split("test accuracy ")[1].split(",")[0])
-    assert acc > 0.8, proc.stdout  # chance 0.25; four runs of 12 epochs reached 1.0
+    assert acc > 0.6, proc.stdout  # chance 0.25; ten runs of 12 epochs reached 1.0 here
     assert "ledger verified" in proc.stdout

@@ -49,7 +49,7 @@ class Served:
             role = "verifier" if name == "verifier" else "trainer"
             host = hosts.get(name, PartyHost)(role, name, self.cfg, self.out)
             make = transports.get(name, EpochTransport)
-            transport = make(name, self.peers, self.certs, self.session, send_timeout=10.0)
+            transport = make(name, self.peers, self.certs / name, self.session, send_timeout=10.0)
             self.hosts[name], self.transports[name] = host, transport
             thread = threading.Thread(target=serve, args=(host, transport, self._stop))
             thread.start()
@@ -60,7 +60,7 @@ class Served:
         return Deployment(
             self.peers,
             self.session,
-            self.certs,
+            self.certs / "do",
             send_timeout=10.0,
             step_timeout=step_timeout,
             resume_timeout=30.0,

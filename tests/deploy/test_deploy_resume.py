@@ -124,7 +124,8 @@ def test_verifier_killed_mid_epoch_is_restarted_by_launch_and_resumes(
     _check_steps(out, results)
     _verify(out, cli_inprocess)
     held = ("segments", "audit", "checkpoints", "parties", "verifier", "owner")
-    private = [p for d in held for p in (out / d).rglob("*") if p.is_file()]  # weights, keys
+    files = [p for d in held for p in (out / d).rglob("*") if p.is_file()]
+    private = [p for p in files if p.name != "anchor.txt"]  # weights, keys; the anchor is public
     assert private and all(stat.S_IMODE(p.stat().st_mode) & 0o077 == 0 for p in private)
     assert "verifier: set up (resumed)" in (out / "logs" / "verifier.log").read_text()
     assert results["mode"] == "clicooper" and results["watermark"]["verified"]

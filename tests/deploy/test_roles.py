@@ -76,7 +76,7 @@ class MaliciousT2(PartyHost):
         junk = {"w": torch.full((64,), 7.0)}
         for stage in (1, 7):
             body = {"segment_hash": segment_hash(junk).hex(), "bits_hash": "0" * 64, "ber": 0.0}
-            body |= {"loss_mean": 0.0, "loss_last": 0.0, "steps": 1, "time": 0.0}
+            body |= {"loss_mean": 0.0, "loss_last": 0.0, "steps": 1, "time": 0.0, "param": "w"}
             record = Record(
                 session_id=self.party.session["session_id"],
                 stage=stage,
@@ -142,7 +142,7 @@ def _owner_and_peers(tmp_path: Path, peer: str) -> tuple[DataOwner, GrpcTranspor
 
     def transport(name: str) -> GrpcTransport:
         others = {p: a for p, a in peers.items() if p != name}
-        return GrpcTransport(name, peers[name], others, certs, "s-roles", send_timeout=10.0)
+        return GrpcTransport(name, peers[name], others, certs / name, "s-roles", send_timeout=10.0)
 
     do, t1, other = (transport(n).start() for n in names)
     do.recv_timeout = 20.0
@@ -289,10 +289,12 @@ def test_remote_collects_replies_only_from_the_parties_it_asked(tmp_path) -> Non
     certs = tmp_path / "certs"
     create_certificates(names, certs)
     peers = {p: f"127.0.0.1:{port}" for p, port in zip(names, free_ports(3), strict=True)}
-    remote = Remote(Deployment(peers, "s-remote", certs, step_timeout=20.0), ["t1"], {"t1": {}})
+    remote = Remote(
+        Deployment(peers, "s-remote", certs / "do", step_timeout=20.0), ["t1"], {"t1": {}}
+    )
     remote.transport.rekey(1)
     t1, t2 = (
-        GrpcTransport(n, peers[n], {"do": peers["do"]}, certs, "s-remote.1").start()
+        GrpcTransport(n, peers[n], {"do": peers["do"]}, certs / n, "s-remote.1").start()
         for n in ("t1", "t2")
     )
     try:

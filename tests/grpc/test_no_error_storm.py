@@ -50,10 +50,10 @@ def _bad_forward() -> Message:
 
 
 def test_serve_forever_answers_an_error_with_nothing(net, certs_dir) -> None:
-    t2 = CountingGrpc("t2", "127.0.0.1:0", {}, certs_dir, net.session, send_timeout=5.0)
+    t2 = CountingGrpc("t2", "127.0.0.1:0", {}, certs_dir / "t2", net.session, send_timeout=5.0)
     t2.start()
     t1 = CountingGrpc(
-        "t1", "127.0.0.1:0", {"t2": f"127.0.0.1:{t2.port}"}, certs_dir, net.session
+        "t1", "127.0.0.1:0", {"t2": f"127.0.0.1:{t2.port}"}, certs_dir / "t1", net.session
     ).start()
     t2.peers["t1"] = f"127.0.0.1:{t1.port}"
     net._transports += [t1, t2]  # closed by the fixture
@@ -84,7 +84,9 @@ def test_served_party_hosts_exchange_one_error(certs_dir, tmp_path) -> None:
 
     cfg = quick_config(trainers=3)
     peers = {p: f"127.0.0.1:{port}" for p, port in zip(("t1", "t2"), free_ports(2), strict=True)}
-    transports = {n: CountingEpoch(n, peers, certs_dir, "storm", send_timeout=5.0) for n in peers}
+    transports = {
+        n: CountingEpoch(n, peers, certs_dir / n, "storm", send_timeout=5.0) for n in peers
+    }
     hosts = {n: PartyHost("trainer", n, cfg, tmp_path) for n in peers}  # not set up: t2 refuses
     stop = threading.Event()
     threads = [

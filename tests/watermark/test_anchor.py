@@ -6,11 +6,13 @@ import hashlib
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from clicooper.watermark.anchor import Anchor, anchor_text, fingerprint, write_anchor
 from clicooper.watermark.keys import PartyKey
 
-KEY = PartyKey.generate().public_bytes()
+# A fixed key: parametrised ids must be the same on every pytest-xdist worker.
+KEY = PartyKey(Ed25519PrivateKey.from_private_bytes(bytes(range(32)))).public_bytes()
 FP = hashlib.sha256(KEY).hexdigest()
 
 
