@@ -67,111 +67,6 @@ class ImageConfig(_Strict):
     minmax_scale: bool = False  # map non-uint8 images by the training min and max
 
 
-# 8x8 digits (1,437 training images): a CNN with 5 epochs is undertrained. Measured with
-# every other default (clicooper, noise 0.2, K=4, watermark): CNN 5 epochs vanilla 0.864 vs
-# clicooper 0.578; MLP 5 epochs 0.936 vs 0.906. MLP 10 epochs: vanilla 0.956, clicooper
-# spread 0.864-0.953 over seven runs (fresh owner secrets); 20 epochs: vanilla 0.967,
-# clicooper 0.978, 0.981, 0.989.
-SMALL_DATA_DEFAULTS: dict[str, dict[str, Any]] = {"digits": {"model": "mlp", "epochs": 20}}
-
-
-class RunConfig(_Strict):
-    """Everything a run needs; the same config drives every transport."""
-
-    dataset: str = "auto"
-    mode: Mode = "clicooper"
-    model: Literal["mlp", "cnn"] = "cnn"
-    cut: str | None = None
-    trainers: int = Field(2, ge=1, le=8)
-    epochs: int = Field(5, ge=1, le=1000)
-    batch_size: int | None = Field(
-        None, ge=1, le=65536, description="None: 32 below 10,000 training samples, else 128"
-    )
-    lr: float = Field(1e-3, gt=0)
-    seed: int = Field(0, ge=0)
-    train_subset: int | None = Field(None, ge=1)
-    test_subset: int | None = Field(None, ge=1)
-    micro_batches: int = Field(1, ge=1, le=64)
-    record: int = Field(0, ge=0, description="samples per epoch each party records (0: off)")
-    transport: Literal["inprocess", "grpc"] = "inprocess"
-    checkpoint_steps: int = Field(
-        0,
-        ge=0,
-        description="also checkpoint every N steps (0: only before stage and epoch ends; "
-        "checkpoints are always on over grpc, in-process only when N > 0)",
-    )
-    threads: int = Field(1, ge=1, le=256, description="torch intra-op threads per process")
-    owner_secret: Path | None = Field(
-        None,
-        description="reuse this owner secret (an earlier run's owner/owner.secret): the same "
-        "label permutation and activation noise, so a clicooper run repeats; None: a fresh one",
-    )
-    privacy: PrivacyConfig = PrivacyConfig()
-    labels: LabelConfig = LabelConfig()
-    watermark: WatermarkConfig = WatermarkConfig()
-    images: ImageConfig = ImageConfig()
-
-    @model_validator(mode="before")
-    @classmethod
-    def _dataset_defaults(cls, data: Any) -> Any:
-        """Resolve ``auto`` and apply small-data defaults for settings the user left unset."""
-        if not isinstance(data, dict):
-            return data
-        data = dict(data)
-        if data.get("dataset", "auto") == "auto":
-            from clicooper.data import default_dataset
-
-            data["dataset"] = default_dataset()
-        for key, value in SMALL_DATA_DEFAULTS.get(data["dataset"], {}).items():
-            data.setdefault(key, value)
-        return data
-
-    @model_validator(mode="after")
-    def _micro_fits(self) -> RunConfig:
-        if self.batch_size is not None and self.micro_batches > self.batch_size:
-            raise ValueError("micro_batches cannot exceed batch_size")
-        return self
-
-    def effective_batch_size(self, n_train: int) -> int:
-        """The configured batch size, or 32 for small datasets (< 10,000) and 128 otherwise."""
-        if self.batch_size is not None:
-            return self.batch_size
-        return 32 if n_train < 10_000 else 128
-
-    @classmethod
-    def load(cls, path: Path | None = None, **overrides: Any) -> RunConfig:
-        """Config from an optional TOML file, then ``overrides`` (dotted keys allowed)."""
-        data: dict[str, Any] = {}
-        if path is not None:
-            try:
-                data = tomllib.loads(Path(path).read_text())
-            except FileNotFoundError:
-                raise ConfigError(f"config file {path} does not exist") from None
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-        for key, value in overrides.items():
-            if value is None:
-                continue
-            node = data
-            *parents, leaf = key.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[leaf] = value
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise ConfigError(one_line(exc)) from None
-
-
-def one_line(exc: ValidationError) -> str:
-    """The first validation error as ``setting: problem (got value)``."""
-    err = exc.errors()[0]
-    where = ".".join(str(p) for p in err["loc"]) or "config"
-    got = err.get("input")
-    shown = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"invalid setting {where}: {err['msg']}{shown}"
-
-
 KIB = 1 << 10
 MIB = 1 << 20
 
@@ -268,3 +163,111 @@ class TransportLimits(_Strict):
         """``(group name, caps)`` for a message kind value (``KeyError`` if unknown)."""
         group = KIND_GROUPS[kind]
         return group, getattr(self, group)
+
+
+# 8x8 digits (1,437 training images): a CNN with 5 epochs is undertrained. Measured with
+# every other default (clicooper, noise 0.2, K=4, watermark): CNN 5 epochs vanilla 0.864 vs
+# clicooper 0.578; MLP 5 epochs 0.936 vs 0.906. MLP 10 epochs: vanilla 0.956, clicooper
+# spread 0.864-0.953 over seven runs (fresh owner secrets); 20 epochs: vanilla 0.967,
+# clicooper 0.978, 0.981, 0.989.
+SMALL_DATA_DEFAULTS: dict[str, dict[str, Any]] = {"digits": {"model": "mlp", "epochs": 20}}
+
+
+class RunConfig(_Strict):
+    """Everything a run needs; the same config drives every transport."""
+
+    dataset: str = "auto"
+    mode: Mode = "clicooper"
+    model: Literal["mlp", "cnn"] = "cnn"
+    cut: str | None = None
+    trainers: int = Field(2, ge=1, le=8)
+    epochs: int = Field(5, ge=1, le=1000)
+    batch_size: int | None = Field(
+        None, ge=1, le=65536, description="None: 32 below 10,000 training samples, else 128"
+    )
+    lr: float = Field(1e-3, gt=0)
+    seed: int = Field(0, ge=0)
+    train_subset: int | None = Field(None, ge=1)
+    test_subset: int | None = Field(None, ge=1)
+    micro_batches: int = Field(1, ge=1, le=64)
+    record: int = Field(0, ge=0, description="samples per epoch each party records (0: off)")
+    transport: Literal["inprocess", "grpc"] = "inprocess"
+    checkpoint_steps: int = Field(
+        0,
+        ge=0,
+        description="also checkpoint every N steps (0: only before stage and epoch ends; "
+        "checkpoints are always on over grpc, in-process only when N > 0)",
+    )
+    threads: int = Field(1, ge=1, le=256, description="torch intra-op threads per process")
+    owner_secret: Path | None = Field(
+        None,
+        description="reuse this owner secret (an earlier run's owner/owner.secret): the same "
+        "label permutation and activation noise, so a clicooper run repeats; None: a fresh one",
+    )
+    privacy: PrivacyConfig = PrivacyConfig()
+    labels: LabelConfig = LabelConfig()
+    watermark: WatermarkConfig = WatermarkConfig()
+    images: ImageConfig = ImageConfig()
+    # What a served party lets its peers cost (gRPC); every process of a deployment
+    # reads it from the same config.
+    limits: TransportLimits = TransportLimits()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_defaults(cls, data: Any) -> Any:
+        """Resolve ``auto`` and apply small-data defaults for settings the user left unset."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if data.get("dataset", "auto") == "auto":
+            from clicooper.data import default_dataset
+
+            data["dataset"] = default_dataset()
+        for key, value in SMALL_DATA_DEFAULTS.get(data["dataset"], {}).items():
+            data.setdefault(key, value)
+        return data
+
+    @model_validator(mode="after")
+    def _micro_fits(self) -> RunConfig:
+        if self.batch_size is not None and self.micro_batches > self.batch_size:
+            raise ValueError("micro_batches cannot exceed batch_size")
+        return self
+
+    def effective_batch_size(self, n_train: int) -> int:
+        """The configured batch size, or 32 for small datasets (< 10,000) and 128 otherwise."""
+        if self.batch_size is not None:
+            return self.batch_size
+        return 32 if n_train < 10_000 else 128
+
+    @classmethod
+    def load(cls, path: Path | None = None, **overrides: Any) -> RunConfig:
+        """Config from an optional TOML file, then ``overrides`` (dotted keys allowed)."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            try:
+                data = tomllib.loads(Path(path).read_text())
+            except FileNotFoundError:
+                raise ConfigError(f"config file {path} does not exist") from None
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        for key, value in overrides.items():
+            if value is None:
+                continue
+            node = data
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(one_line(exc)) from None
+
+
+def one_line(exc: ValidationError) -> str:
+    """The first validation error as ``setting: problem (got value)``."""
+    err = exc.errors()[0]
+    where = ".".join(str(p) for p in err["loc"]) or "config"
+    got = err.get("input")
+    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"invalid setting {where}: {err['msg']}{shown}"

@@ -471,6 +471,12 @@ def test_serve_forever_handles_answers_errors_and_shutdown(net) -> None:
     error = driver.recv("t1", timeout=5)
     assert error.kind == Kind.ERROR and "labels are not for me" in error.meta["error"]
     driver.send(Message(Kind.CONTROL, 3, "t1", "t2", meta={"op": "shutdown"}))
+    refused = driver.recv("t1", timeout=5)  # only the data owner may stop a party
+    assert refused.kind == Kind.ERROR and "shutdown" in refused.meta["error"]
+    assert worker.is_alive()
+    owner = net.transport("do", {"t2": f"127.0.0.1:{server.port}"})
+    server.peers["do"] = f"127.0.0.1:{owner.port}"
+    owner.send(Message(Kind.CONTROL, 1, "do", "t2", meta={"op": "shutdown"}))
     worker.join(timeout=5)
     assert not worker.is_alive()
     assert party.handled == [Kind.FORWARD, Kind.LABELS]

@@ -476,3 +476,23 @@ def test_20_messages_of_100_mib_keep_a_party_that_is_not_reading_under_its_bound
     assert end["steps"] == [0]
     growth = end["VmHWM"] - start["VmHWM"]
     assert growth < 400 * MIB, f"peak resident memory grew by {growth / MIB:.0f} MiB"
+
+
+def test_limits_set_in_the_config_reach_a_served_party(certs_dir) -> None:
+    """`[limits]` in the TOML every process reads: written by launch, honoured by serve."""
+    import tomllib
+
+    from clicooper.config import RunConfig
+    from clicooper.runtime.deploy import EpochTransport, config_toml
+
+    cfg = RunConfig.load(None, dataset="digits", **{"limits.work.max_tensors": 2})
+    again = RunConfig.model_validate(tomllib.loads(config_toml(cfg)))
+    assert again == cfg and again.limits.work.max_tensors == 2
+    transport = EpochTransport(
+        "t1", {"t1": "127.0.0.1:0"}, certs_dir / "t1", "s-limits", limits=again.limits
+    )
+    transport.rekey(1)
+    try:
+        assert transport.inner is not None and transport.inner.limits.work.max_tensors == 2
+    finally:
+        transport.close()

@@ -108,7 +108,7 @@ def serve(
         if addresses.get(name) != listen:
             addresses = {**addresses, name: listen}
         host = PartyHost(role, name, cfg, out)
-        transport = EpochTransport(name, addresses, certs, session, send_timeout)
+        transport = EpochTransport(name, addresses, certs, session, send_timeout, limits=cfg.limits)
     except (ValueError, OSError) as exc:
         fail(str(exc).splitlines()[0])
     import torch

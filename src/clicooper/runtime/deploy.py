@@ -53,7 +53,7 @@ import torch
 import clicooper
 from clicooper.common.checks import Unauthorized, require_sender
 from clicooper.common.messages import Kind, Message, ProtocolError
-from clicooper.config import RunConfig
+from clicooper.config import RunConfig, TransportLimits
 from clicooper.models import SplitModel, build_preset, split_blocks
 from clicooper.models.presets import DEFAULT_CUT
 from clicooper.parties.data_owner import check_reply
@@ -171,14 +171,19 @@ def write_peers(
 
 def config_toml(cfg: RunConfig) -> str:
     """``cfg`` as TOML that :meth:`RunConfig.load` reads back to an equal config."""
-    top, tables = [], []
-    for key, value in cfg.model_dump(mode="json").items():
+    return "\n\n".join(_toml_tables(cfg.model_dump(mode="json"), "")) + "\n"
+
+
+def _toml_tables(doc: dict[str, Any], name: str) -> list[str]:
+    """The ``[name]`` table of ``doc``'s scalars, then one table per nested dict (dotted)."""
+    body = [
+        f"{k} = {_toml(v)}" for k, v in doc.items() if v is not None and not isinstance(v, dict)
+    ]
+    tables = ["\n".join([f"[{name}]", *body] if name else body)]
+    for key, value in doc.items():
         if isinstance(value, dict):
-            body = [f"{k} = {_toml(v)}" for k, v in value.items() if v is not None]
-            tables.append("\n".join([f"[{key}]", *body]))
-        elif value is not None:
-            top.append(f"{key} = {_toml(value)}")
-    return "\n\n".join(["\n".join(top), *tables]) + "\n"
+            tables += _toml_tables(value, f"{name}.{key}" if name else key)
+    return tables
 
 
 def _toml(value: Any) -> str:
@@ -203,11 +208,13 @@ class EpochTransport(Transport):
         session: str,
         send_timeout: float = 30.0,
         recv_timeout: float | None = None,
+        limits: TransportLimits | None = None,
     ) -> None:
         if name not in peers:
             raise ValueError(f"the peers file has no address for {name}: add `{name} = host:port`")
         self.name, self.peers, self.certs_dir = name, peers, Path(certs_dir)
         self.session, self.send_timeout, self.recv_timeout = session, send_timeout, recv_timeout
+        self.limits = limits
         self.epoch: int | None = None
         self.inner: GrpcTransport | None = None
         self.watch: Callable[[], None] | None = None
@@ -235,6 +242,7 @@ class EpochTransport(Transport):
             self.certs_dir,
             session_id,
             send_timeout=send_timeout,
+            limits=self.limits,
         )
 
     @property
@@ -527,6 +535,7 @@ class Remote:
     deployment: Deployment
     parties: list[str]
     setup: dict[str, dict[str, Any]]  # setup meta per party (without resume)
+    limits: TransportLimits | None = None
     transport: EpochTransport = field(init=False)
     epoch: int = 0
     reconnects: int = 0
@@ -537,7 +546,7 @@ class Remote:
         if missing:
             raise ValueError(f"the peers file has no address for {', '.join(missing)}")
         self.transport = EpochTransport(
-            "do", d.peers, d.certs_dir, d.session, d.send_timeout, d.step_timeout
+            "do", d.peers, d.certs_dir, d.session, d.send_timeout, d.step_timeout, self.limits
         )
         self.transport.watch = d.watch
         self.transport.probe = list(self.parties)

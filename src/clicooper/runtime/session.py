@@ -444,7 +444,7 @@ def _remote(
     setup = {p: trainer for p in parties if p != "verifier"}
     if with_chain:
         setup["verifier"] = {"settings": party_settings(cfg, "verifier")}
-    remote = Remote(deployment, parties, setup)
+    remote = Remote(deployment, parties, setup, cfg.limits)
     remote.start()
     return remote
 

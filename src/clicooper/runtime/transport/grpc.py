@@ -34,6 +34,7 @@ from types import TracebackType
 import grpc
 from pydantic import ValidationError
 
+from clicooper.common.checks import require_sender
 from clicooper.common.messages import Kind, Message, ProtocolError
 from clicooper.config import TransportLimits, one_line
 from clicooper.proto import SERVICE_NAME, Envelope
@@ -323,7 +324,8 @@ def serve_forever(
     """Hand every message for ``party`` to ``party.handle`` until told to stop.
 
     Stops when ``stop_event`` is set or a CONTROL message with meta
-    ``{"op": "shutdown"}`` arrives. A :class:`ProtocolError` raised by the party
+    ``{"op": "shutdown"}`` arrives from the data owner (``do``; from anyone else it is
+    refused like any unauthorised control op). A :class:`ProtocolError` raised by the party
     is answered with an ERROR message to the sender (when it can be reached)
     and serving goes on: one bad message must not end the session.
     """
@@ -333,10 +335,11 @@ def serve_forever(
             msg = transport.recv(party.name, timeout=poll)
         except TimeoutError:
             continue
-        if msg.kind == Kind.CONTROL and msg.meta.get("op") == "shutdown":
-            log.info("%s: shutdown requested by %s", party.name, msg.sender)
-            return
         try:
+            if msg.kind == Kind.CONTROL and msg.meta.get("op") == "shutdown":
+                require_sender(msg, {"do"}, "shutdown", party.name)
+                log.info("%s: shutdown requested by %s", party.name, msg.sender)
+                return
             party.handle(msg)
         except ProtocolError as exc:
             log.warning("%s rejected %s from %s: %s", party.name, msg.kind, msg.sender, exc)
