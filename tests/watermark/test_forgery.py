@@ -101,7 +101,6 @@ def test_forged_stage_close_no_longer_makes_a_claim_hold(
     assert before.n_bits == 16 and before.matching < 16
     tries = forge_stage_close(run_a, secret, suspect[name], tamper)
     forged = old_claim(run_a, "t2", suspect, secret)
-    print(f"forged stage close after {tries} tries: old pipeline says {forged.reason}")
     assert forged.holds and forged.matching >= 15, (tries, forged.reason)  # the old hole
 
     args = ["claim", str(run_a), "--party", "t2", "--segment", str(suspect_path)]
