@@ -88,6 +88,9 @@ def serve(
         "runs/latest"
     ),
     send_timeout: Annotated[float, Opt(help="seconds one delivery may take")] = 30.0,
+    device: Annotated[
+        str | None, Opt(help="a trainer's device: auto, cpu, cuda[:N], mps (default: config)")
+    ] = None,
     exit_with_parent: Annotated[
         int | None, Opt(hidden=True, help="exit when this parent process is gone")
     ] = None,
@@ -102,6 +105,8 @@ def serve(
     if name is None:
         fail("a trainer needs --name t1 .. tn")
     cfg = build_config(config)
+    if device is not None and role == "trainer":  # its own setting wins over the config's
+        cfg = build_config(config, device=device, devices={**cfg.devices, name: device})
     try:
         load_party_credentials(certs, name)  # its own bundle only: refused before anything starts
         session, addresses = read_peers(peers)

@@ -83,7 +83,14 @@ def run(
     model: Annotated[str | None, Opt(help="mlp or cnn")] = None,
     cut: Annotated[str | None, Opt(help="named cut point of the preset")] = None,
     batch_size: Annotated[int | None, Opt()] = None,
-    lr: Annotated[float | None, Opt()] = None,
+    lr: Annotated[float | None, Opt(help="base learning rate (per party: lr_per_party)")] = None,
+    optimizer: Annotated[str | None, Opt(help="adam, adamw or sgd (every party)")] = None,
+    schedule: Annotated[str | None, Opt(help="lr schedule: constant, cosine or step")] = None,
+    warmup_steps: Annotated[int | None, Opt(help="linear lr warm-up steps")] = None,
+    weight_decay: Annotated[float | None, Opt()] = None,
+    device: Annotated[
+        str | None, Opt(help="auto, cpu, cuda[:N] or mps (per party: devices in --config)")
+    ] = None,
     noise_multiplier: Annotated[float | None, Opt(help="noise std / clip norm")] = None,
     clip_norm: Annotated[float | None, Opt()] = None,
     mechanism: Annotated[str | None, Opt(help="gaussian or laplace")] = None,
@@ -128,11 +135,13 @@ def run(
     flags["images.layout"] = _layout(channels_last)
     cfg = build_config(config, **flags)
     from clicooper.cli.deploy import session_runner
-    from clicooper.runtime.session import resolve_dataset
+    from clicooper.runtime.device import party_devices
+    from clicooper.runtime.session import local_parties, resolve_dataset
 
     how = "auto: fashion-mnist when installed, else digits" if dataset is None else "given"
     fresh = out is None
     try:
+        party_devices(cfg, local_parties(cfg))  # an unusable device: one line, before the data
         data = resolve_dataset(cfg, None)
         console.print(f"dataset: {cfg.dataset} ({how}); model {cfg.model}, {cfg.epochs} epochs")
         runner = session_runner(cfg, peers, certs)

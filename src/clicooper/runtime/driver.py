@@ -44,6 +44,7 @@ from clicooper.data.base import Dataset
 from clicooper.parties.data_owner import DataOwner, epoch_batches
 from clicooper.parties.watermarking import OwnerChain
 from clicooper.runtime import checkpoint as ckpt
+from clicooper.runtime.optim import load_scheduler, scheduler_state
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int, int, float], None]
@@ -244,6 +245,7 @@ class Driver:
         }
         meta = {
             "optim": opt_doc,
+            "sched": scheduler_state(owner.scheduler),
             "releases": owner.releases,
             "position": vars(self.pos),
             "chain": self.chain.state() if self.chain is not None else {},
@@ -258,6 +260,7 @@ class Driver:
         ckpt.load_module(owner.head, tensors, "head")
         owner.optimizer.zero_grad(set_to_none=True)
         ckpt.load_optimizer(owner.optimizer, tensors, meta["optim"])
+        load_scheduler(owner.scheduler, meta["sched"])
         ckpt.load_rng(tensors, self._generators())
         owner.step, owner.releases = step, int(meta["releases"])
         keep = sum(1 for s in owner.log.steps if s <= step)

@@ -38,7 +38,9 @@ from clicooper.privacy.labels import LabelObfuscator
 from clicooper.privacy.secrets import OwnerSecret
 from clicooper.runtime import checkpoint
 from clicooper.runtime.deploy import Deployment, Remote, party_settings, preset_split
+from clicooper.runtime.device import party_devices
 from clicooper.runtime.driver import Driver
+from clicooper.runtime.optim import OptimSettings, make_optimizer, run_steps
 from clicooper.runtime.transport.inprocess import InProcessTransport
 from clicooper.watermark import Ledger, PartyKey, VerifyReport, verify_ledger
 from clicooper.watermark.anchor import ANCHOR_FILE, Anchor, fingerprint
@@ -115,6 +117,7 @@ def run(
     cfg = cfg.model_copy(update={"batch_size": cfg.effective_batch_size(len(data.train))})
     factory = model_factory or preset_factory(cfg, data)
     factory(data.num_classes)
+    devices = party_devices(cfg, local_parties(cfg))  # an unusable device fails here
     prepare_run_dir(out_dir, overwrite)
     # Small per-party models gain little from intra-op threads, and oversubscribed
     # threads spin: one thread per process is several times faster on a busy machine.
@@ -124,14 +127,17 @@ def run(
     try:
         if cfg.mode == "centralized":
             log = HistoryLog(out_dir / HISTORY_FILE, cfg, None, progress)
-            session = _run_centralized(cfg, data, factory, first_step, log)
+            session = _run_centralized(cfg, data, factory, first_step, log, devices["do"])
         else:
-            session = _run_split(cfg, data, factory, out_dir, first_step, deployment, secret)
+            session = _run_split(
+                cfg, data, factory, out_dir, first_step, deployment, secret, devices
+            )
     except BaseException:
         if not first_step.seen:  # nothing trained: leave nothing that blocks a corrected rerun
             discard_run(out_dir)
         raise
     session.results.update(_describe(cfg, data, session))
+    session.results["devices"] = {party: str(device) for party, device in devices.items()}
     (out_dir / "results.json").write_text(json.dumps(session.results, indent=2))
     return session
 
@@ -230,34 +236,46 @@ def prepare_run_dir(out_dir: Path, overwrite: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
+def local_parties(cfg: RunConfig) -> list[str]:
+    """The parties this process runs: the owner, and in-process every trainer too."""
+    if cfg.mode == "centralized" or cfg.transport == "grpc":
+        return ["do"]
+    return ["do", *(f"t{i}" for i in range(1, cfg.trainers + 1))]
+
+
 def _run_centralized(
     cfg: RunConfig,
     data: Dataset,
     factory: ModelFactory,
     progress: ProgressFn | None,
     on_epoch: Callable[[list[dict[str, Any]]], None],
+    device: torch.device,
 ) -> Session:
-    model = factory(data.num_classes).full()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    model = factory(data.num_classes).full().to(device)
+    settings = OptimSettings.from_config(cfg, run_steps(cfg, len(data.train)))
+    optimizer, scheduler = make_optimizer(model.parameters(), settings, "do")
     history, train_seconds, train_cpu_seconds = [], 0.0, 0.0
     for epoch in range(1, cfg.epochs + 1):
         start, cpu = time.perf_counter(), time.process_time()
         batches = epoch_batches(len(data.train), epoch, cfg.batch_size, cfg.seed)
         total, correct = 0.0, 0
         for b, ids in enumerate(batches):
-            logits = model(data.train.x[ids])
-            loss = nn.functional.cross_entropy(logits, data.train.y[ids])
+            y = data.train.y[ids].to(device)
+            logits = model(data.train.x[ids].to(device))
+            loss = nn.functional.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            scheduler.step()
             total += loss.item() * len(ids)
-            correct += int((logits.argmax(1) == data.train.y[ids]).sum())
+            correct += int((logits.argmax(1) == y).sum())
             if progress:
                 progress(epoch, b + 1, len(batches), loss.item())
         train_seconds += time.perf_counter() - start
         train_cpu_seconds += time.process_time() - cpu
         with torch.no_grad():
-            test_acc = float((model(data.test.x).argmax(1) == data.test.y).float().mean())
+            predicted = model(data.test.x.to(device)).argmax(1).cpu()
+            test_acc = float((predicted == data.test.y).float().mean())
         history.append(
             {
                 "epoch": epoch,
@@ -273,7 +291,7 @@ def _run_centralized(
         "history": history,
         "timing": {"train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds},
     }
-    return Session(results, None, [], model, data)
+    return Session(results, None, [], model.cpu(), data)
 
 
 def _run_split(
@@ -284,8 +302,11 @@ def _run_split(
     progress: ProgressFn | None,
     deployment: Deployment | None = None,
     secret: OwnerSecret | None = None,
+    devices: dict[str, torch.device] | None = None,
 ) -> Session:
-    """``secret``: the owner secret to reuse (``owner_secret`` setting); None makes one."""
+    """``secret``: the owner secret to reuse (``owner_secret`` setting); None makes one.
+    ``devices``: of the parties in this process (default: all on the CPU)."""
+    devices = devices or {}
     defended = cfg.mode == "clicooper"
     owner_dir = private_dir(out_dir / "owner")
     secret = secret or OwnerSecret.generate()
@@ -314,21 +335,25 @@ def _run_split(
     if with_chain:
         _warn_capacity(split, wm, wm.stage_steps or -(-len(data.train) // cfg.batch_size))
     checkpoints = cfg.transport == "grpc" or cfg.checkpoint_steps > 0
+    optim = OptimSettings.from_config(cfg, run_steps(cfg, len(data.train)))
     remote, trainers, verifier = None, [], None
     if cfg.transport == "grpc":
-        remote = _remote(cfg, deployment, parties, data.image_shape, n_outputs, with_chain)
+        remote = _remote(cfg, deployment, parties, data.image_shape, n_outputs, with_chain, optim)
         transport = remote.transport
     else:
-        transport, trainers, verifier = _local(cfg, split, out_dir, checkpoints and parties)
+        transport, trainers, verifier = _local(
+            cfg, split, out_dir, checkpoints and parties, optim, devices
+        )
     owner = DataOwner(
         transport,
         split.head,
         cfg.trainers,
-        cfg.lr,
+        optim,
         noise,
         labels,
         cfg.micro_batches,
         cfg.privacy.noise_at_inference,
+        device=devices.get("do", "cpu"),
     )
     chain = None
     if with_chain:
@@ -336,7 +361,8 @@ def _run_split(
         chain.total_steps = cfg.epochs * -(-len(data.train) // cfg.batch_size)
     if labels is not None:
         with torch.no_grad():
-            labels.fit(torch.cat([split.head(x) for x in data.train.x.split(4096)]), data.train.y)
+            z = [split.head(x.to(owner.device)).cpu() for x in data.train.x.split(4096)]
+            labels.fit(torch.cat(z), data.train.y)
 
     driver = Driver(
         owner,
@@ -383,7 +409,9 @@ def _run_split(
         results["watermark"]["sealed_bits"] = sealed
     if remote is not None:
         _load_remote_segments(split, out_dir)
-    return Session(results, owner, trainers, split.full(), data)
+    for party in (owner, *trainers):  # the finished model and parties, back on the CPU
+        party.device = torch.device("cpu")
+    return Session(results, owner, trainers, split.full().cpu(), data)
 
 
 def _warn_capacity(split: SplitModel, wm: WatermarkConfig, stage_steps: int) -> None:
@@ -397,7 +425,12 @@ def _warn_capacity(split: SplitModel, wm: WatermarkConfig, stage_steps: int) -> 
 
 
 def _local(
-    cfg: RunConfig, split: SplitModel, out_dir: Path, checkpoint_parties: list[str] | bool
+    cfg: RunConfig,
+    split: SplitModel,
+    out_dir: Path,
+    checkpoint_parties: list[str] | bool,
+    optim: OptimSettings,
+    devices: dict[str, torch.device],
 ) -> tuple[InProcessTransport, list[Trainer], Verifier]:
     """Every party in this process, on the in-process transport."""
     transport = InProcessTransport()
@@ -406,11 +439,12 @@ def _local(
             i,
             cfg.trainers,
             seg,
-            cfg.lr,
+            optim,
             out_dir,
             Recorder(cfg.record),
             gradient.for_trainer(cfg, i),
             max_pending=pending_limit(cfg.micro_batches),
+            device=devices.get(f"t{i}", "cpu"),
         )
         for i, seg in enumerate(split.segments, start=1)
     ]
@@ -433,6 +467,7 @@ def _remote(
     image_shape: tuple[int, int, int],
     n_outputs: int,
     with_chain: bool,
+    optim: OptimSettings,
 ) -> Remote:
     """The trainers and the verifier as remote processes, connected and set up."""
     trainer = {
@@ -440,6 +475,7 @@ def _remote(
         "image_shape": list(image_shape),
         "n_outputs": n_outputs,
         "chain": with_chain,
+        "total_steps": optim.total_steps,  # the lr schedule's length
     }
     setup = {p: trainer for p in parties if p != "verifier"}
     if with_chain:
@@ -627,7 +663,7 @@ def _save_owner(
     owner_dir: Path, owner: DataOwner, labels: LabelObfuscator | None, record: int
 ) -> None:
     """The head, the sub-label assignment and the step log, all mode 0600."""
-    state = {k: v.contiguous() for k, v in owner.head.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in owner.head.state_dict().items()}
     write_private(owner_dir / "head.safetensors", st_save(state))
     if labels is not None and labels.sub_labels is not None:
         write_private(owner_dir / "sublabels.safetensors", st_save({"sub": labels.sub_labels}))
