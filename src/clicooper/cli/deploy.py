@@ -133,11 +133,16 @@ def serve(
         raise typer.Exit(130) from None
 
 
-def session_runner(cfg: RunConfig, peers: Path | None, certs: Path | None) -> Callable[..., Any]:
-    """What ``clicooper run`` calls: in-process, over gRPC to served parties, or a launch."""
+def session_runner(
+    cfg: RunConfig, peers: Path | None, certs: Path | None, resume: bool = False
+) -> Callable[..., Any]:
+    """What ``clicooper run`` calls: in-process, over gRPC to served parties, or a launch
+    (``resume``: continue an in-process run; ``launch`` has no ``--resume`` yet)."""
     from clicooper.runtime import deploy
     from clicooper.runtime.session import run
 
+    if resume:
+        return functools.partial(run, resume=True)
     timeouts = _LAUNCH.get()
     if timeouts is not None:
         return functools.partial(deploy.launch, **timeouts)
@@ -179,7 +184,7 @@ def _launch_signature() -> inspect.Signature:
     params = [
         p.replace(annotation=hints[p.name])
         for p in inspect.signature(cli_main.run).parameters.values()
-        if p.name not in ("transport", "peers", "certs")
+        if p.name not in ("transport", "peers", "certs", "resume")
     ]
     for name, default, what in (
         ("send_timeout", 30.0, "seconds one delivery may take"),

@@ -35,12 +35,13 @@ from clicooper.parties.watermarking import OwnerChain, TrainerChain
 from clicooper.privacy import accounting, gradient
 from clicooper.privacy.activation import ActivationNoise
 from clicooper.privacy.labels import LabelObfuscator
-from clicooper.privacy.secrets import OwnerSecret
+from clicooper.privacy.secrets import SECRET_FILE, OwnerSecret
 from clicooper.runtime import checkpoint
 from clicooper.runtime.deploy import Deployment, Remote, party_settings, preset_split
 from clicooper.runtime.device import party_devices
 from clicooper.runtime.driver import Driver
 from clicooper.runtime.optim import OptimSettings, make_optimizer, run_steps
+from clicooper.runtime.resume import RUN_CONFIG, resumable_config, save_run_config
 from clicooper.runtime.transport.inprocess import InProcessTransport
 from clicooper.watermark import Ledger, PartyKey, VerifyReport, verify_ledger
 from clicooper.watermark.anchor import ANCHOR_FILE, Anchor, fingerprint
@@ -98,12 +99,18 @@ def run(
     progress: ProgressFn | None = None,
     overwrite: bool = False,
     deployment: Deployment | None = None,
+    resume: bool = False,
 ) -> Session:
     """Train in ``cfg.mode`` and write ``out_dir``; returns the session.
 
     With ``cfg.transport == "grpc"`` the trainers and the verifier are remote
     processes described by ``deployment``; this process is the data owner.
+    ``resume``: continue the unfinished in-process run in ``out_dir`` from its last
+    checkpoint, with the settings it saved (``out_dir/config.toml``; ``cfg`` is not
+    used) and its owner secret (:mod:`clicooper.runtime.resume`).
     """
+    if resume:
+        cfg = resumable_config(Path(out_dir))
     if cfg.transport == "grpc" and (deployment is None or model_factory is not None):
         raise ValueError(
             "transport grpc needs the parties' addresses (--peers FILE --certs DIR) and a "
@@ -113,12 +120,16 @@ def run(
     # Read and build first: a bad secret file, dataset, model or cut fails before the run
     # directory is touched (an --overwrite run keeps the old one).
     secret = OwnerSecret.read(cfg.owner_secret) if cfg.owner_secret else None
+    if resume and cfg.mode == "clicooper":
+        secret = OwnerSecret.read(out_dir / "owner" / SECRET_FILE)
     data = resolve_dataset(cfg, data)
     cfg = cfg.model_copy(update={"batch_size": cfg.effective_batch_size(len(data.train))})
     factory = model_factory or preset_factory(cfg, data)
     factory(data.num_classes)
     devices = party_devices(cfg, local_parties(cfg))  # an unusable device fails here
-    prepare_run_dir(out_dir, overwrite)
+    if not resume:
+        prepare_run_dir(out_dir, overwrite)
+        save_run_config(out_dir, cfg)
     # Small per-party models gain little from intra-op threads, and oversubscribed
     # threads spin: one thread per process is several times faster on a busy machine.
     torch.set_num_threads(cfg.threads)
@@ -130,10 +141,10 @@ def run(
             session = _run_centralized(cfg, data, factory, first_step, log, devices["do"])
         else:
             session = _run_split(
-                cfg, data, factory, out_dir, first_step, deployment, secret, devices
+                cfg, data, factory, out_dir, first_step, deployment, secret, devices, resume
             )
     except BaseException:
-        if not first_step.seen:  # nothing trained: leave nothing that blocks a corrected rerun
+        if not first_step.seen and not resume:  # nothing trained: nothing may block a rerun
             discard_run(out_dir)
         raise
     session.results.update(_describe(cfg, data, session))
@@ -145,6 +156,7 @@ def run(
 HISTORY_FILE = "history.jsonl"
 RUN_ARTIFACTS = (
     "results.json",
+    RUN_CONFIG,
     HISTORY_FILE,
     "report.md",
     "ledger.sqlite",
@@ -303,9 +315,11 @@ def _run_split(
     deployment: Deployment | None = None,
     secret: OwnerSecret | None = None,
     devices: dict[str, torch.device] | None = None,
+    resume: bool = False,
 ) -> Session:
     """``secret``: the owner secret to reuse (``owner_secret`` setting); None makes one.
-    ``devices``: of the parties in this process (default: all on the CPU)."""
+    ``devices``: of the parties in this process (default: all on the CPU). ``resume``:
+    every party from its files and checkpoints in ``out_dir`` (see :func:`run`)."""
     devices = devices or {}
     defended = cfg.mode == "clicooper"
     owner_dir = private_dir(out_dir / "owner")
@@ -327,14 +341,15 @@ def _run_split(
             cfg.privacy.mechanism,
             seed=secret.derive_seed("activation-noise"),
         )
-        secret.save(owner_dir)
+        if not resume:
+            secret.save(owner_dir)
 
     wm = cfg.watermark
     with_chain = defended and wm.enabled
     parties = [f"t{i}" for i in range(1, cfg.trainers + 1)] + (["verifier"] if with_chain else [])
     if with_chain:
         _warn_capacity(split, wm, wm.stage_steps or -(-len(data.train) // cfg.batch_size))
-    checkpoints = cfg.transport == "grpc" or cfg.checkpoint_steps > 0
+    checkpoints = True  # always: a run that dies can be resumed (measured cost: README)
     optim = OptimSettings.from_config(cfg, run_steps(cfg, len(data.train)))
     remote, trainers, verifier = None, [], None
     if cfg.transport == "grpc":
@@ -342,7 +357,7 @@ def _run_split(
         transport = remote.transport
     else:
         transport, trainers, verifier = _local(
-            cfg, split, out_dir, checkpoints and parties, optim, devices
+            cfg, split, out_dir, checkpoints and parties, optim, devices, resume and with_chain
         )
     owner = DataOwner(
         transport,
@@ -357,7 +372,7 @@ def _run_split(
     )
     chain = None
     if with_chain:
-        chain = _open_chain(owner, trainers, secret, owner_dir, out_dir, wm)
+        chain = _open_chain(owner, trainers, secret, owner_dir, out_dir, wm, resume)
         chain.total_steps = cfg.epochs * -(-len(data.train) // cfg.batch_size)
     if labels is not None:
         with torch.no_grad():
@@ -377,6 +392,7 @@ def _run_split(
         recovery=remote,
         progress=progress,
         on_epoch=HistoryLog(out_dir / HISTORY_FILE, cfg, noise, progress, owner),
+        resume=resume,
     )
     history = driver.run()
     training_releases = owner.releases  # each epoch sends every sample's gradient back once
@@ -431,8 +447,10 @@ def _local(
     checkpoint_parties: list[str] | bool,
     optim: OptimSettings,
     devices: dict[str, torch.device],
+    resume_ledger: bool = False,
 ) -> tuple[InProcessTransport, list[Trainer], Verifier]:
-    """Every party in this process, on the in-process transport."""
+    """Every party in this process, on the in-process transport (``resume_ledger``: the
+    verifier continues the ledger, key and secrets of ``out_dir``)."""
     transport = InProcessTransport()
     trainers = [
         Trainer(
@@ -449,7 +467,8 @@ def _local(
         for i, seg in enumerate(split.segments, start=1)
     ]
     wm = cfg.watermark
-    verifier = Verifier(out_dir, wm.bits, wm.ber_threshold, wm.keep_audit_stages)
+    make_verifier = Verifier.resume if resume_ledger else Verifier
+    verifier = make_verifier(out_dir, wm.bits, wm.ber_threshold, wm.keep_audit_stages)
     for party in (*trainers, verifier):
         transport.attach(party)
     transport.add_mailbox("do")
@@ -502,14 +521,20 @@ def _open_chain(
     owner_dir: Path,
     out_dir: Path,
     wm: WatermarkConfig,
+    resume: bool = False,
 ) -> OwnerChain:
-    """Keys for every party, registration with the verifier, the ledger, stage 1."""
+    """Keys for every party, registration with the verifier, the ledger, stage 1; or, on
+    ``resume``, the keys of ``out_dir`` (the chain's position comes from a checkpoint)."""
     for trainer in trainers:
-        TrainerChain(trainer, wm, out_dir / "parties" / trainer.name)
-    key = PartyKey.generate()
-    key.save(owner_dir / "do.key")
+        TrainerChain(trainer, wm, out_dir / "parties" / trainer.name, resume=resume)
+    if resume:
+        key = PartyKey.load(owner_dir / "do.key")
+    else:
+        key = PartyKey.generate()
+        key.save(owner_dir / "do.key")
     chain = OwnerChain(owner, key, secret.commitment(), wm)
-    chain.open()
+    if not resume:
+        chain.open()
     return chain
 
 
