@@ -124,8 +124,8 @@ class RunConfig(_Strict):
     checkpoint_steps: int = Field(
         0,
         ge=0,
-        description="also checkpoint every N steps (0: only before stage and epoch ends; "
-        "checkpoints are always on over grpc, in-process only when N > 0)",
+        description="also checkpoint every N steps (0: only at step 0 and before stage and "
+        "epoch ends; checkpoints are always on, so a run that dies can be resumed)",
     )
     threads: int = Field(1, ge=1, le=256, description="torch intra-op threads per process")
     owner_secret: Path | None = Field(

@@ -120,7 +120,7 @@ def run(
     stage_steps: Annotated[int | None, Opt(help="watermark stage length in steps")] = None,
     threads: Annotated[int | None, Opt(help="torch threads per process")] = None,
     checkpoint_steps: Annotated[
-        int | None, Opt(help="checkpoint every N steps too (always on over grpc)")
+        int | None, Opt(help="checkpoint every N steps too (0: at epoch and stage ends only)")
     ] = None,
     owner_secret: Annotated[
         Path | None, Opt(help="reuse an earlier run's owner/owner.secret: repeat that run")
