@@ -51,6 +51,25 @@ def test_cuda_without_cuda_is_one_line_and_exit_2(tmp_path, cli_inprocess):
     PartyHost("trainer", "t2", cfg, tmp_path)  # t2 keeps the default
 
 
+@pytest.mark.skipif(not NO_CUDA, reason="checks the error on a machine without CUDA")
+def test_serve_device_flag_is_the_process_own_and_checked_at_start(tmp_path, cli_inprocess):
+    from clicooper.runtime.certs import create_certificates
+    from clicooper.runtime.deploy import write_peers
+
+    create_certificates(["do", "t1", "t2"], tmp_path / "pki")
+    peers = {"do": "127.0.0.1:1", "t1": "127.0.0.1:2", "t2": "127.0.0.1:3"}
+    write_peers(tmp_path / "peers.toml", "s", peers)
+    (tmp_path / "cfg.toml").write_text('dataset = "digits"\nmode = "vanilla"\n')
+    args = ["serve", "trainer", "--config", str(tmp_path / "cfg.toml"), "--name", "t1",
+            "--listen", peers["t1"], "--certs", str(tmp_path / "pki" / "t1"),
+            "--peers", str(tmp_path / "peers.toml"), "--out", str(tmp_path / "t1")]  # fmt: skip
+    code, err, _ = cli_inprocess(*args, "--device", "cuda")
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "device cuda is not available" in lines[0], err
+    code, err, _ = cli_inprocess(*args, "--device", "tpu")
+    assert code == 2 and "unknown device 'tpu'" in err
+
+
 @pytest.mark.skipif(NO_CUDA, reason="needs a CUDA GPU")
 def test_trainers_on_cuda_match_the_cpu_run(tmp_path, small_digits):
     """The owner and t1 on the GPU, t2 on the CPU: the same training as all on the CPU

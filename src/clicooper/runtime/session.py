@@ -349,7 +349,6 @@ def _run_split(
     parties = [f"t{i}" for i in range(1, cfg.trainers + 1)] + (["verifier"] if with_chain else [])
     if with_chain:
         _warn_capacity(split, wm, wm.stage_steps or -(-len(data.train) // cfg.batch_size))
-    checkpoints = True  # always: a run that dies can be resumed (measured cost: README)
     optim = OptimSettings.from_config(cfg, run_steps(cfg, len(data.train)))
     remote, trainers, verifier = None, [], None
     if cfg.transport == "grpc":
@@ -357,7 +356,7 @@ def _run_split(
         transport = remote.transport
     else:
         transport, trainers, verifier = _local(
-            cfg, split, out_dir, checkpoints and parties, optim, devices, resume and with_chain
+            cfg, split, out_dir, parties, optim, devices, resume and with_chain
         )
     owner = DataOwner(
         transport,
@@ -387,7 +386,7 @@ def _run_split(
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         parties=parties,
-        checkpoint_dir=owner_dir / "checkpoints" if checkpoints else None,
+        checkpoint_dir=owner_dir / "checkpoints",  # always: a run that dies can be resumed
         checkpoint_steps=cfg.checkpoint_steps,
         recovery=remote,
         progress=progress,
