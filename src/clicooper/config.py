@@ -10,7 +10,14 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 Mode = Literal["centralized", "vanilla", "clicooper"]
 
@@ -186,6 +193,26 @@ class RunConfig(_Strict):
         None, ge=1, le=65536, description="None: 32 below 10,000 training samples, else 128"
     )
     lr: float = Field(1e-3, gt=0)
+    # Optimizer and schedule of every party (clicooper.runtime.optim); lr_per_party
+    # overrides lr for the parties it names: {do = 1e-3, t1 = 3e-3}.
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr_per_party: dict[str, float] = Field(
+        default_factory=dict, description="base lr of named parties (do, t1 ..); others: lr"
+    )
+    momentum: float = Field(0.9, ge=0, lt=1, description="sgd only")
+    weight_decay: float | None = Field(
+        None, ge=0, description="None: the optimizer's default (adamw 0.01, else 0)"
+    )
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    warmup_steps: int = Field(0, ge=0, description="linear lr warm-up steps")
+    decay_steps: int | None = Field(
+        None, ge=1, description="step schedule: steps between decays (None: a third of the run)"
+    )
+    decay_gamma: float = Field(0.1, gt=0, le=1, description="step schedule: lr factor per decay")
+    device: str = Field("auto", description="auto (cuda, else mps, else cpu), cpu, cuda[:N], mps")
+    devices: dict[str, str] = Field(
+        default_factory=dict, description='per-party device overrides: {t1 = "cuda"}'
+    )
     seed: int = Field(0, ge=0)
     train_subset: int | None = Field(None, ge=1)
     test_subset: int | None = Field(None, ge=1)
@@ -195,8 +222,8 @@ class RunConfig(_Strict):
     checkpoint_steps: int = Field(
         0,
         ge=0,
-        description="also checkpoint every N steps (0: only before stage and epoch ends; "
-        "checkpoints are always on over grpc, in-process only when N > 0)",
+        description="also checkpoint every N steps (0: only at step 0 and before stage and "
+        "epoch ends; checkpoints are always on, so a run that dies can be resumed)",
     )
     threads: int = Field(1, ge=1, le=256, description="torch intra-op threads per process")
     owner_secret: Path | None = Field(
@@ -232,6 +259,35 @@ class RunConfig(_Strict):
         if self.batch_size is not None and self.micro_batches > self.batch_size:
             raise ValueError("micro_batches cannot exceed batch_size")
         return self
+
+    @model_validator(mode="after")
+    def _party_settings(self) -> RunConfig:
+        """Per-party entries name parties of this run, with positive learning rates."""
+        names = ["do", *(f"t{i}" for i in range(1, self.trainers + 1))]
+        for setting, entries in (("lr_per_party", self.lr_per_party), ("devices", self.devices)):
+            for party in entries:
+                if party not in names:
+                    raise ValueError(
+                        f"{setting}: unknown party {party!r} (choose from {', '.join(names)})"
+                    )
+        for value in self.lr_per_party.values():
+            if not value > 0:
+                raise ValueError(f"lr_per_party: a learning rate must be positive (got {value})")
+        return self
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        from clicooper.runtime.device import valid_device
+
+        return valid_device(value)
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value: dict[str, str]) -> dict[str, str]:
+        from clicooper.runtime.device import valid_device
+
+        return {party: valid_device(name) for party, name in value.items()}
 
     def effective_batch_size(self, n_train: int) -> int:
         """The configured batch size, or 32 for small datasets (< 10,000) and 128 otherwise."""
@@ -270,4 +326,5 @@ def one_line(exc: ValidationError) -> str:
     where = ".".join(str(p) for p in err["loc"]) or "config"
     got = err.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"invalid setting {where}: {err['msg']}{shown}"
+    message = err["msg"].removeprefix("Value error, ")
+    return f"invalid setting {where}: {message}{shown}"

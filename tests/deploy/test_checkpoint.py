@@ -106,11 +106,16 @@ def _fail_once(monkeypatch, cls, name, when):
     return fired
 
 
+SCHEDULED = {"optimizer": "sgd", "lr": 0.05, "schedule": "cosine", "lr_per_party": {"t2": 0.1}}
+
+
+@pytest.mark.parametrize("optim", [{}, SCHEDULED], ids=["adam", "sgd-cosine"])
 def test_failure_mid_epoch_rolls_back_and_replays_exactly(
-    tmp_path, small_digits, monkeypatch, recovering
+    tmp_path, small_digits, monkeypatch, recovering, optim
 ):
-    """Steps 16 and 17 were applied by every trainer, then lost: replayed once, same weights."""
-    cfg = quick_config(mode="vanilla", trainers=3, checkpoint_steps=5)
+    """Steps 16 and 17 were applied by every trainer, then lost: replayed once, same weights
+    (and the lr schedule resumes at step 15: the same learning rates)."""
+    cfg = quick_config(mode="vanilla", trainers=3, checkpoint_steps=5, **optim)
     clean = run(cfg, tmp_path / "clean", data=small_digits)
     fired = _fail_once(monkeypatch, DataOwner, "train_batch", lambda self, *a: self.step == 17)
     broken = run(cfg, tmp_path / "broken", data=small_digits)
@@ -122,6 +127,9 @@ def test_failure_mid_epoch_rolls_back_and_replays_exactly(
     for a, b in zip(clean.model.parameters(), broken.model.parameters(), strict=True):
         assert torch.equal(a, b)
     assert broken.results["accuracy"] == clean.results["accuracy"]
+    for x, y in zip((clean.owner, *clean.trainers), (broken.owner, *broken.trainers), strict=True):
+        assert y.scheduler.last_epoch == 26
+        assert x.optimizer.state_dict()["param_groups"] == y.optimizer.state_dict()["param_groups"]
     untimed = [[{k: v for k, v in e.items() if k != "seconds"} for e in r.results["history"]]
                for r in (broken, clean)]  # fmt: skip
     assert untimed[0] == untimed[1]

@@ -23,7 +23,9 @@ from clicooper.runtime.certs import load_party_credentials
 from clicooper.runtime.deploy import Launcher, launch
 from clicooper.runtime.session import run
 
-VANILLA = {"mode": "vanilla", "trainers": 3, "epochs": 2, "train_subset": 320}
+# a cosine schedule and t2's own lr: served trainers take both from their config and setup
+VANILLA = {"mode": "vanilla", "trainers": 3, "epochs": 2, "train_subset": 320,
+           "schedule": "cosine", "lr_per_party": {"t2": 3e-3}}  # fmt: skip
 
 
 def _params(session):

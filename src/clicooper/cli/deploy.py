@@ -88,6 +88,9 @@ def serve(
         "runs/latest"
     ),
     send_timeout: Annotated[float, Opt(help="seconds one delivery may take")] = 30.0,
+    device: Annotated[
+        str | None, Opt(help="a trainer's device: auto, cpu, cuda[:N], mps (default: config)")
+    ] = None,
     exit_with_parent: Annotated[
         int | None, Opt(hidden=True, help="exit when this parent process is gone")
     ] = None,
@@ -102,6 +105,8 @@ def serve(
     if name is None:
         fail("a trainer needs --name t1 .. tn")
     cfg = build_config(config)
+    if device is not None and role == "trainer":  # its own setting wins over the config's
+        cfg = build_config(config, device=device, devices={**cfg.devices, name: device})
     try:
         load_party_credentials(certs, name)  # its own bundle only: refused before anything starts
         session, addresses = read_peers(peers)
@@ -128,11 +133,16 @@ def serve(
         raise typer.Exit(130) from None
 
 
-def session_runner(cfg: RunConfig, peers: Path | None, certs: Path | None) -> Callable[..., Any]:
-    """What ``clicooper run`` calls: in-process, over gRPC to served parties, or a launch."""
+def session_runner(
+    cfg: RunConfig, peers: Path | None, certs: Path | None, resume: bool = False
+) -> Callable[..., Any]:
+    """What ``clicooper run`` calls: in-process, over gRPC to served parties, or a launch
+    (``resume``: continue an in-process run; ``launch`` has no ``--resume`` yet)."""
     from clicooper.runtime import deploy
     from clicooper.runtime.session import run
 
+    if resume:
+        return functools.partial(run, resume=True)
     timeouts = _LAUNCH.get()
     if timeouts is not None:
         return functools.partial(deploy.launch, **timeouts)
@@ -174,7 +184,7 @@ def _launch_signature() -> inspect.Signature:
     params = [
         p.replace(annotation=hints[p.name])
         for p in inspect.signature(cli_main.run).parameters.values()
-        if p.name not in ("transport", "peers", "certs")
+        if p.name not in ("transport", "peers", "certs", "resume")
     ]
     for name, default, what in (
         ("send_timeout", 30.0, "seconds one delivery may take"),

@@ -83,7 +83,14 @@ def run(
     model: Annotated[str | None, Opt(help="mlp or cnn")] = None,
     cut: Annotated[str | None, Opt(help="named cut point of the preset")] = None,
     batch_size: Annotated[int | None, Opt()] = None,
-    lr: Annotated[float | None, Opt()] = None,
+    lr: Annotated[float | None, Opt(help="base learning rate (per party: lr_per_party)")] = None,
+    optimizer: Annotated[str | None, Opt(help="adam, adamw or sgd (every party)")] = None,
+    schedule: Annotated[str | None, Opt(help="lr schedule: constant, cosine or step")] = None,
+    warmup_steps: Annotated[int | None, Opt(help="linear lr warm-up steps")] = None,
+    weight_decay: Annotated[float | None, Opt()] = None,
+    device: Annotated[
+        str | None, Opt(help="auto, cpu, cuda[:N] or mps (per party: devices in --config)")
+    ] = None,
     noise_multiplier: Annotated[float | None, Opt(help="noise std / clip norm")] = None,
     clip_norm: Annotated[float | None, Opt()] = None,
     mechanism: Annotated[str | None, Opt(help="gaussian or laplace")] = None,
@@ -113,29 +120,42 @@ def run(
     stage_steps: Annotated[int | None, Opt(help="watermark stage length in steps")] = None,
     threads: Annotated[int | None, Opt(help="torch threads per process")] = None,
     checkpoint_steps: Annotated[
-        int | None, Opt(help="checkpoint every N steps too (always on over grpc)")
+        int | None, Opt(help="checkpoint every N steps too (0: at epoch and stage ends only)")
     ] = None,
     owner_secret: Annotated[
         Path | None, Opt(help="reuse an earlier run's owner/owner.secret: repeat that run")
     ] = None,
     overwrite: Annotated[bool, Opt(help="replace a run already in --out")] = False,
+    resume: Annotated[
+        Path | None,
+        Opt(
+            help="continue the unfinished in-process run in DIR (its own settings) from its "
+            "last checkpoint"
+        ),
+    ] = None,
     transport: Annotated[str | None, Opt(help="inprocess or grpc (with --peers, --certs)")] = None,
     peers: Annotated[Path | None, Opt(help="peers file of served parties (grpc)")] = None,
     certs: Annotated[Path | None, Opt(help="the data owner's own bundle, OUT/do (grpc)")] = None,
 ) -> None:
     """Train with every party in this process (the embedded default)."""
+    given = [name for name, value in locals().items() if value is not None and value is not False]
     flags = config_overrides(locals())
     flags["images.layout"] = _layout(channels_last)
-    cfg = build_config(config, **flags)
+    if resume is not None:
+        cfg, out = _resumed(resume, [name for name in given if name != "resume"])
+    else:
+        cfg = build_config(config, **flags)
     from clicooper.cli.deploy import session_runner
-    from clicooper.runtime.session import resolve_dataset
+    from clicooper.runtime.device import party_devices
+    from clicooper.runtime.session import local_parties, resolve_dataset
 
     how = "auto: fashion-mnist when installed, else digits" if dataset is None else "given"
     fresh = out is None
     try:
+        party_devices(cfg, local_parties(cfg))  # an unusable device: one line, before the data
         data = resolve_dataset(cfg, None)
         console.print(f"dataset: {cfg.dataset} ({how}); model {cfg.model}, {cfg.epochs} epochs")
-        runner = session_runner(cfg, peers, certs)
+        runner = session_runner(cfg, peers, certs, resume is not None)
         out = new_run_dir(RUNS_ROOT, cfg.mode) if out is None else out
         console.print(f"run directory: {out}")
         with training_progress(cfg.epochs, cfg.mode) as progress:
@@ -155,6 +175,22 @@ def run(
             f"publish it now; `clicooper verify {out} --anchor {anchor}` and `clicooper claim` "
             "check the ledger against it"
         )
+
+
+def _resumed(run_dir: Path, given: list[str]) -> tuple[RunConfig, Path]:
+    """The settings and directory of the run ``--resume`` continues (exit 2 if none)."""
+    from clicooper.runtime.resume import resumable_config
+
+    if given:
+        fail(
+            f"--resume continues {run_dir} with its own settings ({run_dir}/config.toml): "
+            f"leave out --{given[0].replace('_', '-')}"
+        )
+    try:
+        return resumable_config(run_dir), run_dir
+    except ValueError as exc:
+        fail(str(exc).splitlines()[0])
+        raise  # unreachable
 
 
 def _drop_if_empty(path: Path) -> None:

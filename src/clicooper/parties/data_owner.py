@@ -28,6 +28,7 @@ from clicooper.common.messages import Kind, Message, ProtocolError
 from clicooper.data.base import Split
 from clicooper.privacy.activation import ActivationNoise
 from clicooper.privacy.labels import LabelObfuscator
+from clicooper.runtime.optim import OptimSettings, make_optimizer
 from clicooper.runtime.transport.base import Transport
 
 log = logging.getLogger(__name__)
@@ -62,16 +63,20 @@ class DataOwner:
         transport: Transport,
         head: nn.Module,
         n_trainers: int,
-        lr: float,
+        lr: float | OptimSettings,
         noise: ActivationNoise | None = None,
         labels: LabelObfuscator | None = None,
         micro_batches: int = 1,
         noise_at_inference: bool = False,
+        device: torch.device | str = "cpu",
     ) -> None:
+        """``lr``: the optimizer settings (a float: Adam at that constant rate); ``device``:
+        where the head computes (data, noise and messages stay on the CPU)."""
         self.transport = transport
-        self.head = head
+        self.device = torch.device(device)
+        self.head = head.to(self.device)
         self.trainers = [f"t{i}" for i in range(1, n_trainers + 1)]
-        self.optimizer = torch.optim.Adam(head.parameters(), lr=lr)
+        self.optimizer, self.scheduler = make_optimizer(head.parameters(), lr, self.name)
         self.noise, self.labels = noise, labels
         self.micro_batches = micro_batches
         self.noise_at_inference = noise_at_inference
@@ -119,11 +124,11 @@ class DataOwner:
         for micro, (xc, yc) in enumerate(
             zip(x.tensor_split(micros), y.tensor_split(micros), strict=True)
         ):
-            z = self.head(xc)
+            z = self.head(xc.to(self.device))
             if self.noise is not None and not noise:  # one draw: the stream of one pass
                 noise = self.noise.noise(torch.Size((len(x), *z.shape[1:]))).tensor_split(micros)
             protected.append(self.noise.clip(z) if self.noise else z)
-            released = protected[-1].detach()
+            released = protected[-1].detach().cpu()  # the noise and every message: CPU
             if noise:  # encoding copies: without noise no tensor of its own is needed
                 released = released + noise[micro]
             meta = {"micro": micro, "micros": micros, "weight": len(yc) / len(y), "epoch": epoch}
@@ -138,6 +143,7 @@ class DataOwner:
             delivery.result()  # a failed delivery raises here, as send() would
         logits, losses = self._collect(protected)
         self.optimizer.step()
+        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss = sum(l_ * len(p) for l_, p in zip(losses, protected, strict=True)) / len(y)
         return float(loss), torch.cat(logits)
@@ -184,7 +190,7 @@ class DataOwner:
                 f"gradient {gradient.dtype} {tuple(gradient.shape)} != activation "
                 f"{activation.dtype} {tuple(activation.shape)}"
             )
-        return gradient
+        return gradient.to(activation.device)
 
     def _logits(self, msg: Message, rows: int, name: str = "logits") -> torch.Tensor:
         """Pseudo-logits of ``rows`` samples, as many classes as the labels (or as before)."""
@@ -232,7 +238,7 @@ class DataOwner:
         outputs = []
         with torch.no_grad():
             for chunk in x.split(INFER_BATCH):
-                z = self.head(chunk)
+                z = self.head(chunk.to(self.device))
                 if self.noise is not None and self.noise_at_inference:
                     z = self.noise(z)
                 self.transport.send(

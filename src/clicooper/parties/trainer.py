@@ -28,6 +28,7 @@ from clicooper.common.checks import (
 from clicooper.common.messages import Kind, Message, ProtocolError
 from clicooper.parties.recorder import Recorder
 from clicooper.privacy.gradient import GradientNoise
+from clicooper.runtime.optim import OptimSettings, make_optimizer
 from clicooper.runtime.transport.base import Party
 from clicooper.watermark.chain import save_segment
 
@@ -50,13 +51,18 @@ class Trainer(Party):
         index: int,
         n_trainers: int,
         segment: nn.Module,
-        lr: float,
+        lr: float | OptimSettings,
         out_dir: Path | None = None,
         recorder: Recorder | None = None,
         gradient_noise: GradientNoise | None = None,
         max_pending: int = pending_limit(1),
+        device: torch.device | str = "cpu",
     ) -> None:
         """``gradient_noise``: protects the gradients the last trainer sends back.
+
+        ``lr``: the optimizer settings (a float: Adam at that constant rate). ``device``:
+        where the segment computes; tensors received move there, and every tensor sent
+        is encoded from a CPU copy (:mod:`clicooper.runtime.device`).
 
         ``max_pending`` bounds each map of half-done work (forward passes awaiting
         their gradient, activations awaiting labels, labels awaiting activations), so
@@ -69,8 +75,9 @@ class Trainer(Party):
         self.name = f"t{index}"
         self.prev = "do" if index == 1 else f"t{index - 1}"
         self.next = None if index == n_trainers else f"t{index + 1}"
-        self.segment = segment
-        self.optimizer = torch.optim.Adam(segment.parameters(), lr=lr)
+        self.device = torch.device(device)
+        self.segment = segment.to(self.device)
+        self.optimizer, self.scheduler = make_optimizer(segment.parameters(), lr, self.name)
         self.out_dir = out_dir
         self.recorder = recorder or Recorder(0)
         self.gradient_noise = gradient_noise
@@ -140,7 +147,7 @@ class Trainer(Party):
         if self.is_last and key not in self._labels:
             self._hold(self._waiting, key, msg, "activations awaiting labels")
             return  # labels travel separately and may come later
-        x = msg.tensor("x").requires_grad_(True)
+        x = msg.tensor("x").to(self.device).requires_grad_(True)
         out = self.segment(x)
         if self.is_last:
             self._finish_forward(msg, key, x, out)
@@ -154,7 +161,7 @@ class Trainer(Party):
         if msg.sender != "do" or not self.is_last:
             raise ProtocolError(f"{self.name} accepts labels only as the last trainer, from do")
         # one message a step: the whole batch's labels, split as the owner splits its batch
-        y_all, micros = msg.tensor("y").long(), msg.meta.get("micros")
+        y_all, micros = msg.tensor("y").long().to(self.device), msg.meta.get("micros")
         if not isinstance(micros, int) or not 1 <= micros <= max(len(y_all), 1):
             raise ProtocolError(f"labels for step {msg.step}: bad micro-batch count {micros!r}")
         self._room(self._labels, micros, "labels awaiting activations")
@@ -209,14 +216,14 @@ class Trainer(Party):
                 f"{self.name} has no forward pass for step {msg.step} micro {key[1]}"
             )
         x, out = self._stash.pop(key)
-        grad = msg.tensor("g")
+        grad = msg.tensor("g").to(self.device)
         if grad.shape != out.shape:
             raise ProtocolError(f"gradient shape {tuple(grad.shape)} != output {tuple(out.shape)}")
         reg = self._regularisation(msg.meta)
         if reg is None:
             out.backward(grad)
         else:
-            torch.autograd.backward([out, reg], [grad, torch.ones(())])
+            torch.autograd.backward([out, reg], [grad, torch.ones((), device=reg.device)])
         if self.recorder.wants(int(msg.meta["epoch"])):
             self.recorder.add(
                 int(msg.meta["epoch"]), msg.step, key[1], activation=x, gradient=x.grad
@@ -240,6 +247,7 @@ class Trainer(Party):
         applied = int(meta["micro"]) == int(meta["micros"]) - 1
         if applied:
             self.optimizer.step()
+            self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.steps_applied += 1
         loss = meta.get("loss")
@@ -252,7 +260,7 @@ class Trainer(Party):
     def _on_infer(self, msg: Message) -> None:
         require_sender(msg, {self.prev}, "activations", self.name)
         with torch.no_grad():
-            out = self.segment(msg.tensor("x"))
+            out = self.segment(msg.tensor("x").to(self.device))
         kind, to = (Kind.LOGITS, "do") if self.is_last else (Kind.INFER, self.next)
         self.send(Message(kind, msg.step, self.name, to, {"x": out}, msg.meta))
 

@@ -68,4 +68,4 @@ class ActivationNoise:
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
         clipped = self.clip(z)
-        return clipped + self.noise(clipped.shape).to(clipped.dtype)
+        return clipped + self.noise(clipped.shape).to(clipped)  # drawn on the CPU

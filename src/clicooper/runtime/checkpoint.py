@@ -3,7 +3,8 @@
 One checkpoint is one file ``<dir>/step-<s>.safetensors``: the tensors (segment
 or head, flattened optimizer state, RNG states) plus a JSON document in the
 safetensors header (``__metadata__["clicooper"]``) with every scalar: step,
-counters, the party's ledger position. It is written by
+counters, the lr scheduler's position, the party's ledger position. Tensors are
+saved from CPU copies and loaded onto the party's device by ``load_state_dict``. It is written by
 :func:`clicooper.common.files.write_private` (mode 0600, in a 0700 directory):
 a unique temporary file, fsynced, then renamed over the final name
 (``os.replace``), so a crash leaves either the old or the new checkpoint,
@@ -28,6 +29,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from clicooper.common.files import private_dir, write_private
+from clicooper.runtime.optim import load_scheduler, scheduler_state
 
 KEEP = 3
 _NAME = re.compile(r"^step-(\d{1,12})\.safetensors$")
@@ -162,7 +164,12 @@ def attach_trainer(trainer: Any, directory: Path) -> None:
         opt_tensors, opt_doc = optimizer_state(trainer.optimizer)
         tensors = {**module_tensors(trainer.segment, "segment"), **opt_tensors, **rng_tensors({})}
         chain = trainer.chain.state() if trainer.chain is not None else {}
-        meta = {"steps_applied": trainer.steps_applied, "optim": opt_doc, "chain": chain}
+        meta = {
+            "steps_applied": trainer.steps_applied,
+            "optim": opt_doc,
+            "sched": scheduler_state(trainer.scheduler),
+            "chain": chain,
+        }
         save(directory, step, tensors, meta)
         return {"step": step}
 
@@ -172,6 +179,7 @@ def attach_trainer(trainer: Any, directory: Path) -> None:
         load_module(trainer.segment, tensors, "segment")
         trainer.reset_transient()
         load_optimizer(trainer.optimizer, tensors, meta["optim"])
+        load_scheduler(trainer.scheduler, meta["sched"])
         load_rng(tensors, {})
         trainer.steps_applied = int(meta["steps_applied"])
         if trainer.chain is not None:

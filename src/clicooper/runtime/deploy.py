@@ -51,7 +51,7 @@ from typing import Any
 import torch
 
 import clicooper
-from clicooper.common.checks import Unauthorized, require_sender
+from clicooper.common.checks import MAX_STEP, Unauthorized, require_sender
 from clicooper.common.messages import Kind, Message, ProtocolError
 from clicooper.config import RunConfig, TransportLimits
 from clicooper.models import SplitModel, build_preset, split_blocks
@@ -68,6 +68,8 @@ from clicooper.runtime.certs import (
     load_party_credentials,
     validate_party_name,
 )
+from clicooper.runtime.device import party_device, party_devices
+from clicooper.runtime.optim import OptimSettings
 from clicooper.runtime.transport.base import Party, Transport
 from clicooper.runtime.transport.grpc import GrpcTransport
 from clicooper.watermark.anchor import fingerprint
@@ -90,6 +92,14 @@ _SHARED = {
         "trainers",
         "seed",
         "lr",
+        "optimizer",
+        "lr_per_party",
+        "momentum",
+        "weight_decay",
+        "schedule",
+        "warmup_steps",
+        "decay_steps",
+        "decay_gamma",
         "record",
         "micro_batches",
         "privacy",
@@ -360,6 +370,7 @@ class PartyHost(Party):
             raise ValueError("the verifier's name is 'verifier'")
         if role == "trainer":
             self.index = _trainer_number(name, cfg.trainers)
+            self.device = party_device(cfg, name)  # this process's own: checked at start
         self.party: Trainer | Verifier | None = None
         self.broken = False  # a send failed: drop stale work until restored
 
@@ -413,15 +424,19 @@ class PartyHost(Party):
         cfg = self.cfg
         shape = tuple(int(v) for v in meta["image_shape"])
         segment = preset_segment(cfg, shape, int(meta["n_outputs"]), self.index)
+        total_steps = meta.get("total_steps", 1)
+        if not isinstance(total_steps, int) or not 1 <= total_steps <= MAX_STEP:
+            raise ProtocolError(f"setup: total_steps must be an integer 1 .. {MAX_STEP}")
         trainer = Trainer(
             self.index,
             cfg.trainers,
             segment,
-            cfg.lr,
+            OptimSettings.from_config(cfg, total_steps),
             self.out_dir,
             Recorder(cfg.record),
             gradient.for_trainer(cfg, self.index),
             max_pending=pending_limit(cfg.micro_batches),
+            device=self.device,
         )
         if meta.get("chain"):
             party_dir = self.out_dir / "parties" / self.name
@@ -890,6 +905,7 @@ def launch(
 
     cfg = cfg.model_copy(update={"transport": "grpc"})
     out_dir = Path(out_dir)
+    party_devices(cfg, [f"t{i}" for i in range(1, cfg.trainers + 1)])  # all on this machine
     prepare_launch_dir(out_dir, overwrite)
     launcher = Launcher(out_dir, cfg, send_timeout)
     grace = 0.0  # on an error or an interrupt the children are stopped at once

@@ -44,6 +44,7 @@ from clicooper.data.base import Dataset
 from clicooper.parties.data_owner import DataOwner, epoch_batches
 from clicooper.parties.watermarking import OwnerChain
 from clicooper.runtime import checkpoint as ckpt
+from clicooper.runtime.optim import load_scheduler, scheduler_state
 
 log = logging.getLogger(__name__)
 ProgressFn = Callable[[int, int, int, float], None]
@@ -91,8 +92,12 @@ class Driver:
         recovery: Recovery | None = None,
         progress: ProgressFn | None = None,
         on_epoch: Callable[[list[dict[str, Any]]], None] | None = None,
+        resume: bool = False,
     ) -> None:
+        """``resume``: continue from the parties' last common checkpoint (a new process
+        continuing a run that died, see :mod:`clicooper.runtime.resume`)."""
         self.owner, self.chain, self.data = owner, chain, data
+        self.resume = resume
         self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
         self.parties = parties
         self.checkpoint_dir = checkpoint_dir
@@ -114,7 +119,10 @@ class Driver:
 
     def run(self) -> list[dict[str, Any]]:
         """Train to the end; the per-epoch history."""
-        self._checkpoint(pending=False)  # step 0: a common point before any failure
+        if self.resume:
+            self._resume()
+        else:
+            self._checkpoint(pending=False)  # step 0: a common point before any failure
         while not self._finished():
             try:
                 self._unit()
@@ -244,6 +252,7 @@ class Driver:
         }
         meta = {
             "optim": opt_doc,
+            "sched": scheduler_state(owner.scheduler),
             "releases": owner.releases,
             "position": vars(self.pos),
             "chain": self.chain.state() if self.chain is not None else {},
@@ -258,6 +267,7 @@ class Driver:
         ckpt.load_module(owner.head, tensors, "head")
         owner.optimizer.zero_grad(set_to_none=True)
         ckpt.load_optimizer(owner.optimizer, tensors, meta["optim"])
+        load_scheduler(owner.scheduler, meta["sched"])
         ckpt.load_rng(tensors, self._generators())
         owner.step, owner.releases = step, int(meta["releases"])
         keep = sum(1 for s in owner.log.steps if s <= step)
@@ -278,6 +288,16 @@ class Driver:
         log.warning("do: party failure at step %d (%s); resuming", self.owner.step, exc)
         failed_at = self.owner.step
         self.recovery.reconnect()
+        self._rollback(" ".join(str(exc).split())[:300], failed_at)
+
+    def _resume(self) -> None:
+        """Roll back to the last common checkpoint of a run this process did not start."""
+        self._rollback("the run's process ended (--resume)", None)
+        history = self.pos.history  # the finished epochs' time; the partial epoch's is lost
+        self.train_seconds = float(history[-1]["seconds"]) if history else 0.0
+
+    def _rollback(self, why: str, failed_at: int | None) -> None:
+        """Every party, then the owner, restores the last step all of them checkpointed."""
         listed = self.ask_all("checkpoints")
         available = {p: list(m.meta["steps"]) for p, m in listed.items()}  # checked ints
         available["do"] = ckpt.steps(self.checkpoint_dir)
@@ -289,7 +309,7 @@ class Driver:
             self._done = self.ask_ledger(self.chain.stage)
         self.recoveries.append(
             {
-                "error": " ".join(str(exc).split())[:300],
+                "error": why,
                 "failed_at_step": failed_at,
                 "resumed_from_step": step,
                 "steps_applied": {

@@ -35,10 +35,13 @@ from clicooper.parties.watermarking import OwnerChain, TrainerChain
 from clicooper.privacy import accounting, gradient
 from clicooper.privacy.activation import ActivationNoise
 from clicooper.privacy.labels import LabelObfuscator
-from clicooper.privacy.secrets import OwnerSecret
+from clicooper.privacy.secrets import SECRET_FILE, OwnerSecret
 from clicooper.runtime import checkpoint
 from clicooper.runtime.deploy import Deployment, Remote, party_settings, preset_split
+from clicooper.runtime.device import party_devices
 from clicooper.runtime.driver import Driver
+from clicooper.runtime.optim import OptimSettings, make_optimizer, run_steps
+from clicooper.runtime.resume import RUN_CONFIG, resumable_config, save_run_config
 from clicooper.runtime.transport.inprocess import InProcessTransport
 from clicooper.watermark import Ledger, PartyKey, VerifyReport, verify_ledger
 from clicooper.watermark.anchor import ANCHOR_FILE, Anchor, fingerprint
@@ -96,12 +99,18 @@ def run(
     progress: ProgressFn | None = None,
     overwrite: bool = False,
     deployment: Deployment | None = None,
+    resume: bool = False,
 ) -> Session:
     """Train in ``cfg.mode`` and write ``out_dir``; returns the session.
 
     With ``cfg.transport == "grpc"`` the trainers and the verifier are remote
     processes described by ``deployment``; this process is the data owner.
+    ``resume``: continue the unfinished in-process run in ``out_dir`` from its last
+    checkpoint, with the settings it saved (``out_dir/config.toml``; ``cfg`` is not
+    used) and its owner secret (:mod:`clicooper.runtime.resume`).
     """
+    if resume:
+        cfg = resumable_config(Path(out_dir))
     if cfg.transport == "grpc" and (deployment is None or model_factory is not None):
         raise ValueError(
             "transport grpc needs the parties' addresses (--peers FILE --certs DIR) and a "
@@ -111,11 +120,16 @@ def run(
     # Read and build first: a bad secret file, dataset, model or cut fails before the run
     # directory is touched (an --overwrite run keeps the old one).
     secret = OwnerSecret.read(cfg.owner_secret) if cfg.owner_secret else None
+    if resume and cfg.mode == "clicooper":
+        secret = OwnerSecret.read(out_dir / "owner" / SECRET_FILE)
     data = resolve_dataset(cfg, data)
     cfg = cfg.model_copy(update={"batch_size": cfg.effective_batch_size(len(data.train))})
     factory = model_factory or preset_factory(cfg, data)
     factory(data.num_classes)
-    prepare_run_dir(out_dir, overwrite)
+    devices = party_devices(cfg, local_parties(cfg))  # an unusable device fails here
+    if not resume:
+        prepare_run_dir(out_dir, overwrite)
+        save_run_config(out_dir, cfg)
     # Small per-party models gain little from intra-op threads, and oversubscribed
     # threads spin: one thread per process is several times faster on a busy machine.
     torch.set_num_threads(cfg.threads)
@@ -124,14 +138,17 @@ def run(
     try:
         if cfg.mode == "centralized":
             log = HistoryLog(out_dir / HISTORY_FILE, cfg, None, progress)
-            session = _run_centralized(cfg, data, factory, first_step, log)
+            session = _run_centralized(cfg, data, factory, first_step, log, devices["do"])
         else:
-            session = _run_split(cfg, data, factory, out_dir, first_step, deployment, secret)
+            session = _run_split(
+                cfg, data, factory, out_dir, first_step, deployment, secret, devices, resume
+            )
     except BaseException:
-        if not first_step.seen:  # nothing trained: leave nothing that blocks a corrected rerun
+        if not first_step.seen and not resume:  # nothing trained: nothing may block a rerun
             discard_run(out_dir)
         raise
     session.results.update(_describe(cfg, data, session))
+    session.results["devices"] = {party: str(device) for party, device in devices.items()}
     (out_dir / "results.json").write_text(json.dumps(session.results, indent=2))
     return session
 
@@ -139,6 +156,7 @@ def run(
 HISTORY_FILE = "history.jsonl"
 RUN_ARTIFACTS = (
     "results.json",
+    RUN_CONFIG,
     HISTORY_FILE,
     "report.md",
     "ledger.sqlite",
@@ -230,34 +248,46 @@ def prepare_run_dir(out_dir: Path, overwrite: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
+def local_parties(cfg: RunConfig) -> list[str]:
+    """The parties this process runs: the owner, and in-process every trainer too."""
+    if cfg.mode == "centralized" or cfg.transport == "grpc":
+        return ["do"]
+    return ["do", *(f"t{i}" for i in range(1, cfg.trainers + 1))]
+
+
 def _run_centralized(
     cfg: RunConfig,
     data: Dataset,
     factory: ModelFactory,
     progress: ProgressFn | None,
     on_epoch: Callable[[list[dict[str, Any]]], None],
+    device: torch.device,
 ) -> Session:
-    model = factory(data.num_classes).full()
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    model = factory(data.num_classes).full().to(device)
+    settings = OptimSettings.from_config(cfg, run_steps(cfg, len(data.train)))
+    optimizer, scheduler = make_optimizer(model.parameters(), settings, "do")
     history, train_seconds, train_cpu_seconds = [], 0.0, 0.0
     for epoch in range(1, cfg.epochs + 1):
         start, cpu = time.perf_counter(), time.process_time()
         batches = epoch_batches(len(data.train), epoch, cfg.batch_size, cfg.seed)
         total, correct = 0.0, 0
         for b, ids in enumerate(batches):
-            logits = model(data.train.x[ids])
-            loss = nn.functional.cross_entropy(logits, data.train.y[ids])
+            y = data.train.y[ids].to(device)
+            logits = model(data.train.x[ids].to(device))
+            loss = nn.functional.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            scheduler.step()
             total += loss.item() * len(ids)
-            correct += int((logits.argmax(1) == data.train.y[ids]).sum())
+            correct += int((logits.argmax(1) == y).sum())
             if progress:
                 progress(epoch, b + 1, len(batches), loss.item())
         train_seconds += time.perf_counter() - start
         train_cpu_seconds += time.process_time() - cpu
         with torch.no_grad():
-            test_acc = float((model(data.test.x).argmax(1) == data.test.y).float().mean())
+            predicted = model(data.test.x.to(device)).argmax(1).cpu()
+            test_acc = float((predicted == data.test.y).float().mean())
         history.append(
             {
                 "epoch": epoch,
@@ -273,7 +303,7 @@ def _run_centralized(
         "history": history,
         "timing": {"train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds},
     }
-    return Session(results, None, [], model, data)
+    return Session(results, None, [], model.cpu(), data)
 
 
 def _run_split(
@@ -284,8 +314,13 @@ def _run_split(
     progress: ProgressFn | None,
     deployment: Deployment | None = None,
     secret: OwnerSecret | None = None,
+    devices: dict[str, torch.device] | None = None,
+    resume: bool = False,
 ) -> Session:
-    """``secret``: the owner secret to reuse (``owner_secret`` setting); None makes one."""
+    """``secret``: the owner secret to reuse (``owner_secret`` setting); None makes one.
+    ``devices``: of the parties in this process (default: all on the CPU). ``resume``:
+    every party from its files and checkpoints in ``out_dir`` (see :func:`run`)."""
+    devices = devices or {}
     defended = cfg.mode == "clicooper"
     owner_dir = private_dir(out_dir / "owner")
     secret = secret or OwnerSecret.generate()
@@ -306,37 +341,42 @@ def _run_split(
             cfg.privacy.mechanism,
             seed=secret.derive_seed("activation-noise"),
         )
-        secret.save(owner_dir)
+        if not resume:
+            secret.save(owner_dir)
 
     wm = cfg.watermark
     with_chain = defended and wm.enabled
     parties = [f"t{i}" for i in range(1, cfg.trainers + 1)] + (["verifier"] if with_chain else [])
     if with_chain:
         _warn_capacity(split, wm, wm.stage_steps or -(-len(data.train) // cfg.batch_size))
-    checkpoints = cfg.transport == "grpc" or cfg.checkpoint_steps > 0
+    optim = OptimSettings.from_config(cfg, run_steps(cfg, len(data.train)))
     remote, trainers, verifier = None, [], None
     if cfg.transport == "grpc":
-        remote = _remote(cfg, deployment, parties, data.image_shape, n_outputs, with_chain)
+        remote = _remote(cfg, deployment, parties, data.image_shape, n_outputs, with_chain, optim)
         transport = remote.transport
     else:
-        transport, trainers, verifier = _local(cfg, split, out_dir, checkpoints and parties)
+        transport, trainers, verifier = _local(
+            cfg, split, out_dir, parties, optim, devices, resume and with_chain
+        )
     owner = DataOwner(
         transport,
         split.head,
         cfg.trainers,
-        cfg.lr,
+        optim,
         noise,
         labels,
         cfg.micro_batches,
         cfg.privacy.noise_at_inference,
+        device=devices.get("do", "cpu"),
     )
     chain = None
     if with_chain:
-        chain = _open_chain(owner, trainers, secret, owner_dir, out_dir, wm)
+        chain = _open_chain(owner, trainers, secret, owner_dir, out_dir, wm, resume)
         chain.total_steps = cfg.epochs * -(-len(data.train) // cfg.batch_size)
     if labels is not None:
         with torch.no_grad():
-            labels.fit(torch.cat([split.head(x) for x in data.train.x.split(4096)]), data.train.y)
+            z = [split.head(x.to(owner.device)).cpu() for x in data.train.x.split(4096)]
+            labels.fit(torch.cat(z), data.train.y)
 
     driver = Driver(
         owner,
@@ -346,11 +386,12 @@ def _run_split(
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         parties=parties,
-        checkpoint_dir=owner_dir / "checkpoints" if checkpoints else None,
+        checkpoint_dir=owner_dir / "checkpoints",  # always: a run that dies can be resumed
         checkpoint_steps=cfg.checkpoint_steps,
         recovery=remote,
         progress=progress,
         on_epoch=HistoryLog(out_dir / HISTORY_FILE, cfg, noise, progress, owner),
+        resume=resume,
     )
     history = driver.run()
     training_releases = owner.releases  # each epoch sends every sample's gradient back once
@@ -383,7 +424,9 @@ def _run_split(
         results["watermark"]["sealed_bits"] = sealed
     if remote is not None:
         _load_remote_segments(split, out_dir)
-    return Session(results, owner, trainers, split.full(), data)
+    for party in (owner, *trainers):  # the finished model and parties, back on the CPU
+        party.device = torch.device("cpu")
+    return Session(results, owner, trainers, split.full().cpu(), data)
 
 
 def _warn_capacity(split: SplitModel, wm: WatermarkConfig, stage_steps: int) -> None:
@@ -397,25 +440,34 @@ def _warn_capacity(split: SplitModel, wm: WatermarkConfig, stage_steps: int) -> 
 
 
 def _local(
-    cfg: RunConfig, split: SplitModel, out_dir: Path, checkpoint_parties: list[str] | bool
+    cfg: RunConfig,
+    split: SplitModel,
+    out_dir: Path,
+    checkpoint_parties: list[str] | bool,
+    optim: OptimSettings,
+    devices: dict[str, torch.device],
+    resume_ledger: bool = False,
 ) -> tuple[InProcessTransport, list[Trainer], Verifier]:
-    """Every party in this process, on the in-process transport."""
+    """Every party in this process, on the in-process transport (``resume_ledger``: the
+    verifier continues the ledger, key and secrets of ``out_dir``)."""
     transport = InProcessTransport()
     trainers = [
         Trainer(
             i,
             cfg.trainers,
             seg,
-            cfg.lr,
+            optim,
             out_dir,
             Recorder(cfg.record),
             gradient.for_trainer(cfg, i),
             max_pending=pending_limit(cfg.micro_batches),
+            device=devices.get(f"t{i}", "cpu"),
         )
         for i, seg in enumerate(split.segments, start=1)
     ]
     wm = cfg.watermark
-    verifier = Verifier(out_dir, wm.bits, wm.ber_threshold, wm.keep_audit_stages)
+    make_verifier = Verifier.resume if resume_ledger else Verifier
+    verifier = make_verifier(out_dir, wm.bits, wm.ber_threshold, wm.keep_audit_stages)
     for party in (*trainers, verifier):
         transport.attach(party)
     transport.add_mailbox("do")
@@ -433,6 +485,7 @@ def _remote(
     image_shape: tuple[int, int, int],
     n_outputs: int,
     with_chain: bool,
+    optim: OptimSettings,
 ) -> Remote:
     """The trainers and the verifier as remote processes, connected and set up."""
     trainer = {
@@ -440,6 +493,7 @@ def _remote(
         "image_shape": list(image_shape),
         "n_outputs": n_outputs,
         "chain": with_chain,
+        "total_steps": optim.total_steps,  # the lr schedule's length
     }
     setup = {p: trainer for p in parties if p != "verifier"}
     if with_chain:
@@ -466,14 +520,20 @@ def _open_chain(
     owner_dir: Path,
     out_dir: Path,
     wm: WatermarkConfig,
+    resume: bool = False,
 ) -> OwnerChain:
-    """Keys for every party, registration with the verifier, the ledger, stage 1."""
+    """Keys for every party, registration with the verifier, the ledger, stage 1; or, on
+    ``resume``, the keys of ``out_dir`` (the chain's position comes from a checkpoint)."""
     for trainer in trainers:
-        TrainerChain(trainer, wm, out_dir / "parties" / trainer.name)
-    key = PartyKey.generate()
-    key.save(owner_dir / "do.key")
+        TrainerChain(trainer, wm, out_dir / "parties" / trainer.name, resume=resume)
+    if resume:
+        key = PartyKey.load(owner_dir / "do.key")
+    else:
+        key = PartyKey.generate()
+        key.save(owner_dir / "do.key")
     chain = OwnerChain(owner, key, secret.commitment(), wm)
-    chain.open()
+    if not resume:
+        chain.open()
     return chain
 
 
@@ -627,7 +687,7 @@ def _save_owner(
     owner_dir: Path, owner: DataOwner, labels: LabelObfuscator | None, record: int
 ) -> None:
     """The head, the sub-label assignment and the step log, all mode 0600."""
-    state = {k: v.contiguous() for k, v in owner.head.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in owner.head.state_dict().items()}
     write_private(owner_dir / "head.safetensors", st_save(state))
     if labels is not None and labels.sub_labels is not None:
         write_private(owner_dir / "sublabels.safetensors", st_save({"sub": labels.sub_labels}))

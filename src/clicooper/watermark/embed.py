@@ -281,7 +281,7 @@ class StageWatermark:
         """
         weight = _weight(module, self.param_name)
         with torch.no_grad():
-            flat = weight.detach().reshape(-1).to(torch.float64)
+            flat = weight.detach().reshape(-1).to("cpu", torch.float64)  # gelsd: CPU only
             matrix = self.matrix.to(torch.float64)
             signs = self._signs.to(torch.float64)
             shallow_at_start = 0

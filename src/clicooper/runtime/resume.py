@@ -1,0 +1,57 @@
+"""Continuing an in-process run whose process died (``clicooper run --resume DIR``).
+
+A split run writes ``DIR/config.toml`` (its effective settings) before it trains, and
+every party checkpoints at step 0 and before every stage close and epoch end
+(:mod:`clicooper.runtime.driver`). A process killed at any point (kill -9 included)
+leaves either the old or the new checkpoint of each party (atomic renames), the
+append-only ledger, the owner secret and every party's keys. Resuming rebuilds every
+party from them and rolls back to the last step all parties checkpointed, exactly as
+the recovery after a lost party does: the steps after it are replayed once, in the
+same batch order with the same noise, and a stage close that was under way is
+finished without appending again the records the ledger holds. ``results.json``
+is written only when a run finishes, so its presence marks a finished run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from clicooper.config import ConfigError, RunConfig
+from clicooper.runtime import checkpoint as ckpt
+
+RUN_CONFIG = "config.toml"
+
+
+def save_run_config(out_dir: Path, cfg: RunConfig) -> None:
+    """``out_dir/config.toml``: what ``--resume`` rebuilds the run from."""
+    from clicooper.common.files import write_file
+    from clicooper.runtime.deploy import config_toml
+
+    write_file(out_dir / RUN_CONFIG, config_toml(cfg).encode(), 0o644)
+
+
+def resumable_config(out_dir: Path) -> RunConfig:
+    """The settings of the unfinished run in ``out_dir``; ValueError (one line) if there
+    is none: not a run directory, a finished run, a run of another kind, no checkpoint."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is not a run directory: nothing to resume")
+    if (out_dir / "results.json").exists():
+        raise ValueError(f"{out_dir} holds a finished run (results.json): nothing to resume")
+    if not (out_dir / RUN_CONFIG).is_file():
+        raise ValueError(
+            f"{out_dir} is not a run directory that can be resumed (no {RUN_CONFIG}): "
+            "only split runs in-process are resumed"
+        )
+    try:
+        cfg = RunConfig.load(out_dir / RUN_CONFIG)
+    except ConfigError as exc:
+        raise ValueError(f"{out_dir / RUN_CONFIG}: {exc}") from None
+    if cfg.mode == "centralized" or cfg.transport != "inprocess":
+        raise ValueError(f"{out_dir}: only in-process split runs can be resumed")
+    if not ckpt.steps(out_dir / "owner" / "checkpoints"):
+        raise ValueError(
+            f"{out_dir} has no checkpoint yet (the run died before its first step): "
+            "start it again with --overwrite"
+        )
+    return cfg
