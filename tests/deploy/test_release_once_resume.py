@@ -73,7 +73,8 @@ def test_t1_killed_mid_training_resumes_from_its_cached_releases(tmp_path, procs
 def test_launch_trains_as_the_inprocess_run_with_the_same_owner_secret(
     tmp_path, procs, cli_inprocess
 ):
-    flags = [*FLAGS, "--noise-multiplier", "0.2", "--lr", "0.01", "--no-watermark"]
+    flags = [*FLAGS, "--noise-multiplier", "0.2", "--lr", "0.01", "--expansion", "1"]
+    flags += ["--no-watermark"]
     local = tmp_path / "local"
     code, err, _ = cli_inprocess("run", *flags, "--out", str(local))
     assert code == 0, err
@@ -88,6 +89,7 @@ def test_launch_trains_as_the_inprocess_run_with_the_same_owner_secret(
     for x, y in zip(_history(local), _history(out), strict=True):
         assert abs(x["test_accuracy"] - y["test_accuracy"]) <= 0.005  # one test image in 200
         assert abs(x["loss"] - y["loss"]) <= 1e-6  # measured: equal to the last bit
-    assert a["accuracy"]["test"] > 0.15  # it learns (10 classes; 0.225 measured)
+    # it learns (10 classes): 0.27 to 0.38 after 2 epochs over six fresh owner secrets
+    assert a["accuracy"]["test"] > 0.2 and a["history"][1]["loss"] < a["history"][0]["loss"]
     assert a["privacy"]["epsilon"] == b["privacy"]["epsilon"]
     assert torch.equal(_cached_ids(out).sort().values, torch.arange(480))
