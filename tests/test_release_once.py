@@ -438,3 +438,104 @@ def test_a_head_fitted_on_training_images_is_refused(tmp_path, cli_inprocess, mo
     assert head.privacy == {"source": "clean"} and not head.module.training
     with pytest.raises(DataError, match="byte for byte"):
         release.check_disjoint(digits.train.x[-2:], digits.train.x, "public split")
+
+
+# -- recovery: a release is never rolled back ---------------------------------------------------
+
+
+class _InProcessRecovery:
+    """Parties live in this process: reconnecting is a no-op, rollback does the work."""
+
+    def reconnect(self) -> None:
+        pass
+
+
+@pytest.fixture
+def recovering(monkeypatch):
+    """Sessions whose driver recovers from failures in-process (as tests/deploy does)."""
+    real = session_mod.Driver
+
+    def driver(*args, **kwargs):
+        return real(*args, **{**kwargs, "recovery": _InProcessRecovery()})
+
+    monkeypatch.setattr(session_mod, "Driver", driver)
+    monkeypatch.setattr("clicooper.parties.releases.CHUNK_ROWS", 128)  # 400 records: 4 chunks
+
+
+def _fail_once(monkeypatch, cls, name, when, before=None):
+    """``cls.name`` raises once (after its work, or ``before`` it, which runs first)."""
+    real, fired = getattr(cls, name), []
+
+    def flaky(self, *args, **kwargs):
+        if not fired and when(self, *args, **kwargs):
+            fired.append(True)
+            if before is not None:
+                before(self)
+                raise ProtocolError("injected failure")
+            real(self, *args, **kwargs)
+            raise ConnectionError("injected failure")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, flaky)
+    return fired
+
+
+def _weights(sess) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in sess.model.parameters()]
+
+
+@pytest.fixture
+def clean_once(tmp_path, small_digits, recovering):
+    """A run without failure, and the config that repeats it (its owner secret)."""
+    cfg = quick_config(epochs=2, checkpoint_steps=5, **ONCE, **{"watermark.enabled": False})
+    clean = session_mod.run(cfg, tmp_path / "clean", data=small_digits)
+    secret = tmp_path / "clean" / "owner" / "owner.secret"
+    return cfg.model_copy(update={"owner_secret": secret}), clean
+
+
+def test_a_failure_in_the_release_phase_sends_only_the_missing_chunks(
+    tmp_path, small_digits, monkeypatch, clean_once
+):
+    cfg, clean = clean_once
+    calls = []
+    fired = _fail_once(  # t1 holds chunks 0 and 1 when the owner loses it
+        monkeypatch, DataOwner, "release_next", lambda self: calls.append(1) or len(calls) == 3
+    )
+    broken, delivered = _spied_run(monkeypatch, cfg, tmp_path / "broken", small_digits)
+    assert fired
+    chunks = [m.meta["chunk"] for m in delivered["t1"] if m.kind == Kind.RELEASE]
+    assert chunks == [0, 1, 2, 3]  # after the recovery only 2 and 3: none twice
+    privacy = broken.results["privacy"]
+    assert privacy["resent_chunks"] == 0 and privacy["chunks"] == 4
+    assert privacy["releases_per_record"] == {"min": 1, "max": 1, "records": 400}
+    assert privacy["epsilon"] == clean.results["privacy"]["epsilon"]
+    rec = broken.results["transport"]["recoveries"]
+    assert [(r["failed_at_step"], r["resumed_from_step"]) for r in rec] == [(0, 0)]
+    assert all(torch.equal(a, b) for a, b in zip(_weights(clean), _weights(broken), strict=True))
+
+
+def test_a_t1_that_lost_its_cache_gets_the_same_bytes_again_not_a_new_release(
+    tmp_path, small_digits, monkeypatch, clean_once
+):
+    cfg, clean = clean_once
+    calls = []
+    fired = _fail_once(  # mid-epoch 1, t1's cache is gone (memory and disk)
+        monkeypatch,
+        ReleaseCache,
+        "lookup",
+        lambda self, ids: calls.append(1) or len(calls) == 9,
+        before=ReleaseCache.clear,
+    )
+    broken, delivered = _spied_run(monkeypatch, cfg, tmp_path / "broken", small_digits)
+    assert fired
+    sent = [m for m in delivered["t1"] if m.kind == Kind.RELEASE]
+    assert [m.meta["chunk"] for m in sent] == [0, 1, 2, 3, 0, 1, 2, 3]
+    for first, again in zip(sent[:4], sent[4:], strict=True):
+        assert torch.equal(first.tensors["x"], again.tensors["x"])  # the very same values
+    privacy = broken.results["privacy"]
+    assert privacy["resent_chunks"] == 4
+    assert privacy["releases_per_record"] == {"min": 1, "max": 1, "records": 400}
+    assert privacy["epsilon"] == clean.results["privacy"]["epsilon"]
+    (rec,) = broken.results["transport"]["recoveries"]
+    assert rec["resumed_from_step"] == 5 and "injected failure" in rec["error"]
+    assert all(torch.equal(a, b) for a, b in zip(_weights(clean), _weights(broken), strict=True))
