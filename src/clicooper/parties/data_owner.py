@@ -123,7 +123,7 @@ class DataOwner:
         chunk = release.pending[0]
         ids, x = release.payload(chunk)
         meta = {"tag": release.tag, "chunk": chunk, "chunks": release.chunks}
-        meta["records"] = release.records
+        meta.update(records=release.records)
         self.transport.send(
             Message(Kind.RELEASE, self.step, self.name, first, {"ids": ids, "x": x}, meta)
         )
@@ -142,14 +142,15 @@ class DataOwner:
         micros = self.micro_batches
         targets = self.labels.encode(y, ids) if self.labels else y
         sent = [self._send_labels(targets, micros)]
-        for micro, chunk in enumerate(ids.tensor_split(micros)):
-            meta = {"micro": micro, "micros": micros, "weight": len(chunk) / len(y), "epoch": epoch}
+        parts = ids.tensor_split(micros)
+        for micro, part in enumerate(parts):
+            meta = {"micro": micro, "micros": micros, "weight": len(part) / len(y), "epoch": epoch}
             to = self.trainers[0]
-            msg = Message(Kind.FORWARD, self.step, self.name, to, {"ids": chunk}, meta)
+            msg = Message(Kind.FORWARD, self.step, self.name, to, {"ids": part}, meta)
             sent.append(self.transport.send_later(msg))
         for delivery in sent:
-            delivery.result()
-        sizes = [len(chunk) for chunk in ids.tensor_split(micros)]
+            delivery.result()  # a failed delivery raises here, as send() would
+        sizes = [len(part) for part in parts]
         logits, losses = self._collect(sizes)
         loss = sum(l_ * n for l_, n in zip(losses, sizes, strict=True)) / len(y)
         return float(loss), torch.cat(logits)

@@ -141,6 +141,8 @@ def run(
 
 
 HISTORY_FILE = "history.jsonl"
+#: The owner's count of releases per training record (release once), owner/<this>.
+RELEASES_FILE = "releases.safetensors"
 RUN_ARTIFACTS = (
     "results.json",
     HISTORY_FILE,
@@ -593,9 +595,6 @@ def verify_run(
 
 def _releases_once(cfg: RunConfig) -> bool:
     return cfg.mode == "clicooper" and cfg.privacy.release == "once"
-
-
-RELEASES_FILE = "releases.safetensors"
 
 
 def noise_multiplier(cfg: RunConfig) -> float:
