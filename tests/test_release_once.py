@@ -198,11 +198,12 @@ def test_watermark_chain_verifies_in_release_once_mode(tmp_path, small_digits):
 
 
 def test_one_trainer_chain_trains_on_the_cache(tmp_path, small_digits):
+    """One trainer, feature sub-labels (fitted on the frozen head's features), recording."""
     cfg = quick_config(
         trainers=1,
         epochs=2,
         record=64,
-        **ONCE,
+        **{**ONCE, "labels.mode": "feature"},
         **{"privacy.noise_multiplier": 0.0, "watermark.enabled": False},
     )
     sess = session_mod.run(cfg, tmp_path, data=small_digits)
