@@ -51,17 +51,20 @@ def _spied_run(monkeypatch, cfg: RunConfig, out, data):
     return session_mod.run(cfg, out, data=data), spies[0].delivered
 
 
-@pytest.fixture
-def once_run(tmp_path, small_digits, monkeypatch):
-    """3 epochs, 2 trainers, 2 micro-batches, epsilon 8 for the whole run."""
+@pytest.fixture(scope="module")
+def once_run(tmp_path_factory, digits):
+    """3 epochs, 2 trainers, 2 micro-batches, epsilon 8 for the whole run (run once: the
+    tests below only read it)."""
     cfg = quick_config(
         epochs=3,
         micro_batches=2,
         **ONCE,
         **{"privacy.target_epsilon": 8.0, "watermark.enabled": False},
     )
-    sess, delivered = _spied_run(monkeypatch, cfg, tmp_path / "run", small_digits)
-    return cfg, sess, delivered, tmp_path / "run"
+    out = tmp_path_factory.mktemp("once") / "run"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        sess, delivered = _spied_run(monkeypatch, cfg, out, digits.limit(400, 200, seed=0))
+    return cfg, sess, delivered, out
 
 
 def test_each_training_record_is_released_exactly_once_over_a_multi_epoch_run(once_run):
