@@ -44,6 +44,12 @@ class PrivacyConfig(_Strict):
     # it back (clicooper.privacy.gradient); 0 is off, the default: see the README.
     gradient_noise_multiplier: float = Field(0.0, ge=0)
     gradient_clip_norm: float = Field(1.0, gt=0)
+    # "every-epoch": the owner's head trains and every record's noisy activation is released
+    # again each epoch (epsilon composes over epochs). "once": the head is frozen (its source:
+    # head_source, clicooper.privacy.release), each training record's noisy activation is
+    # released to t1 once, before training, and t1 trains every epoch on its cached copy.
+    release: Literal["every-epoch", "once"] = "every-epoch"
+    head_source: str = Field("random", min_length=1, max_length=200)
 
 
 class LabelConfig(_Strict):
@@ -97,7 +103,9 @@ class KindCaps(_Strict):
 #: carry one batch tensor (activations, gradients, labels, logits); control messages carry
 #: only meta; an audit carries a whole segment's state dict.
 KIND_GROUPS: dict[str, str] = {
-    **dict.fromkeys(("forward", "backward", "labels", "infer", "logits", "loss"), "work"),
+    **dict.fromkeys(
+        ("forward", "backward", "labels", "infer", "logits", "loss", "release"), "work"
+    ),
     **dict.fromkeys(("control", "reply", "register", "record", "error"), "control"),
     "audit": "audit",
 }
@@ -258,6 +266,24 @@ class RunConfig(_Strict):
     def _micro_fits(self) -> RunConfig:
         if self.batch_size is not None and self.micro_batches > self.batch_size:
             raise ValueError("micro_batches cannot exceed batch_size")
+        return self
+
+    @model_validator(mode="after")
+    def _release_fits(self) -> RunConfig:
+        """``release = "once"`` freezes the head: refuse settings that need it to train."""
+        if self.privacy.release != "once":
+            return self
+        if self.mode != "clicooper":
+            raise ValueError(
+                f"privacy.release once needs mode clicooper: mode {self.mode} trains the owner's "
+                "head (use --release every-epoch, or --mode clicooper)"
+            )
+        if self.trainers == 1 and self.privacy.gradient_noise_multiplier > 0:
+            raise ValueError(
+                "privacy.gradient_noise_multiplier protects gradients sent back towards the "
+                "owner's head; with release once and one trainer no gradient leaves the trainer "
+                "(set it to 0, or use two or more trainers)"
+            )
         return self
 
     @model_validator(mode="after")

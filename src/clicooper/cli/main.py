@@ -96,6 +96,13 @@ def run(
     mechanism: Annotated[str | None, Opt(help="gaussian or laplace")] = None,
     target_epsilon: Annotated[float | None, Opt(help="pick the noise for this epsilon")] = None,
     delta: Annotated[float | None, Opt()] = None,
+    release: Annotated[
+        str | None,
+        Opt(help="every-epoch (the head trains) or once: a frozen head, one release per record"),
+    ] = None,
+    head_source: Annotated[
+        str | None, Opt(help="where the frozen head comes from (--release once)")
+    ] = None,
     noise_at_inference: Annotated[
         bool | None, Opt("--noise-at-inference/--no-noise-at-inference")
     ] = None,
@@ -153,6 +160,10 @@ def run(
     fresh = out is None
     try:
         party_devices(cfg, local_parties(cfg))  # an unusable device: one line, before the data
+        if cfg.privacy.release == "once":  # an unknown head source fails before anything runs
+            from clicooper.privacy.release import head_source
+
+            head_source(cfg.privacy.head_source)
         data = resolve_dataset(cfg, None)
         console.print(f"dataset: {cfg.dataset} ({how}); model {cfg.model}, {cfg.epochs} epochs")
         runner = session_runner(cfg, peers, certs, resume is not None)

@@ -24,6 +24,7 @@ class Kind(StrEnum):
     INFER = "infer"  # forward without training, Tn answers with LOGITS
     LOGITS = "logits"  # pseudo-logits: Tn -> DO
     LOSS = "loss"  # loss statistics: Tn -> DO
+    RELEASE = "release"  # release-once: a chunk of noisy activations, DO -> T1, sent once
     CONTROL = "control"  # lifecycle: mode changes, stage end, export, shutdown
     REPLY = "reply"  # acknowledgement / answer to a CONTROL message
     REGISTER = "register"  # party registration with the verifier

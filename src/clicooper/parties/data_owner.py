@@ -3,6 +3,12 @@
 It is the only party that sees inputs and true labels. It sends noisy cut
 activations to the first trainer and pseudo-labels to the last, and it alone
 can map pseudo-logits back to true classes.
+
+With release once (``release``: :mod:`clicooper.parties.releases`) the head is
+frozen and has no optimizer; every training record's noisy activation goes to the
+first trainer once, before training, and a training step sends the first trainer
+only record ids and the last trainer the batch's pseudo-labels: the owner computes
+no head pass and no backward pass while the chain trains.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from clicooper.common.checks import (
 )
 from clicooper.common.messages import Kind, Message, ProtocolError
 from clicooper.data.base import Split
+from clicooper.parties.releases import MAX_CHUNKS, OwnerRelease
 from clicooper.privacy.activation import ActivationNoise
 from clicooper.privacy.labels import LabelObfuscator
 from clicooper.runtime.optim import OptimSettings, make_optimizer
@@ -69,14 +76,22 @@ class DataOwner:
         micro_batches: int = 1,
         noise_at_inference: bool = False,
         device: torch.device | str = "cpu",
+        release: OwnerRelease | None = None,
     ) -> None:
         """``lr``: the optimizer settings (a float: Adam at that constant rate); ``device``:
-        where the head computes (data, noise and messages stay on the CPU)."""
+        where the head computes (data, noise and messages stay on the CPU); ``release``:
+        release once, with this frozen head's single release (the head is
+        ``release.head``); None: the head trains and is released every epoch."""
         self.transport = transport
         self.device = torch.device(device)
         self.head = head.to(self.device)
         self.trainers = [f"t{i}" for i in range(1, n_trainers + 1)]
-        self.optimizer, self.scheduler = make_optimizer(head.parameters(), lr, self.name)
+        self.release = release
+        if release is not None and release.head is not head:
+            raise ValueError("release once releases the owner's own head")
+        self.optimizer, self.scheduler = (
+            (None, None) if release else make_optimizer(head.parameters(), lr, self.name)
+        )
         self.noise, self.labels = noise, labels
         self.micro_batches = micro_batches
         self.noise_at_inference = noise_at_inference
@@ -87,10 +102,84 @@ class DataOwner:
 
     # -- training ---------------------------------------------------------------
 
+    def train_mode(self) -> None:
+        """The head in training mode, unless it is frozen (release once: always eval)."""
+        if self.release is None:
+            self.head.train()
+
     def train_batch(self, data: Split, ids: torch.Tensor, epoch: int) -> tuple[float, int]:
         """One training step on samples ``ids``: (mean loss, correctly predicted samples)."""
-        loss, pseudo_logits = self.train_step(data.x[ids], data.y[ids], ids, epoch)
+        if self.release is not None:
+            loss, pseudo_logits = self.cached_step(data.y[ids], ids, epoch)
+        else:
+            loss, pseudo_logits = self.train_step(data.x[ids], data.y[ids], ids, epoch)
         return loss, int((self.to_true(pseudo_logits).argmax(1) == data.y[ids]).sum())
+
+    def release_next(self) -> None:
+        """One unit of the release phase: ask t1 what it holds, or send it one chunk.
+
+        Each chunk's REPLY comes after t1 has written it, so a chunk t1 acknowledged
+        survives its restart; after a recovery the driver sets ``pending`` to None and
+        the owner asks again.
+        """
+        release, first = self.release, self.trainers[0]
+        if release.pending is None:
+            held = self.control(first, "releases", tag=release.tag).meta["chunks"]
+            release.pending = sorted(set(range(release.chunks)) - set(held))
+            return
+        chunk = release.pending[0]
+        ids, x = release.payload(chunk)
+        meta = {"tag": release.tag, "chunk": chunk, "chunks": release.chunks}
+        meta.update(records=release.records)
+        self.transport.send(
+            Message(Kind.RELEASE, self.step, self.name, first, {"ids": ids, "x": x}, meta)
+        )
+        if meta_int(self.expect_reply(first, "release"), "chunk") != chunk:
+            raise ProtocolError(f"{first} acknowledged another release chunk than {chunk}")
+        release.pending.pop(0)
+
+    def cached_step(
+        self, y: torch.Tensor, ids: torch.Tensor, epoch: int
+    ) -> tuple[float, torch.Tensor]:
+        """A release-once step: record ids to t1, labels to the last trainer; (loss,
+        pseudo-logits). No head pass, no backward, nothing released."""
+        if not self.release.done:
+            raise ProtocolError("release once: training before every record was released")
+        self._log_step(ids, epoch)
+        micros = self.micro_batches
+        targets = self.labels.encode(y, ids) if self.labels else y
+        sent = [self._send_labels(targets, micros)]
+        parts = ids.tensor_split(micros)
+        for micro, part in enumerate(parts):
+            meta = {"micro": micro, "micros": micros, "weight": len(part) / len(y), "epoch": epoch}
+            to = self.trainers[0]
+            msg = Message(Kind.FORWARD, self.step, self.name, to, {"ids": part}, meta)
+            sent.append(self.transport.send_later(msg))
+        for delivery in sent:
+            delivery.result()  # a failed delivery raises here, as send() would
+        sizes = [len(part) for part in parts]
+        logits, losses = self._collect(sizes)
+        loss = sum(l_ * n for l_, n in zip(losses, sizes, strict=True)) / len(y)
+        return float(loss), torch.cat(logits)
+
+    def _log_step(self, ids: torch.Tensor, epoch: int) -> None:
+        self.step += 1
+        self.log.steps.append(self.step)
+        self.log.epochs.append(epoch)
+        self.log.sample_ids.append(ids.clone())
+
+    def _send_labels(self, targets: torch.Tensor, micros: int) -> Any:
+        """The step's pseudo-labels to the last trainer (delivery overlaps what follows)."""
+        return self.transport.send_later(
+            Message(
+                Kind.LABELS,
+                self.step,
+                self.name,
+                self.trainers[-1],
+                {"y": targets},
+                {"micros": micros},
+            )
+        )
 
     def train_step(
         self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, epoch: int
@@ -102,23 +191,10 @@ class DataOwner:
         gradient enters the head's backward as soon as it is back. The per-sample head,
         clip and one noise draw for the whole batch make this the same maths as one pass.
         """
-        self.step += 1
-        self.log.steps.append(self.step)
-        self.log.epochs.append(epoch)
-        self.log.sample_ids.append(ids.clone())
+        self._log_step(ids, epoch)
         targets = self.labels.encode(y, ids) if self.labels else y
         micros = self.micro_batches
-        sending = self.transport.send_later(  # deliveries overlap the head's passes
-            Message(
-                Kind.LABELS,
-                self.step,
-                self.name,
-                self.trainers[-1],
-                {"y": targets},
-                {"micros": micros},
-            )
-        )
-        sent = [sending]
+        sent = [self._send_labels(targets, micros)]  # deliveries overlap the head's passes
         protected: list[torch.Tensor] = []
         noise: tuple[torch.Tensor, ...] = ()
         for micro, (xc, yc) in enumerate(
@@ -141,17 +217,20 @@ class DataOwner:
             )
         for delivery in sent:
             delivery.result()  # a failed delivery raises here, as send() would
-        logits, losses = self._collect(protected)
+        logits, losses = self._collect([len(p) for p in protected], protected)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         loss = sum(l_ * len(p) for l_, p in zip(losses, protected, strict=True)) / len(y)
         return float(loss), torch.cat(logits)
 
-    def _collect(self, protected: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[float]]:
+    def _collect(
+        self, sizes: list[int], protected: list[torch.Tensor] | None = None
+    ) -> tuple[list[torch.Tensor], list[float]]:
         """Backward each micro-batch's gradient (from t1) into the head as it arrives; the
-        pseudo-logits and losses the last trainer reports."""
-        n = len(protected)
+        pseudo-logits and losses the last trainer reports. ``protected`` None (release
+        once): t1's BACKWARD is an empty acknowledgement; one with a tensor is refused."""
+        n = len(sizes)
         grads: set[int] = set()
         losses: dict[int, tuple[torch.Tensor, float]] = {}
         first, last = self.trainers[0], self.trainers[-1]
@@ -161,13 +240,18 @@ class DataOwner:
                 micro = self._micro(msg, n)
                 if micro in grads:
                     raise ProtocolError(f"do got a second gradient for micro-batch {micro}")
-                protected[micro].backward(self._gradient(msg, protected[micro]))
+                if protected is not None:
+                    protected[micro].backward(self._gradient(msg, protected[micro]))
+                elif msg.tensors:
+                    raise ProtocolError(
+                        f"{first} sent do a gradient: release once takes none (the head is frozen)"
+                    )
                 grads.add(micro)
             elif msg.kind == Kind.LOSS and msg.sender == last:
                 micro = self._micro(msg, n)
                 if micro in losses:
                     raise ProtocolError(f"do got a second loss for micro-batch {micro}")
-                logits = self._logits(msg, len(protected[micro]))
+                logits = self._logits(msg, sizes[micro])
                 losses[micro] = (logits, meta_float(msg, "loss", 0.0))
             else:
                 raise ProtocolError(
@@ -248,7 +332,7 @@ class DataOwner:
                 if reply.kind != Kind.LOGITS:
                     raise ProtocolError(f"do expected logits, got {reply.kind} from {reply.sender}")
                 outputs.append(self.to_true(self._logits(reply, len(chunk), "x")))
-        self.head.train()
+        self.train_mode()
         return torch.cat(outputs)
 
     def accuracy(self, data: Split) -> float:
@@ -331,6 +415,8 @@ REPLY_CHECKS: dict[str, Callable[[Message], Any]] = {
     "stage_end": _verdict,
     "checkpoint": lambda m: meta_int(m, "step"),
     "checkpoints": lambda m: meta_ints(m, "steps", MAX_LISTED),
+    "releases": lambda m: meta_ints(m, "chunks", MAX_CHUNKS),
+    "release": lambda m: meta_int(m, "chunk", 0, MAX_CHUNKS - 1),
     "restore": _restored,
     "ledger": _ledger,
     "finish": _finished,

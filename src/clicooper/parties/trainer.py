@@ -6,6 +6,11 @@ Backward: receive the gradient of the loss w.r.t. this segment's output,
 backpropagate, send the gradient w.r.t. the input back. Gradients of the
 micro-batches of one batch accumulate; the optimizer steps after the last one,
 so pipelined micro-batches give the same update as one whole batch.
+
+With release once (``releases``, t1 only: :mod:`clicooper.parties.releases`) t1
+takes the owner's noisy activations once, as RELEASE chunks it caches, and each
+training step names only record ids; it sends the owner no gradient, only an
+empty BACKWARD saying the step is applied.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from clicooper.common.checks import (
 )
 from clicooper.common.messages import Kind, Message, ProtocolError
 from clicooper.parties.recorder import Recorder
+from clicooper.parties.releases import ReleaseCache
 from clicooper.privacy.gradient import GradientNoise
 from clicooper.runtime.optim import OptimSettings, make_optimizer
 from clicooper.runtime.transport.base import Party
@@ -57,8 +63,10 @@ class Trainer(Party):
         gradient_noise: GradientNoise | None = None,
         max_pending: int = pending_limit(1),
         device: torch.device | str = "cpu",
+        releases: ReleaseCache | None = None,
     ) -> None:
         """``gradient_noise``: protects the gradients the last trainer sends back.
+        ``releases``: t1's cache of the owner's one release per record (release once).
 
         ``lr``: the optimizer settings (a float: Adam at that constant rate). ``device``:
         where the segment computes; tensors received move there, and every tensor sent
@@ -71,6 +79,8 @@ class Trainer(Party):
         """
         if max_pending < 1:
             raise ValueError(f"max_pending must be positive, got {max_pending}")
+        if releases is not None and index != 1:
+            raise ValueError("only t1 takes the owner's releases")
         self.index, self.n_trainers = index, n_trainers
         self.name = f"t{index}"
         self.prev = "do" if index == 1 else f"t{index - 1}"
@@ -93,6 +103,9 @@ class Trainer(Party):
         self.registration: dict[str, Any] = {}  # what this trainer tells the verifier
         self.session: dict[str, Any] = {}
         self.chain: Any = None  # its TrainerChain, when the watermark chain runs
+        self.releases = releases
+        if releases is not None:
+            self.control_handlers["releases"] = releases.held_chunks
 
     def reset_transient(self) -> None:
         """Forget half-done work (after a rollback): stashed passes, labels, gradients."""
@@ -111,6 +124,7 @@ class Trainer(Party):
             Kind.LABELS: self._on_labels,
             Kind.BACKWARD: self._on_backward,
             Kind.INFER: self._on_infer,
+            Kind.RELEASE: self._on_release,
             Kind.CONTROL: self._on_control,
             Kind.REPLY: self._on_reply,
         }.get(msg.kind)
@@ -144,10 +158,15 @@ class Trainer(Party):
     def _on_forward(self, msg: Message) -> None:
         require_sender(msg, {self.prev}, "activations", self.name)
         key = self._key(msg)
+        if self.releases is not None and ("x" in msg.tensors or "ids" not in msg.tensors):
+            raise ProtocolError(
+                f"{self.name} trains on its cached releases (release once): a training step "
+                "names record ids, it carries no activations"
+            )
         if self.is_last and key not in self._labels:
             self._hold(self._waiting, key, msg, "activations awaiting labels")
             return  # labels travel separately and may come later
-        x = msg.tensor("x").to(self.device).requires_grad_(True)
+        x = self._input(msg)
         out = self.segment(x)
         if self.is_last:
             self._finish_forward(msg, key, x, out)
@@ -156,6 +175,26 @@ class Trainer(Party):
             self.send(
                 Message(Kind.FORWARD, msg.step, self.name, self.next, {"x": out.detach()}, msg.meta)
             )
+
+    def _input(self, msg: Message) -> torch.Tensor:
+        """The forward input: the tensor sent, or (release once) t1's cached releases.
+
+        The cached input takes a gradient only when it is recorded: nobody is sent one.
+        """
+        if self.releases is None:
+            return msg.tensor("x").to(self.device).requires_grad_(True)
+        x = self.releases.lookup(msg.tensor("ids")).to(self.device)
+        return x.requires_grad_(self.recorder.wants(int(msg.meta["epoch"])))
+
+    def _on_release(self, msg: Message) -> None:
+        """One chunk of the owner's single release: cached, then acknowledged."""
+        require_sender(msg, {"do"}, "releases", self.name)
+        if self.releases is None:
+            raise ProtocolError(f"{self.name} takes no releases: the session releases every epoch")
+        chunk = self.releases.add(msg)
+        self.send(
+            Message(Kind.REPLY, msg.step, self.name, "do", {}, {"op": "release", "chunk": chunk})
+        )
 
     def _on_labels(self, msg: Message) -> None:
         if msg.sender != "do" or not self.is_last:
@@ -253,7 +292,9 @@ class Trainer(Party):
         loss = meta.get("loss")
         for observe in self.loss_observers:
             observe(float(loss) if loss is not None else None, applied)
-        self.send(Message(Kind.BACKWARD, step, self.name, self.prev, {"g": x.grad}, meta))
+        # release once: the owner's head takes no gradient, t1 only says the step is done
+        back = {} if self.releases is not None else {"g": x.grad}
+        self.send(Message(Kind.BACKWARD, step, self.name, self.prev, back, meta))
 
     # -- inference and control --------------------------------------------------
 

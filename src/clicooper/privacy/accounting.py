@@ -5,9 +5,11 @@ sensitivity 2C (replace-one: two clipped activations differ by at most 2C).
 Gaussian noise of std ``m * C`` is a Gaussian mechanism with noise multiplier
 ``sigma = m * C / 2C = m / 2``; Laplace noise of scale ``m * C`` against L1
 sensitivity 2C is a Laplace mechanism with ``b / Delta = m / 2``. A sample is
-released once per epoch (and once more per noisy inference), so the total is
+released once per epoch with ``release = "every-epoch"``, once for the whole run
+with ``release = "once"`` (and once more per noisy inference), so the total is
 the ``releases``-fold self-composition, accounted for by Google's
-dp-accounting RDP accountant (no hand-written RDP maths).
+dp-accounting RDP accountant (no hand-written RDP maths); see
+:func:`planned_releases`.
 
 What the bound covers: per record, the activations released to the first
 trainer, *given the head*. It is not a dataset-level guarantee for the head's
@@ -24,6 +26,18 @@ from dp_accounting import rdp
 from clicooper.privacy.activation import Mechanism
 
 SENSITIVITY_FACTOR = 2.0  # replace-one sensitivity in units of the clip norm
+
+
+def planned_releases(release: str, epochs: int, noise_at_inference: bool) -> int:
+    """Noisy releases of each training record over a run of ``epochs`` epochs.
+
+    ``every-epoch``: one per epoch; ``once``: one, before training (t1 reuses it).
+    ``noise_at_inference`` adds one: a training record queried at inference is released
+    once more (the convention the results and ``target_epsilon`` share).
+    """
+    if release not in ("every-epoch", "once"):
+        raise ValueError(f"unknown release {release!r}: every-epoch or once")
+    return (epochs if release == "every-epoch" else 1) + int(noise_at_inference)
 
 
 def _event(noise_multiplier: float, mechanism: Mechanism) -> dp_accounting.DpEvent:

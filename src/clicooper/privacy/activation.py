@@ -54,16 +54,18 @@ class ActivationNoise:
         factor = (self.clip_norm / norms).clamp(max=1.0)
         return z * factor.view(-1, *([1] * (z.ndim - 1)))
 
-    def noise(self, shape: torch.Size) -> torch.Tensor:
-        """Fresh noise of the mechanism's scale, ``noise_multiplier * C``."""
+    def noise(self, shape: torch.Size, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Fresh noise of the mechanism's scale, ``noise_multiplier * C``, drawn from
+        ``generator`` (default: this mechanism's own secret stream)."""
+        gen = self._gen if generator is None else generator
         scale = self.noise_multiplier * self.clip_norm
         if scale == 0:
             return torch.zeros(shape)
         if self.mechanism == "gaussian":
-            return torch.randn(shape, generator=self._gen) * scale
+            return torch.randn(shape, generator=gen) * scale
         # Laplace as the difference of two exponentials (torch has no seeded Laplace sampler).
-        e1 = torch.empty(shape).exponential_(generator=self._gen)
-        e2 = torch.empty(shape).exponential_(generator=self._gen)
+        e1 = torch.empty(shape).exponential_(generator=gen)
+        e2 = torch.empty(shape).exponential_(generator=gen)
         return (e1 - e2) * scale
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:

@@ -58,6 +58,7 @@ from clicooper.models import SplitModel, build_preset, split_blocks
 from clicooper.models.presets import DEFAULT_CUT
 from clicooper.parties.data_owner import check_reply
 from clicooper.parties.recorder import Recorder
+from clicooper.parties.releases import RELEASES_DIR, ReleaseCache
 from clicooper.parties.trainer import Trainer, pending_limit
 from clicooper.parties.verifier import Verifier
 from clicooper.parties.watermarking import TrainerChain
@@ -80,7 +81,7 @@ _WATCH_SLICE = 1.0
 #: Seconds of waiting after which the data owner probes its peers (and between probes).
 PROBE_AFTER = 3.0
 #: Messages a party drops after a failure until it is restored (stale work).
-_WORK = (Kind.FORWARD, Kind.BACKWARD, Kind.LABELS, Kind.INFER)
+_WORK = (Kind.FORWARD, Kind.BACKWARD, Kind.LABELS, Kind.INFER, Kind.RELEASE)
 #: Settings a trainer and a verifier must share with the data owner.
 _SHARED = {
     # privacy: the last trainer applies the gradient protection the owner asked for;
@@ -437,6 +438,7 @@ class PartyHost(Party):
             gradient.for_trainer(cfg, self.index),
             max_pending=pending_limit(cfg.micro_batches),
             device=self.device,
+            releases=self._release_cache(resume),
         )
         if meta.get("chain"):
             party_dir = self.out_dir / "parties" / self.name
@@ -448,6 +450,18 @@ class PartyHost(Party):
                 ) from None
         ckpt.attach_trainer(trainer, self._checkpoint_dir(resume))
         return trainer
+
+    def _release_cache(self, resume: bool) -> ReleaseCache | None:
+        """t1's cache of the owner's releases (release once): read back on a resume, so
+        the owner need not send any again; emptied for a new session."""
+        if self.index != 1 or self.cfg.privacy.release != "once":
+            return None
+        cache = ReleaseCache(self.out_dir / "parties" / self.name / RELEASES_DIR)
+        if resume:
+            log.info("%s: %d release chunks read back from its cache", self.name, cache.load())
+        else:
+            cache.clear()
+        return cache
 
     def _verifier(self, resume: bool) -> Verifier:
         wm = self.cfg.watermark

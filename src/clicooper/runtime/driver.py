@@ -25,6 +25,12 @@ messages from any other party are dropped, never taken for an answer:
    again the records the verifier already holds (the ledger is append-only);
 4. training continues from that step with the same batch order, so no step
    is lost or applied twice.
+
+Release once (:mod:`clicooper.parties.releases`): the first units, after the
+step-0 checkpoint, are the release phase, one chunk each. A release is never
+rolled back: the owner's record of what it released lives outside its
+checkpoints, and after every recovery it asks t1 again which chunks it holds, so
+a restarted t1 that kept its cache is sent nothing and no record is released twice.
 """
 
 from __future__ import annotations
@@ -156,7 +162,10 @@ class Driver:
 
     def _unit(self) -> None:
         start, cpu = time.perf_counter(), time.process_time()
-        if self._pending is not None:
+        release = self.owner.release
+        if release is not None and not release.done:
+            self.owner.release_next()
+        elif self._pending is not None:
             self._close(self._pending)
         elif self.pos.epochs_done == self.epochs:
             self._checkpoint(pending=True, more=False)  # the partly done last stage
@@ -173,7 +182,7 @@ class Driver:
         owner, epoch = self.owner, self.pos.epochs_done + 1
         batch = owner.step - (epoch - 1) * self.steps_per_epoch
         ids = self._batches(epoch)[batch]
-        owner.head.train()
+        owner.train_mode()
         loss, right = owner.train_batch(self.data.train, ids, epoch)
         self.pos.loss_sum += loss * len(ids)
         self.pos.correct += right
@@ -204,8 +213,8 @@ class Driver:
         self.train_cpu_seconds += time.process_time() - cpu
         test_accuracy = self.owner.accuracy(self.data.test)
         n = len(self.data.train)
-        if self.owner.noise is not None:
-            self.owner.releases += 1
+        if self.owner.noise is not None and self.owner.release is None:
+            self.owner.releases += 1  # every epoch released every record again
         self.pos.history.append(
             {
                 "epoch": epoch,
@@ -244,7 +253,9 @@ class Driver:
 
     def _save_owner(self, step: int, extra: dict[str, Any]) -> None:
         owner = self.owner
-        opt_tensors, opt_doc = ckpt.optimizer_state(owner.optimizer)
+        opt_tensors, opt_doc = {}, None
+        if owner.optimizer is not None:  # a frozen head (release once) has none
+            opt_tensors, opt_doc = ckpt.optimizer_state(owner.optimizer)
         tensors = {
             **ckpt.module_tensors(owner.head, "head"),
             **opt_tensors,
@@ -252,7 +263,7 @@ class Driver:
         }
         meta = {
             "optim": opt_doc,
-            "sched": scheduler_state(owner.scheduler),
+            "sched": None if owner.scheduler is None else scheduler_state(owner.scheduler),
             "releases": owner.releases,
             "position": vars(self.pos),
             "chain": self.chain.state() if self.chain is not None else {},
@@ -265,9 +276,10 @@ class Driver:
         owner = self.owner
         tensors, meta = ckpt.load(self.checkpoint_dir, step)
         ckpt.load_module(owner.head, tensors, "head")
-        owner.optimizer.zero_grad(set_to_none=True)
-        ckpt.load_optimizer(owner.optimizer, tensors, meta["optim"])
-        load_scheduler(owner.scheduler, meta["sched"])
+        if owner.optimizer is not None:
+            owner.optimizer.zero_grad(set_to_none=True)
+            ckpt.load_optimizer(owner.optimizer, tensors, meta["optim"])
+            load_scheduler(owner.scheduler, meta["sched"])
         ckpt.load_rng(tensors, self._generators())
         owner.step, owner.releases = step, int(meta["releases"])
         keep = sum(1 for s in owner.log.steps if s <= step)
@@ -304,7 +316,9 @@ class Driver:
         step = ckpt.common_step(available)
         restored = self.ask_all("restore", step=step)
         self.restore_owner(step)
-        self.owner.head.train()
+        self.owner.train_mode()
+        if self.owner.release is not None:
+            self.owner.release.pending = None  # ask t1 again what it holds
         if self._pending is not None and self.chain is not None:
             self._done = self.ask_ledger(self.chain.stage)
         self.recoveries.append(

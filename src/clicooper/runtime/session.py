@@ -29,12 +29,14 @@ from clicooper.models import SplitModel
 from clicooper.models.presets import DEFAULT_CUT
 from clicooper.parties import DataOwner, Recorder, Trainer, Verifier
 from clicooper.parties.data_owner import epoch_batches
+from clicooper.parties.releases import RELEASES_DIR, OwnerRelease, ReleaseCache
 from clicooper.parties.trainer import pending_limit
 from clicooper.parties.verifier import SECRETS_FILE
 from clicooper.parties.watermarking import OwnerChain, TrainerChain
 from clicooper.privacy import accounting, gradient
 from clicooper.privacy.activation import ActivationNoise
 from clicooper.privacy.labels import LabelObfuscator
+from clicooper.privacy.release import FrozenHead, frozen_head, once_scope
 from clicooper.privacy.secrets import SECRET_FILE, OwnerSecret
 from clicooper.runtime import checkpoint
 from clicooper.runtime.deploy import Deployment, Remote, party_settings, preset_split
@@ -125,8 +127,10 @@ def run(
     data = resolve_dataset(cfg, data)
     cfg = cfg.model_copy(update={"batch_size": cfg.effective_batch_size(len(data.train))})
     factory = model_factory or preset_factory(cfg, data)
-    factory(data.num_classes)
+    split = factory(data.num_classes)
     devices = party_devices(cfg, local_parties(cfg))  # an unusable device fails here
+    # release once: the frozen head first (a head source that cannot be had fails here)
+    head = frozen_head(cfg, data, split) if _releases_once(cfg) else None
     if not resume:
         prepare_run_dir(out_dir, overwrite)
         save_run_config(out_dir, cfg)
@@ -141,7 +145,7 @@ def run(
             session = _run_centralized(cfg, data, factory, first_step, log, devices["do"])
         else:
             session = _run_split(
-                cfg, data, factory, out_dir, first_step, deployment, secret, devices, resume
+                cfg, data, factory, out_dir, first_step, deployment, secret, devices, resume, head
             )
     except BaseException:
         if not first_step.seen and not resume:  # nothing trained: nothing may block a rerun
@@ -154,6 +158,8 @@ def run(
 
 
 HISTORY_FILE = "history.jsonl"
+#: The owner's count of releases per training record (release once), owner/<this>.
+RELEASES_FILE = "releases.safetensors"
 RUN_ARTIFACTS = (
     "results.json",
     RUN_CONFIG,
@@ -202,11 +208,13 @@ class HistoryLog:
             epoch_done(history[-1])
 
     def _epsilon(self, epochs: int) -> float | None:
-        """Epsilon after ``epochs`` releases of every record (one per epoch)."""
+        """Epsilon after ``epochs`` epochs: one release of every record per epoch, or one
+        in all (release once, made before the first epoch)."""
         if self.noise is None:
             return None
         p = self.cfg.privacy
-        return accounting.epsilon(self.noise.noise_multiplier, epochs, p.delta, p.mechanism)
+        releases = accounting.planned_releases(p.release, epochs, False)
+        return accounting.epsilon(self.noise.noise_multiplier, releases, p.delta, p.mechanism)
 
 
 class _FirstStep:
@@ -316,10 +324,12 @@ def _run_split(
     secret: OwnerSecret | None = None,
     devices: dict[str, torch.device] | None = None,
     resume: bool = False,
+    head: FrozenHead | None = None,
 ) -> Session:
     """``secret``: the owner secret to reuse (``owner_secret`` setting); None makes one.
     ``devices``: of the parties in this process (default: all on the CPU). ``resume``:
-    every party from its files and checkpoints in ``out_dir`` (see :func:`run`)."""
+    every party from its files and checkpoints in ``out_dir`` (see :func:`run`).
+    ``head``: release once, with this frozen head (None: the head trains)."""
     devices = devices or {}
     defended = cfg.mode == "clicooper"
     owner_dir = private_dir(out_dir / "owner")
@@ -333,6 +343,8 @@ def _run_split(
     )
     n_outputs = labels.pseudo_classes if labels else data.num_classes
     split = factory(n_outputs)
+    if head is not None:
+        split.head = head.module
     noise = None
     if defended:
         noise = ActivationNoise(
@@ -356,8 +368,11 @@ def _run_split(
         transport = remote.transport
     else:
         transport, trainers, verifier = _local(
-            cfg, split, out_dir, parties, optim, devices, resume and with_chain
+            cfg, split, out_dir, parties, optim, devices, resume, with_chain
         )
+    release = None
+    if head is not None:
+        release = OwnerRelease(split.head, noise, secret, data.train.x)
     owner = DataOwner(
         transport,
         split.head,
@@ -368,6 +383,7 @@ def _run_split(
         cfg.micro_batches,
         cfg.privacy.noise_at_inference,
         device=devices.get("do", "cpu"),
+        release=release,
     )
     chain = None
     if with_chain:
@@ -394,7 +410,10 @@ def _run_split(
         resume=resume,
     )
     history = driver.run()
-    training_releases = owner.releases  # each epoch sends every sample's gradient back once
+    # each epoch sends every sample's gradient back once (Tn -> T(n-1)), in both modes
+    training_releases = owner.releases if release is None else len(history)
+    if release is not None:
+        owner.releases = release.per_record()["max"]  # 1: the release before training
     if noise is not None and cfg.privacy.noise_at_inference:
         owner.releases += 1  # the test pass released noisy activations too
     finished = {name: owner.control(name, "finish").meta for name in owner.trainers}
@@ -402,6 +421,8 @@ def _run_split(
     if verifier is not None:
         verifier.close()
     _save_owner(owner_dir, owner, labels, cfg.record)
+    if release is not None:  # what was released, per record (the run's own audit trail)
+        write_private(owner_dir / RELEASES_FILE, st_save({"counts": release.counts}))
     results = {
         "accuracy": {"test": history[-1]["test_accuracy"], "train": history[-1]["train_accuracy"]},
         "history": history,
@@ -416,7 +437,7 @@ def _run_split(
             "steps_applied": {name: meta["steps_applied"] for name, meta in finished.items()},
             "recoveries": driver.recoveries,
         },
-        "privacy": _privacy(cfg, noise, owner.releases, training_releases),
+        "privacy": _privacy(cfg, noise, owner.releases, training_releases, release, head),
         "watermark": _watermark_summary(chain, out_dir, wm) if chain else {"enabled": False},
     }
     if chain:  # per trainer and stage: how many bits the stage-end seal had to deepen
@@ -446,11 +467,20 @@ def _local(
     checkpoint_parties: list[str] | bool,
     optim: OptimSettings,
     devices: dict[str, torch.device],
-    resume_ledger: bool = False,
+    resume: bool = False,
+    with_chain: bool = False,
 ) -> tuple[InProcessTransport, list[Trainer], Verifier]:
-    """Every party in this process, on the in-process transport (``resume_ledger``: the
-    verifier continues the ledger, key and secrets of ``out_dir``)."""
+    """Every party in this process, on the in-process transport (``resume``: every party
+    continues from ``out_dir``: t1 keeps its cached releases, the verifier its ledger,
+    key and secrets)."""
     transport = InProcessTransport()
+    cache = None
+    if _releases_once(cfg):  # t1's cache, in its party directory (a fresh session: empty)
+        cache = ReleaseCache(out_dir / "parties" / "t1" / RELEASES_DIR)
+        if resume:
+            cache.load()
+        else:
+            cache.clear()
     trainers = [
         Trainer(
             i,
@@ -462,11 +492,12 @@ def _local(
             gradient.for_trainer(cfg, i),
             max_pending=pending_limit(cfg.micro_batches),
             device=devices.get(f"t{i}", "cpu"),
+            releases=cache if i == 1 else None,
         )
         for i, seg in enumerate(split.segments, start=1)
     ]
     wm = cfg.watermark
-    make_verifier = Verifier.resume if resume_ledger else Verifier
+    make_verifier = Verifier.resume if resume and with_chain else Verifier
     verifier = make_verifier(out_dir, wm.bits, wm.ber_threshold, wm.keep_audit_stages)
     for party in (*trainers, verifier):
         transport.attach(party)
@@ -627,24 +658,40 @@ def verify_run(
     )
 
 
+def _releases_once(cfg: RunConfig) -> bool:
+    return cfg.mode == "clicooper" and cfg.privacy.release == "once"
+
+
 def noise_multiplier(cfg: RunConfig) -> float:
-    """The configured multiplier, or the one that meets ``target_epsilon`` over the run."""
+    """The configured multiplier, or the one that meets ``target_epsilon`` over the run
+    (one release per epoch, or one in all with release once)."""
     p = cfg.privacy
     if p.target_epsilon is None:
         return p.noise_multiplier
-    releases = cfg.epochs + (1 if p.noise_at_inference else 0)
+    releases = accounting.planned_releases(p.release, cfg.epochs, p.noise_at_inference)
     return accounting.noise_for_epsilon(p.target_epsilon, releases, p.delta, p.mechanism)
 
 
 def _privacy(
-    cfg: RunConfig, noise: ActivationNoise | None, releases: int, gradient_releases: int
+    cfg: RunConfig,
+    noise: ActivationNoise | None,
+    releases: int,
+    gradient_releases: int,
+    release: OwnerRelease | None = None,
+    head: FrozenHead | None = None,
 ) -> dict[str, Any]:
     """The activation noise's settings and epsilon, with the backward channel's under
-    ``gradient``; ``gradient_releases``: training epochs (no gradient at inference)."""
+    ``gradient``; ``gradient_releases``: training epochs (no gradient at inference).
+    ``release`` and ``head``: a release-once run's release and frozen head."""
     p = cfg.privacy
     grad = _gradient_privacy(cfg, gradient_releases)
+    once = {"release": "once" if release is not None else "every-epoch"}
+    if release is not None:
+        once.update(release.summary(), covers=once_scope(p.noise_at_inference))
+        once["head"] = head.privacy if head is not None else None
     if noise is None:
         return {
+            "release": p.release if cfg.mode == "clicooper" else None,
             "epsilon": None,
             "delta": p.delta,
             "noise_multiplier": 0.0,
@@ -664,6 +711,7 @@ def _privacy(
         "accountant": "dp-accounting RDP",
         "covers": ACCOUNTING_SCOPE,
         "gradient": grad,
+        **once,
     }
 
 
