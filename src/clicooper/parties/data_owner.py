@@ -28,6 +28,7 @@ from clicooper.common.messages import Kind, Message, ProtocolError
 from clicooper.data.base import Split
 from clicooper.privacy.activation import ActivationNoise
 from clicooper.privacy.labels import LabelObfuscator
+from clicooper.runtime.compute import ComputeMeter
 from clicooper.runtime.transport.base import Transport
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,10 @@ ProgressFn = Callable[[int, int, int, float], None]  # epoch, batch, n_batches, 
 INFER_BATCH = 1024
 #: Most checkpoint steps a party may list (it keeps a few; see runtime.checkpoint.KEEP).
 MAX_LISTED = 1000
+#: Bounds on what a trainer may report of its compute (``finish``): an exaFLOP a party, and
+#: a CPU-year, far above any session; a value outside is a malformed reply.
+MAX_FLOPS = 10**18
+MAX_CPU_SECONDS = 3.2e7
 
 
 @dataclass
@@ -79,6 +84,7 @@ class DataOwner:
         self.releases = 0  # noisy releases of each training sample so far
         self.log = StepLog()
         self._classes: int | None = None  # pseudo-classes the last trainer reports
+        self.compute = ComputeMeter()  # FLOPs and CPU seconds (clicooper.runtime.compute)
 
     # -- training ---------------------------------------------------------------
 
@@ -88,6 +94,13 @@ class DataOwner:
         return loss, int((self.to_true(pseudo_logits).argmax(1) == data.y[ids]).sum())
 
     def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, epoch: int
+    ) -> tuple[float, torch.Tensor]:
+        """:meth:`_train_step`, its FLOPs counted once per batch shape (runtime.compute)."""
+        with self.compute.count(("step", tuple(x.shape), self.micro_batches)):
+            return self._train_step(x, y, ids, epoch)
+
+    def _train_step(
         self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, epoch: int
     ) -> tuple[float, torch.Tensor]:
         """Forward through the chain, backward into the head, step; (loss, pseudo-logits).
@@ -232,7 +245,8 @@ class DataOwner:
         outputs = []
         with torch.no_grad():
             for chunk in x.split(INFER_BATCH):
-                z = self.head(chunk)
+                with self.compute.count(("infer", tuple(chunk.shape)), "infer"):
+                    z = self.head(chunk)
                 if self.noise is not None and self.noise_at_inference:
                     z = self.noise(z)
                 self.transport.send(
@@ -300,6 +314,11 @@ def _restored(msg: Message) -> None:
 
 def _finished(msg: Message) -> None:
     meta_int(msg, "steps_applied")
+    compute = meta_dict(msg, "compute")
+    probe = Message(msg.kind, msg.step, msg.sender, msg.receiver, {}, compute)
+    meta_int(probe, "flops", 0, MAX_FLOPS)
+    meta_int(probe, "inference_flops", 0, MAX_FLOPS)
+    meta_float(probe, "cpu_seconds", 0.0, MAX_CPU_SECONDS)
     meta_ints(msg, "sealed_bits", MAX_STEP)
     if not isinstance(msg.meta.get("segment", ""), str):
         raise ProtocolError(f"{msg.kind} from {msg.sender}: field 'segment' must be a path")

@@ -10,6 +10,7 @@ so pipelined micro-batches give the same update as one whole batch.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from clicooper.common.checks import (
 from clicooper.common.messages import Kind, Message, ProtocolError
 from clicooper.parties.recorder import Recorder
 from clicooper.privacy.gradient import GradientNoise
+from clicooper.runtime.compute import ComputeMeter
 from clicooper.runtime.transport.base import Party
 from clicooper.watermark.chain import save_segment
 
@@ -86,6 +88,7 @@ class Trainer(Party):
         self.registration: dict[str, Any] = {}  # what this trainer tells the verifier
         self.session: dict[str, Any] = {}
         self.chain: Any = None  # its TrainerChain, when the watermark chain runs
+        self.compute = ComputeMeter()  # FLOPs and CPU seconds (clicooper.runtime.compute)
 
     def reset_transient(self) -> None:
         """Forget half-done work (after a rollback): stashed passes, labels, gradients."""
@@ -109,7 +112,15 @@ class Trainer(Party):
         }.get(msg.kind)
         if handler is None:
             raise ProtocolError(f"{self.name} does not accept {msg.kind} messages")
-        handler(msg)
+        with self.compute.active(), self._counted(msg.kind):
+            handler(msg)
+
+    def _counted(self, kind: Kind) -> contextlib.AbstractContextManager[None]:
+        """Control work (the watermark's stage-end seal and BER reads) is rare and varies:
+        counted each time; training and inference count their own blocks by shape."""
+        if kind in (Kind.CONTROL, Kind.REPLY):
+            return self.compute.count(None)
+        return contextlib.nullcontext()
 
     # -- training -------------------------------------------------------------
 
@@ -141,7 +152,8 @@ class Trainer(Party):
             self._hold(self._waiting, key, msg, "activations awaiting labels")
             return  # labels travel separately and may come later
         x = msg.tensor("x").requires_grad_(True)
-        out = self.segment(x)
+        with self.compute.count(("forward", tuple(x.shape))):
+            out = self.segment(x)
         if self.is_last:
             self._finish_forward(msg, key, x, out)
         else:
@@ -173,8 +185,9 @@ class Trainer(Party):
         weight = meta_float(msg, "weight", 1e-12, 1.0)
         loss = nn.functional.cross_entropy(logits, y)
         total = loss * weight if weight != 1.0 else loss  # x * 1.0 == x: one op less
-        reg = self._regularisation(msg.meta)
-        (total if reg is None else total + reg).backward()
+        with self.compute.count(("loss-backward", tuple(x.shape))):
+            total.backward()
+        self._regularise(msg.meta)
         value = loss.item()
         if self.recorder.wants(int(msg.meta["epoch"])):
             self.recorder.add(
@@ -212,16 +225,26 @@ class Trainer(Party):
         grad = msg.tensor("g")
         if grad.shape != out.shape:
             raise ProtocolError(f"gradient shape {tuple(grad.shape)} != output {tuple(out.shape)}")
-        reg = self._regularisation(msg.meta)
-        if reg is None:
+        with self.compute.count(("backward", tuple(out.shape))):
             out.backward(grad)
-        else:
-            torch.autograd.backward([out, reg], [grad, torch.ones(())])
+        self._regularise(msg.meta)
         if self.recorder.wants(int(msg.meta["epoch"])):
             self.recorder.add(
                 int(msg.meta["epoch"]), msg.step, key[1], activation=x, gradient=x.grad
             )
         self._send_back(msg.step, msg.meta, x)
+
+    def _regularise(self, meta: dict[str, Any]) -> None:
+        """Add the watermark term's gradient (see :meth:`_regularisation`) to the segment's.
+
+        Its own backward pass, after the loss's: gradients add, so this is the gradient of
+        loss + term; apart, its FLOPs (which the mark's lazy schedule varies) are counted
+        every time, as the trainer's work, while the loss's passes reuse one count a shape.
+        """
+        with self.compute.count(None):
+            reg = self._regularisation(meta)
+            if reg is not None:
+                reg.backward()
 
     def _regularisation(self, meta: dict[str, Any]) -> torch.Tensor | None:
         """The watermark term, once a step: with the batch's last micro-batch; None when
@@ -251,8 +274,9 @@ class Trainer(Party):
 
     def _on_infer(self, msg: Message) -> None:
         require_sender(msg, {self.prev}, "activations", self.name)
-        with torch.no_grad():
-            out = self.segment(msg.tensor("x"))
+        x = msg.tensor("x")
+        with torch.no_grad(), self.compute.count(("infer", tuple(x.shape)), "infer"):
+            out = self.segment(x)
         kind, to = (Kind.LOGITS, "do") if self.is_last else (Kind.INFER, self.next)
         self.send(Message(kind, msg.step, self.name, to, {"x": out}, msg.meta))
 
@@ -267,6 +291,7 @@ class Trainer(Party):
                 **self.save_segment(),
                 "steps_applied": self.steps_applied,
                 "sealed_bits": sealed,
+                "compute": self.compute.report(),
             }
         elif op == "register":
             self._registering = True

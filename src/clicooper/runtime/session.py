@@ -36,7 +36,7 @@ from clicooper.privacy import accounting, gradient
 from clicooper.privacy.activation import ActivationNoise
 from clicooper.privacy.labels import LabelObfuscator
 from clicooper.privacy.secrets import OwnerSecret
-from clicooper.runtime import checkpoint
+from clicooper.runtime import checkpoint, compute
 from clicooper.runtime.deploy import Deployment, Remote, party_settings, preset_split
 from clicooper.runtime.driver import Driver
 from clicooper.runtime.transport.inprocess import InProcessTransport
@@ -240,23 +240,25 @@ def _run_centralized(
     model = factory(data.num_classes).full()
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     history, train_seconds, train_cpu_seconds = [], 0.0, 0.0
+    meter = compute.ComputeMeter()  # the owner alone trains
     for epoch in range(1, cfg.epochs + 1):
         start, cpu = time.perf_counter(), time.process_time()
         batches = epoch_batches(len(data.train), epoch, cfg.batch_size, cfg.seed)
         total, correct = 0.0, 0
         for b, ids in enumerate(batches):
-            logits = model(data.train.x[ids])
-            loss = nn.functional.cross_entropy(logits, data.train.y[ids])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            with meter.active(), meter.count(("step", len(ids))):
+                logits = model(data.train.x[ids])
+                loss = nn.functional.cross_entropy(logits, data.train.y[ids])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
             total += loss.item() * len(ids)
             correct += int((logits.argmax(1) == data.train.y[ids]).sum())
             if progress:
                 progress(epoch, b + 1, len(batches), loss.item())
         train_seconds += time.perf_counter() - start
         train_cpu_seconds += time.process_time() - cpu
-        with torch.no_grad():
+        with torch.no_grad(), meter.active(), meter.count(("infer", len(data.test)), "infer"):
             test_acc = float((model(data.test.x).argmax(1) == data.test.y).float().mean())
         history.append(
             {
@@ -272,6 +274,7 @@ def _run_centralized(
         "accuracy": {"test": history[-1]["test_accuracy"], "train": history[-1]["train_accuracy"]},
         "history": history,
         "timing": {"train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds},
+        "compute": compute.summary({"do": meter.report()}),
     }
     return Session(results, None, [], model, data)
 
@@ -334,8 +337,8 @@ def _run_split(
     if with_chain:
         chain = _open_chain(owner, trainers, secret, owner_dir, out_dir, wm)
         chain.total_steps = cfg.epochs * -(-len(data.train) // cfg.batch_size)
-    if labels is not None:
-        with torch.no_grad():
+    if labels is not None:  # the head pass that fits the labels is the owner's work
+        with torch.no_grad(), owner.compute.active(), owner.compute.count(None):
             labels.fit(torch.cat([split.head(x) for x in data.train.x.split(4096)]), data.train.y)
 
     driver = Driver(
@@ -352,7 +355,8 @@ def _run_split(
         progress=progress,
         on_epoch=HistoryLog(out_dir / HISTORY_FILE, cfg, noise, progress, owner),
     )
-    history = driver.run()
+    with owner.compute.active():  # in-process, the other parties' handlers pause it
+        history = driver.run()
     training_releases = owner.releases  # each epoch sends every sample's gradient back once
     if noise is not None and cfg.privacy.noise_at_inference:
         owner.releases += 1  # the test pass released noisy activations too
@@ -376,6 +380,7 @@ def _run_split(
             "recoveries": driver.recoveries,
         },
         "privacy": _privacy(cfg, noise, owner.releases, training_releases),
+        "compute": _compute(owner, finished, verifier if with_chain else None),
         "watermark": _watermark_summary(chain, out_dir, wm) if chain else {"enabled": False},
     }
     if chain:  # per trainer and stage: how many bits the stage-end seal had to deepen
@@ -384,6 +389,22 @@ def _run_split(
     if remote is not None:
         _load_remote_segments(split, out_dir)
     return Session(results, owner, trainers, split.full(), data)
+
+
+def _compute(
+    owner: DataOwner, finished: dict[str, dict[str, Any]], verifier: Verifier | None
+) -> dict[str, Any]:
+    """Every party's FLOPs and CPU seconds: the owner's own meter, each trainer's from its
+    (checked) ``finish`` reply. In-process also the verifier's CPU seconds and, apart as
+    ``verifier_flops``, its FLOPs: it audits and trains nothing, so it is not in the
+    owner's share (over gRPC it runs in its own process and is not asked)."""
+    reports = {"do": owner.compute.report()}
+    reports.update({name: meta["compute"] for name, meta in finished.items()})
+    summary = compute.summary(reports)
+    if verifier is not None:
+        summary["cpu_seconds"]["verifier"] = round(verifier.compute.cpu_seconds, 6)
+        summary["verifier_flops"] = sum(verifier.compute.flops.values())
+    return summary
 
 
 def _warn_capacity(split: SplitModel, wm: WatermarkConfig, stage_steps: int) -> None:
