@@ -163,6 +163,7 @@ def attach_trainer(trainer: Any, directory: Path) -> None:
         tensors = {**module_tensors(trainer.segment, "segment"), **opt_tensors, **rng_tensors({})}
         chain = trainer.chain.state() if trainer.chain is not None else {}
         meta = {"steps_applied": trainer.steps_applied, "optim": opt_doc, "chain": chain}
+        meta["compute"] = trainer.compute.state()
         save(directory, step, tensors, meta)
         return {"step": step}
 
@@ -174,6 +175,7 @@ def attach_trainer(trainer: Any, directory: Path) -> None:
         load_optimizer(trainer.optimizer, tensors, meta["optim"])
         load_rng(tensors, {})
         trainer.steps_applied = int(meta["steps_applied"])
+        trainer.compute.load_state(meta.get("compute"))
         if trainer.chain is not None:
             trainer.chain.load_state(meta["chain"])
         return {"step": step, "steps_applied": trainer.steps_applied}

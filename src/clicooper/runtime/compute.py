@@ -139,6 +139,25 @@ class ComputeMeter:
             if stack:
                 stack[-1].start()
 
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps (see :meth:`load_state`)."""
+        return {"flops": dict(self.flops), "cpu_seconds": self.cpu_seconds}
+
+    def load_state(self, state: Any) -> None:
+        """Back to a checkpoint: the FLOPs of the steps that make the model, counted once
+        (work rolled back and redone is not counted twice); CPU seconds never go down, and
+        a restarted process goes on from the checkpoint's (its own spent, retries included).
+        A missing or malformed state (an older checkpoint) leaves the meter as it is."""
+        if not isinstance(state, dict) or not isinstance(state.get("flops"), dict):
+            return
+        flops = {b: state["flops"].get(b) for b in BUCKETS}
+        seconds = state.get("cpu_seconds")
+        if all(isinstance(v, int) and v >= 0 for v in flops.values()):
+            self.flops = flops
+            self.estimated = dict(flops)
+        if isinstance(seconds, int | float) and seconds >= 0:
+            self.cpu_seconds = max(self.cpu_seconds, float(seconds))
+
     def report(self) -> dict[str, Any]:
         """What a party tells the owner (its ``finish`` reply's ``compute`` field)."""
         return {
