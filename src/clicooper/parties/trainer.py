@@ -241,6 +241,8 @@ class Trainer(Party):
         loss + term; apart, its FLOPs (which the mark's lazy schedule varies) are counted
         every time, as the trainer's work, while the loss's passes reuse one count a shape.
         """
+        if self.regulariser is None:
+            return  # no mark (vanilla, or strength 0): not even an empty count
         with self.compute.count(None):
             reg = self._regularisation(meta)
             if reg is not None:
