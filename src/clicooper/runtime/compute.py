@@ -63,22 +63,22 @@ def flop_counter() -> FlopCounterMode:
 
 @dataclass
 class _Frame:
+    """One party running (``active``) or one block being counted, on the thread's stack."""
+
     meter: ComputeMeter
-    bucket: str | None  # None: an activity frame (CPU only)
-    key: Hashable | None = None
-    counting: bool = False
+    counting: bool = False  # under a FlopCounterMode while on top of the stack
     flops: int = 0
     mode: FlopCounterMode | None = None
     cpu_start: float = 0.0
 
-    def start(self) -> None:
-        self.cpu_start = time.process_time()
+    def resume(self, now: float) -> None:
+        self.cpu_start = now
         if self.counting:
             self.mode = flop_counter()
             self.mode.__enter__()
 
-    def stop(self) -> None:
-        self.meter.cpu_seconds += time.process_time() - self.cpu_start
+    def pause(self, now: float) -> None:
+        self.meter.cpu_seconds += now - self.cpu_start
         if self.mode is not None:
             self.mode.__exit__(None, None, None)
             self.flops += self.mode.get_total_flops()
@@ -94,6 +94,25 @@ def _stack() -> list[_Frame]:
     return _local.stack
 
 
+@contextmanager
+def _framed(frame: _Frame) -> Iterator[None]:
+    """Pause the frame below, run ``frame``, resume the one below: one clock read a switch."""
+    stack = _stack()
+    now = time.process_time()
+    if stack:
+        stack[-1].pause(now)
+    stack.append(frame)
+    frame.resume(now)
+    try:
+        yield
+    finally:
+        now = time.process_time()
+        frame.pause(now)
+        stack.pop()
+        if stack:
+            stack[-1].resume(now)
+
+
 @dataclass
 class ComputeMeter:
     """One party's training and inference FLOPs and its CPU seconds."""
@@ -104,40 +123,44 @@ class ComputeMeter:
     counted_blocks: int = 0  # blocks run under the counter (the rest reused a count)
     _cache: dict[Hashable, int] = field(default_factory=dict)
 
+    def _running(self) -> bool:
+        """This party is on top of the stack, and no counter is open there."""
+        stack = _stack()
+        return bool(stack) and stack[-1].meter is self and not stack[-1].counting
+
     @contextmanager
     def active(self) -> Iterator[None]:
         """This party runs: its CPU seconds accrue, the party below on the stack pauses."""
-        with self._frame(_Frame(self, None)):
+        if self._running():  # already this party's time: no second frame
+            yield
+            return
+        with _framed(_Frame(self)):
             yield
 
     @contextmanager
     def count(self, key: Hashable | None, bucket: str = "train") -> Iterator[None]:
-        """The FLOPs of the block to ``bucket``; ``key`` fixes them (None: count each time)."""
+        """The FLOPs of the block to ``bucket``; ``key`` fixes them (None: count each time).
+
+        A known key costs no frame: the block's CPU time stays with the frame below (the
+        party's ``active`` one), unless a counter is open there, which must not see it.
+        """
         if bucket not in BUCKETS:
             raise ValueError(f"unknown compute bucket {bucket!r}: use one of {BUCKETS}")
-        counting = key is None or AUDIT or (bucket, key) not in self._cache
-        frame = _Frame(self, bucket, (bucket, key), counting)
-        with self._frame(frame):
+        cache_key = (bucket, key)
+        counting = key is None or AUDIT or cache_key not in self._cache
+        stack = _stack()
+        if not counting and not (stack and stack[-1].counting):
             yield
-        cached = frame.flops if key is None else self._cache.setdefault((bucket, key), frame.flops)
+            self.flops[bucket] += self._cache[cache_key]
+            self.estimated[bucket] += self._cache[cache_key]
+            return
+        frame = _Frame(self, counting)
+        with _framed(frame):
+            yield
+        cached = frame.flops if key is None else self._cache.setdefault(cache_key, frame.flops)
         self.counted_blocks += counting
         self.flops[bucket] += frame.flops if counting else cached
         self.estimated[bucket] += cached
-
-    @contextmanager
-    def _frame(self, frame: _Frame) -> Iterator[None]:
-        stack = _stack()
-        if stack:
-            stack[-1].stop()
-        stack.append(frame)
-        frame.start()
-        try:
-            yield
-        finally:
-            frame.stop()
-            stack.pop()
-            if stack:
-                stack[-1].start()
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps (see :meth:`load_state`)."""
