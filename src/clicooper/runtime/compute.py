@@ -20,6 +20,15 @@ synchronously, and their work is theirs alone, never the owner's as well.
 
 Under :data:`AUDIT` every block is counted (``flops``) and the cached estimate is kept
 beside it (``estimated``): the tests use it to show, in one run, that the two agree.
+
+What is counted: ``FlopCounterMode``'s matrix products and convolutions (plus ``aten.mv``),
+forward and backward; element-wise work (activations, pooling, the noise, the optimizer)
+is not. What it costs: a known block opens no frame; a party's handling of a message two
+clock reads. Measured (training CPU seconds, metered against not): +13% for the smallest
+preset (digits MLP at batch 32, 3 ms steps: about 0.1 ms a step); +6% for a 16-step CNN
+run at batch 128, most of it the two steps counted under the counter, a one-off.
+A checkpoint keeps each meter (:meth:`ComputeMeter.state`), so a rollback counts the
+steps it redoes once.
 """
 
 from __future__ import annotations
