@@ -51,6 +51,12 @@ def test_run_writes_results_and_exits_zero(tmp_path):
     assert "gradient noise, epsilon" in proc.stderr and "0.5 (clip 2)" in proc.stderr
     assert (out / "segments" / "t2.safetensors").exists()
     assert "test accuracy" in proc.stderr
+    # the summary shows who did the training work, as results.json counts it
+    compute = results["compute"]
+    assert set(compute["flops"]) == {"do", "t1", "t2"} and min(compute["flops"].values()) > 0
+    assert set(compute["cpu_seconds"]) == {"do", "t1", "t2", "verifier"}
+    assert f"{compute['owner_share']:.1%}" in proc.stderr
+    assert "owner share of training FLOPs" in proc.stderr and "t2: FLOPs, CPU s" in proc.stderr
 
 
 def test_config_file_and_flags_merge(tmp_path):

@@ -193,7 +193,7 @@ class RunConfig(_Strict):
 
     dataset: str = "auto"
     mode: Mode = "clicooper"
-    model: Literal["mlp", "cnn"] = "cnn"
+    model: Literal["mlp", "cnn", "cnn-light", "resnet"] = "cnn"
     cut: str | None = None
     trainers: int = Field(2, ge=1, le=8)
     epochs: int = Field(5, ge=1, le=1000)

@@ -133,6 +133,8 @@ def test_failure_mid_epoch_rolls_back_and_replays_exactly(
     untimed = [[{k: v for k, v in e.items() if k != "seconds"} for e in r.results["history"]]
                for r in (broken, clean)]  # fmt: skip
     assert untimed[0] == untimed[1]
+    # the rolled-back steps are counted once: the FLOPs of the model, not of the retries
+    assert broken.results["compute"]["flops"] == clean.results["compute"]["flops"]
 
 
 def test_failure_inside_a_stage_close_finishes_it_without_duplicate_records(

@@ -59,6 +59,38 @@ def test_same_seed_same_training_in_process_and_over_grpc_with_pipelining(inproc
     }
 
 
+def test_each_process_reports_its_own_compute(inprocess, over_grpc):
+    """The trainers' FLOPs come from their processes' finish replies: the same counts as
+    in-process (FLOPs are linear in the batch, so 4 micro-batches add up to one batch)."""
+    local, remote = inprocess.results["compute"], over_grpc[1].results["compute"]
+    assert remote["flops"] == local["flops"] and set(remote["flops"]) == {"do", "t1", "t2", "t3"}
+    assert remote["owner_share"] == local["owner_share"] > 0
+    assert remote["inference_flops"] == local["inference_flops"]
+    assert set(remote["cpu_seconds"]) == {"do", "t1", "t2", "t3"}
+    assert all(seconds > 0 for seconds in remote["cpu_seconds"].values())
+
+
+def test_launch_builds_the_owner_light_preset_at_every_trainer(tmp_path):
+    """``launch --model cnn-light``: each served trainer builds its segment of the preset."""
+    data = _grey28(96)
+    cfg = quick_config(model="cnn-light", mode="vanilla", epochs=1, train_subset=None)
+    local = run(cfg, tmp_path / "inproc", data=data)
+    remote = launch(cfg, tmp_path / "grpc", data=data, send_timeout=10)
+    for a, b in zip(_params(local), _params(remote), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+    assert remote.results["compute"]["flops"] == local.results["compute"]["flops"]
+    assert remote.results["compute"]["owner_share"] <= 0.10
+
+
+def _grey28(n: int):
+    """``n`` random 28x28 grey images in 4 classes (enough to train one epoch on)."""
+    from clicooper.data.base import Dataset, Split
+
+    g = torch.Generator().manual_seed(0)
+    split = Split(torch.rand(n, 1, 28, 28, generator=g), torch.arange(n) % 4)
+    return Dataset("grey28", split, split.subset(torch.arange(n // 2)), 4)
+
+
 CLICOOPER = {"trainers": 2, "epochs": 2, "train_subset": 320, "watermark.enabled": False}
 
 

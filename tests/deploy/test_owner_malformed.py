@@ -115,6 +115,21 @@ CASES = {
         meta(sealed_bits="all"),
         "field 'sealed_bits' must be a list",
     ),
+    "finish compute missing": (
+        is_(REPLY, "t1", "finish", 0),
+        meta(compute=...),
+        "has no field 'compute'",
+    ),
+    "finish flops bogus": (
+        is_(REPLY, "t2", "finish", 0),
+        meta(compute={"flops": -1, "inference_flops": 0, "cpu_seconds": 1.0}),
+        "field 'flops' must be an integer in",
+    ),
+    "finish cpu seconds bogus": (
+        is_(REPLY, "t1", "finish", 0),
+        meta(compute={"flops": 1, "inference_flops": 0, "cpu_seconds": math.inf}),
+        "field 'cpu_seconds' must be a finite number",
+    ),
     "an error instead of a reply": (
         is_(REPLY, "t2", "checkpoint", 0),
         lambda m: Message(Kind.ERROR, m.step, m.sender, m.receiver, {}, {"error": "disk full"}),

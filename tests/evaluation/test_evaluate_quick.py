@@ -112,6 +112,9 @@ def test_report_and_figures_exist(quick) -> None:
         "False-positive floor",
         "Watermark removal on the stolen CliCooper chain",
         "| noise_multiplier | gradient noise |",
+        "## Compute: who does the training work",
+        "| owner share of training FLOPs |",
+        "| CPU seconds, t1 |",
     ):
         assert needle in report
     for name in FIGURES:

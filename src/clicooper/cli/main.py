@@ -80,7 +80,7 @@ def run(
         Opt(help="run directory (default: a new runs/<UTC time>-<mode>, linked as runs/latest)"),
     ] = None,
     config: Annotated[Path | None, Opt(help="TOML config; flags override it")] = None,
-    model: Annotated[str | None, Opt(help="mlp or cnn")] = None,
+    model: Annotated[str | None, Opt(help="mlp, cnn, cnn-light or resnet")] = None,
     cut: Annotated[str | None, Opt(help="named cut point of the preset")] = None,
     batch_size: Annotated[int | None, Opt()] = None,
     lr: Annotated[float | None, Opt(help="base learning rate (per party: lr_per_party)")] = None,

@@ -81,6 +81,7 @@ def summary_table(results: dict[str, Any]) -> Table:
         )
     rows += [
         ("train seconds", f"{results['timing']['train_seconds']:.1f}"),
+        *compute_rows(results.get("compute")),
     ]
     wm = results.get("watermark") or {}
     if wm.get("enabled"):
@@ -89,3 +90,40 @@ def summary_table(results: dict[str, Any]) -> Table:
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def compute_rows(compute: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """Owner share and, per party, training FLOPs and CPU seconds (results' ``compute``)."""
+    if not compute:
+        return []
+    share = compute.get("owner_share")
+    rows = [("owner share of training FLOPs", "n/a" if share is None else f"{share:.1%}")]
+    cpu = compute.get("cpu_seconds", {})
+    for party in sorted(set(compute.get("flops", {})) | set(cpu), key=_party_order):
+        flops = compute.get("flops", {}).get(party)
+        seconds = cpu.get(party)
+        rows.append(
+            (
+                f"{party}: FLOPs, CPU s",
+                f"{'-' if flops is None else format_flops(flops)}, "
+                f"{'-' if seconds is None else f'{seconds:.1f}'}",
+            )
+        )
+    return rows
+
+
+def format_flops(flops: float) -> str:
+    """``1.23e9`` as ``1.23 G``: SI prefixes up to peta."""
+    for scale, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(flops) >= scale:
+            return f"{flops / scale:.3g} {prefix}"
+    return f"{flops:.0f}"
+
+
+def _party_order(name: str) -> tuple[int, int, str]:
+    """do first, then t1, t2, ... in number order, then the rest (the verifier)."""
+    if name == "do":
+        return (0, 0, name)
+    if name[:1] == "t" and name[1:].isdigit():
+        return (1, int(name[1:]), name)
+    return (2, 0, name)

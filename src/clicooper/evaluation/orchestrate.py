@@ -255,7 +255,7 @@ def shallow_cut(
 
 def _run_summary(session: Session) -> dict[str, Any]:
     r = session.results
-    keep = ("accuracy", "history", "timing", "privacy", "labels", "model", "config")
+    keep = ("accuracy", "history", "timing", "privacy", "labels", "model", "config", "compute")
     summary = {k: r[k] for k in keep if k in r}
     wm = r.get("watermark") or {}
     summary["watermark"] = {k: wm.get(k) for k in ("enabled", "verified", "stages")}

@@ -73,6 +73,36 @@ def main_table(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def compute_table(r: dict[str, Any]) -> list[str]:
+    """Owner share of the training FLOPs, and each party's FLOPs and CPU seconds, per run."""
+    runs = {m: run_.get("compute") for m, run_ in r["runs"].items() if run_.get("compute")}
+    if not runs:
+        return ["(no compute accounting in these runs)"]
+    modes = list(runs)
+    parties: list[str] = []
+    for c in runs.values():
+        parties += [p for p in (*c["flops"], *c["cpu_seconds"]) if p not in parties]
+    lines = ["| metric | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+    lines.append(_row("owner share of training FLOPs", [runs[m]["owner_share"] for m in modes]))
+    for party in parties:
+        flops = [runs[m]["flops"].get(party) for m in modes]
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    f"training GFLOPs, {party}",
+                    *("-" if f is None else f"{f / 1e9:.3f}" for f in flops),
+                ]
+            )
+            + " |"
+        )
+    for party in parties:
+        lines.append(
+            _row(f"CPU seconds, {party}", [runs[m]["cpu_seconds"].get(party) for m in modes])
+        )
+    return lines
+
+
 def clustering_table(r: dict[str, Any]) -> list[str]:
     lines = [
         "| party | mode | source | matched acc (act / grad) | ARI (act / grad) | "
@@ -259,6 +289,14 @@ def render(r: dict[str, Any]) -> str:
         [
             *head,
             *main_table(r),
+            "",
+            "## Compute: who does the training work",
+            "",
+            *compute_table(r),
+            "",
+            "FLOPs: forward plus backward of every training step, counted with "
+            "torch.utils.flop_counter.FlopCounterMode (matrix products and convolutions; "
+            "element-wise work such as the noise is left out); CPU seconds: each party's own.",
             "",
             "## Clustering label inference at every trainer",
             "",

@@ -35,6 +35,7 @@ from clicooper.data.base import Split
 from clicooper.parties.releases import MAX_CHUNKS, OwnerRelease
 from clicooper.privacy.activation import ActivationNoise
 from clicooper.privacy.labels import LabelObfuscator
+from clicooper.runtime.compute import ComputeMeter
 from clicooper.runtime.optim import OptimSettings, make_optimizer
 from clicooper.runtime.transport.base import Transport
 
@@ -43,6 +44,10 @@ ProgressFn = Callable[[int, int, int, float], None]  # epoch, batch, n_batches, 
 INFER_BATCH = 1024
 #: Most checkpoint steps a party may list (it keeps a few; see runtime.checkpoint.KEEP).
 MAX_LISTED = 1000
+#: Bounds on what a trainer may report of its compute (``finish``): an exaFLOP a party, and
+#: a CPU-year, far above any session; a value outside is a malformed reply.
+MAX_FLOPS = 10**18
+MAX_CPU_SECONDS = 3.2e7
 
 
 @dataclass
@@ -99,6 +104,7 @@ class DataOwner:
         self.releases = 0  # noisy releases of each training sample so far
         self.log = StepLog()
         self._classes: int | None = None  # pseudo-classes the last trainer reports
+        self.compute = ComputeMeter()  # FLOPs and CPU seconds (clicooper.runtime.compute)
 
     # -- training ---------------------------------------------------------------
 
@@ -128,7 +134,8 @@ class DataOwner:
             release.pending = sorted(set(range(release.chunks)) - set(held))
             return
         chunk = release.pending[0]
-        ids, x = release.payload(chunk)
+        with self.compute.count(None):  # the frozen head's one pass is the owner's work
+            ids, x = release.payload(chunk)
         meta = {"tag": release.tag, "chunk": chunk, "chunks": release.chunks}
         meta.update(records=release.records)
         self.transport.send(
@@ -182,6 +189,13 @@ class DataOwner:
         )
 
     def train_step(
+        self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, epoch: int
+    ) -> tuple[float, torch.Tensor]:
+        """:meth:`_train_step`, its FLOPs counted once per batch shape (runtime.compute)."""
+        with self.compute.count(("step", tuple(x.shape), self.micro_batches)):
+            return self._train_step(x, y, ids, epoch)
+
+    def _train_step(
         self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, epoch: int
     ) -> tuple[float, torch.Tensor]:
         """Forward through the chain, backward into the head, step; (loss, pseudo-logits).
@@ -322,7 +336,8 @@ class DataOwner:
         outputs = []
         with torch.no_grad():
             for chunk in x.split(INFER_BATCH):
-                z = self.head(chunk.to(self.device))
+                with self.compute.count(("infer", tuple(chunk.shape)), "infer"):
+                    z = self.head(chunk.to(self.device))
                 if self.noise is not None and self.noise_at_inference:
                     z = self.noise(z)
                 self.transport.send(
@@ -390,6 +405,11 @@ def _restored(msg: Message) -> None:
 
 def _finished(msg: Message) -> None:
     meta_int(msg, "steps_applied")
+    compute = meta_dict(msg, "compute")
+    probe = Message(msg.kind, msg.step, msg.sender, msg.receiver, {}, compute)
+    meta_int(probe, "flops", 0, MAX_FLOPS)
+    meta_int(probe, "inference_flops", 0, MAX_FLOPS)
+    meta_float(probe, "cpu_seconds", 0.0, MAX_CPU_SECONDS)
     meta_ints(msg, "sealed_bits", MAX_STEP)
     if not isinstance(msg.meta.get("segment", ""), str):
         raise ProtocolError(f"{msg.kind} from {msg.sender}: field 'segment' must be a path")

@@ -15,6 +15,7 @@ empty BACKWARD saying the step is applied.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from clicooper.common.messages import Kind, Message, ProtocolError
 from clicooper.parties.recorder import Recorder
 from clicooper.parties.releases import ReleaseCache
 from clicooper.privacy.gradient import GradientNoise
+from clicooper.runtime.compute import ComputeMeter
 from clicooper.runtime.optim import OptimSettings, make_optimizer
 from clicooper.runtime.transport.base import Party
 from clicooper.watermark.chain import save_segment
@@ -106,6 +108,7 @@ class Trainer(Party):
         self.releases = releases
         if releases is not None:
             self.control_handlers["releases"] = releases.held_chunks
+        self.compute = ComputeMeter()  # FLOPs and CPU seconds (clicooper.runtime.compute)
 
     def reset_transient(self) -> None:
         """Forget half-done work (after a rollback): stashed passes, labels, gradients."""
@@ -130,7 +133,15 @@ class Trainer(Party):
         }.get(msg.kind)
         if handler is None:
             raise ProtocolError(f"{self.name} does not accept {msg.kind} messages")
-        handler(msg)
+        with self.compute.active(), self._counted(msg.kind):
+            handler(msg)
+
+    def _counted(self, kind: Kind) -> contextlib.AbstractContextManager[None]:
+        """Control work (the watermark's stage-end seal and BER reads) is rare and varies:
+        counted each time; training and inference count their own blocks by shape."""
+        if kind in (Kind.CONTROL, Kind.REPLY):
+            return self.compute.count(None)
+        return contextlib.nullcontext()
 
     # -- training -------------------------------------------------------------
 
@@ -167,7 +178,8 @@ class Trainer(Party):
             self._hold(self._waiting, key, msg, "activations awaiting labels")
             return  # labels travel separately and may come later
         x = self._input(msg)
-        out = self.segment(x)
+        with self.compute.count(("forward", tuple(x.shape))):
+            out = self.segment(x)
         if self.is_last:
             self._finish_forward(msg, key, x, out)
         else:
@@ -219,8 +231,9 @@ class Trainer(Party):
         weight = meta_float(msg, "weight", 1e-12, 1.0)
         loss = nn.functional.cross_entropy(logits, y)
         total = loss * weight if weight != 1.0 else loss  # x * 1.0 == x: one op less
-        reg = self._regularisation(msg.meta)
-        (total if reg is None else total + reg).backward()
+        with self.compute.count(("loss-backward", tuple(x.shape))):
+            total.backward()
+        self._regularise(msg.meta)
         value = loss.item()
         if self.recorder.wants(int(msg.meta["epoch"])):
             self.recorder.add(
@@ -258,16 +271,28 @@ class Trainer(Party):
         grad = msg.tensor("g").to(self.device)
         if grad.shape != out.shape:
             raise ProtocolError(f"gradient shape {tuple(grad.shape)} != output {tuple(out.shape)}")
-        reg = self._regularisation(msg.meta)
-        if reg is None:
+        with self.compute.count(("backward", tuple(out.shape))):
             out.backward(grad)
-        else:
-            torch.autograd.backward([out, reg], [grad, torch.ones((), device=reg.device)])
+        self._regularise(msg.meta)
         if self.recorder.wants(int(msg.meta["epoch"])):
             self.recorder.add(
                 int(msg.meta["epoch"]), msg.step, key[1], activation=x, gradient=x.grad
             )
         self._send_back(msg.step, msg.meta, x)
+
+    def _regularise(self, meta: dict[str, Any]) -> None:
+        """Add the watermark term's gradient (see :meth:`_regularisation`) to the segment's.
+
+        Its own backward pass, after the loss's: gradients add, so this is the gradient of
+        loss + term; apart, its FLOPs (which the mark's lazy schedule varies) are counted
+        every time, as the trainer's work, while the loss's passes reuse one count a shape.
+        """
+        if self.regulariser is None:
+            return  # no mark (vanilla, or strength 0): not even an empty count
+        with self.compute.count(None):
+            reg = self._regularisation(meta)
+            if reg is not None:
+                reg.backward()
 
     def _regularisation(self, meta: dict[str, Any]) -> torch.Tensor | None:
         """The watermark term, once a step: with the batch's last micro-batch; None when
@@ -300,8 +325,9 @@ class Trainer(Party):
 
     def _on_infer(self, msg: Message) -> None:
         require_sender(msg, {self.prev}, "activations", self.name)
-        with torch.no_grad():
-            out = self.segment(msg.tensor("x").to(self.device))
+        x = msg.tensor("x").to(self.device)
+        with torch.no_grad(), self.compute.count(("infer", tuple(x.shape)), "infer"):
+            out = self.segment(x)
         kind, to = (Kind.LOGITS, "do") if self.is_last else (Kind.INFER, self.next)
         self.send(Message(kind, msg.step, self.name, to, {"x": out}, msg.meta))
 
@@ -316,6 +342,7 @@ class Trainer(Party):
                 **self.save_segment(),
                 "steps_applied": self.steps_applied,
                 "sealed_bits": sealed,
+                "compute": self.compute.report(),
             }
         elif op == "register":
             self._registering = True

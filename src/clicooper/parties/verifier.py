@@ -22,6 +22,7 @@ import torch
 from clicooper.common.checks import Unauthorized, meta_int, require_sender
 from clicooper.common.messages import Kind, Message, ProtocolError
 from clicooper.privacy.secrets import private_dir, write_private
+from clicooper.runtime.compute import ComputeMeter
 from clicooper.runtime.transport.base import Party
 from clicooper.watermark import (
     Ledger,
@@ -66,6 +67,7 @@ class Verifier(Party):
         self.ledger: Ledger | None = None
         self._stage_links: dict[int, bytes] = {}  # link that closed stage t (0: genesis)
         self.control_handlers: dict[str, Callable[[Message], dict[str, Any]]] = {}
+        self.compute = ComputeMeter()  # its FLOPs and CPU seconds, kept off the owner's
 
     @classmethod
     def resume(
@@ -131,7 +133,8 @@ class Verifier(Party):
         }.get(msg.kind)
         if handler is None:
             raise ProtocolError(f"verifier does not accept {msg.kind} messages")
-        handler(msg)
+        with self.compute.active(), self.compute.count(None):  # rare: count each time
+            handler(msg)
 
     def _reply(self, to: str, step: int, **meta: Any) -> None:
         self.send(Message(Kind.REPLY, step, self.name, to, {}, meta))

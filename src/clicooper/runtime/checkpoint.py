@@ -169,6 +169,7 @@ def attach_trainer(trainer: Any, directory: Path) -> None:
             "optim": opt_doc,
             "sched": scheduler_state(trainer.scheduler),
             "chain": chain,
+            "compute": trainer.compute.state(),
         }
         save(directory, step, tensors, meta)
         return {"step": step}
@@ -182,6 +183,7 @@ def attach_trainer(trainer: Any, directory: Path) -> None:
         load_scheduler(trainer.scheduler, meta["sched"])
         load_rng(tensors, {})
         trainer.steps_applied = int(meta["steps_applied"])
+        trainer.compute.load_state(meta.get("compute"))
         if trainer.chain is not None:
             trainer.chain.load_state(meta["chain"])
         return {"step": step, "steps_applied": trainer.steps_applied}

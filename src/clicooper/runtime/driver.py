@@ -267,6 +267,7 @@ class Driver:
             "releases": owner.releases,
             "position": vars(self.pos),
             "chain": self.chain.state() if self.chain is not None else {},
+            "compute": owner.compute.state(),
             **extra,
         }
         ckpt.save(self.checkpoint_dir, step, tensors, meta)
@@ -282,6 +283,7 @@ class Driver:
             load_scheduler(owner.scheduler, meta["sched"])
         ckpt.load_rng(tensors, self._generators())
         owner.step, owner.releases = step, int(meta["releases"])
+        owner.compute.load_state(meta.get("compute"))
         keep = sum(1 for s in owner.log.steps if s <= step)
         for seq in (owner.log.steps, owner.log.epochs, owner.log.sample_ids):
             del seq[keep:]

@@ -38,7 +38,7 @@ from clicooper.privacy.activation import ActivationNoise
 from clicooper.privacy.labels import LabelObfuscator
 from clicooper.privacy.release import FrozenHead, frozen_head, once_scope
 from clicooper.privacy.secrets import SECRET_FILE, OwnerSecret
-from clicooper.runtime import checkpoint
+from clicooper.runtime import checkpoint, compute
 from clicooper.runtime.deploy import Deployment, Remote, party_settings, preset_split
 from clicooper.runtime.device import party_devices
 from clicooper.runtime.driver import Driver
@@ -275,25 +275,27 @@ def _run_centralized(
     settings = OptimSettings.from_config(cfg, run_steps(cfg, len(data.train)))
     optimizer, scheduler = make_optimizer(model.parameters(), settings, "do")
     history, train_seconds, train_cpu_seconds = [], 0.0, 0.0
+    meter = compute.ComputeMeter()  # the owner alone trains
     for epoch in range(1, cfg.epochs + 1):
         start, cpu = time.perf_counter(), time.process_time()
         batches = epoch_batches(len(data.train), epoch, cfg.batch_size, cfg.seed)
         total, correct = 0.0, 0
         for b, ids in enumerate(batches):
-            y = data.train.y[ids].to(device)
-            logits = model(data.train.x[ids].to(device))
-            loss = nn.functional.cross_entropy(logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            with meter.active(), meter.count(("step", len(ids))):
+                y = data.train.y[ids].to(device)
+                logits = model(data.train.x[ids].to(device))
+                loss = nn.functional.cross_entropy(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
             total += loss.item() * len(ids)
             correct += int((logits.argmax(1) == y).sum())
             if progress:
                 progress(epoch, b + 1, len(batches), loss.item())
         train_seconds += time.perf_counter() - start
         train_cpu_seconds += time.process_time() - cpu
-        with torch.no_grad():
+        with torch.no_grad(), meter.active(), meter.count(("infer", len(data.test)), "infer"):
             predicted = model(data.test.x.to(device)).argmax(1).cpu()
             test_acc = float((predicted == data.test.y).float().mean())
         history.append(
@@ -310,6 +312,7 @@ def _run_centralized(
         "accuracy": {"test": history[-1]["test_accuracy"], "train": history[-1]["train_accuracy"]},
         "history": history,
         "timing": {"train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds},
+        "compute": compute.summary({"do": meter.report()}),
     }
     return Session(results, None, [], model.cpu(), data)
 
@@ -389,8 +392,8 @@ def _run_split(
     if with_chain:
         chain = _open_chain(owner, trainers, secret, owner_dir, out_dir, wm, resume)
         chain.total_steps = cfg.epochs * -(-len(data.train) // cfg.batch_size)
-    if labels is not None:
-        with torch.no_grad():
+    if labels is not None:  # the head pass that fits the labels is the owner's work
+        with torch.no_grad(), owner.compute.active(), owner.compute.count(None):
             z = [split.head(x.to(owner.device)).cpu() for x in data.train.x.split(4096)]
             labels.fit(torch.cat(z), data.train.y)
 
@@ -409,7 +412,8 @@ def _run_split(
         on_epoch=HistoryLog(out_dir / HISTORY_FILE, cfg, noise, progress, owner),
         resume=resume,
     )
-    history = driver.run()
+    with owner.compute.active():  # in-process, the other parties' handlers pause it
+        history = driver.run()
     # each epoch sends every sample's gradient back once (Tn -> T(n-1)), in both modes
     training_releases = owner.releases if release is None else len(history)
     if release is not None:
@@ -438,6 +442,7 @@ def _run_split(
             "recoveries": driver.recoveries,
         },
         "privacy": _privacy(cfg, noise, owner.releases, training_releases, release, head),
+        "compute": _compute(owner, finished, verifier if with_chain else None),
         "watermark": _watermark_summary(chain, out_dir, wm) if chain else {"enabled": False},
     }
     if chain:  # per trainer and stage: how many bits the stage-end seal had to deepen
@@ -448,6 +453,22 @@ def _run_split(
     for party in (owner, *trainers):  # the finished model and parties, back on the CPU
         party.device = torch.device("cpu")
     return Session(results, owner, trainers, split.full().cpu(), data)
+
+
+def _compute(
+    owner: DataOwner, finished: dict[str, dict[str, Any]], verifier: Verifier | None
+) -> dict[str, Any]:
+    """Every party's FLOPs and CPU seconds: the owner's own meter, each trainer's from its
+    (checked) ``finish`` reply. In-process also the verifier's CPU seconds and, apart as
+    ``verifier_flops``, its FLOPs: it audits and trains nothing, so it is not in the
+    owner's share (over gRPC it runs in its own process and is not asked)."""
+    reports = {"do": owner.compute.report()}
+    reports.update({name: meta["compute"] for name, meta in finished.items()})
+    summary = compute.summary(reports)
+    if verifier is not None:
+        summary["cpu_seconds"]["verifier"] = round(verifier.compute.cpu_seconds, 6)
+        summary["verifier_flops"] = sum(verifier.compute.flops.values())
+    return summary
 
 
 def _warn_capacity(split: SplitModel, wm: WatermarkConfig, stage_steps: int) -> None:
