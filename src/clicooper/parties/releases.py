@@ -119,8 +119,10 @@ class OwnerRelease:
         RuntimeError when a resend would not be the same bytes as the first release.
         """
         ids = self.ids(chunk)
+        weight = next(self.head.parameters(), None)  # the head's device (a GPU owner)
+        x = self.x[ids] if weight is None else self.x[ids].to(weight.device)
         with torch.no_grad():
-            clipped = self.noise.clip(self.head(self.x[ids]))
+            clipped = self.noise.clip(self.head(x)).cpu()
         generator = torch.Generator().manual_seed(noise_seed(self.secret, chunk))
         released = clipped + self.noise.noise(clipped.shape, generator).to(clipped.dtype)
         digest = hashlib.sha256(released.contiguous().numpy().tobytes()).hexdigest()
