@@ -67,6 +67,30 @@ class ImageConfig(_Strict):
     minmax_scale: bool = False  # map non-uint8 images by the training min and max
 
 
+class HeadConfig(_Strict):
+    """Where a frozen owner head comes from (clicooper.heads; release-once mode).
+
+    ``public``: pretrained on public data, the first ``public_split`` training images
+    (None: one sixth of the training split, 10,000 of Fashion-MNIST's 60,000) or the
+    dataset at ``public_path``; ``scattering``: a wavelet scattering transform, no data;
+    ``dpsgd``: trained on the private data with DP-SGD to ``dp_epsilon`` at ``dp_delta``
+    (its cost composes with the release's: clicooper.heads.compose); ``random``: a seeded
+    random head, no data. ``pretrain_by``: who pretrains on public data (counted there).
+    """
+
+    source: Literal["public", "scattering", "dpsgd", "random"] = "public"
+    public_split: int | None = Field(None, ge=1)
+    public_path: Path | None = None
+    pretrain_epochs: int = Field(10, ge=1, le=1000)
+    pretrain_lr: float = Field(1e-3, gt=0)
+    pretrain_by: Literal["trainers", "owner"] = "trainers"
+    scattering_j: int = Field(2, ge=1, le=4)
+    dp_epsilon: float = Field(2.0, gt=0)
+    dp_clip_norm: float = Field(1.0, gt=0)
+    dp_epochs: int = Field(5, ge=1, le=1000)
+    dp_delta: float | None = Field(None, gt=0, lt=1, description="None: privacy.delta / 10")
+
+
 # 8x8 digits (1,437 training images): a CNN with 5 epochs is undertrained. Measured with
 # every other default (clicooper, noise 0.2, K=4, watermark): CNN 5 epochs vanilla 0.864 vs
 # clicooper 0.578; MLP 5 epochs 0.936 vs 0.906. MLP 10 epochs: vanilla 0.956, clicooper
@@ -110,6 +134,7 @@ class RunConfig(_Strict):
     labels: LabelConfig = LabelConfig()
     watermark: WatermarkConfig = WatermarkConfig()
     images: ImageConfig = ImageConfig()
+    head: HeadConfig = HeadConfig()
 
     @model_validator(mode="before")
     @classmethod
