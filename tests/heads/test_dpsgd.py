@@ -6,13 +6,21 @@ import math
 
 import pytest
 import torch
+from head_helpers import head_config, preset_head
 
 from clicooper.heads import build_head, total_privacy
 from clicooper.heads.base import HeadPrivacy
 
 
-def test_dpsgd_reports_its_epsilon(small_digits, split_head, head_cfg):
-    fh = build_head(head_cfg("dpsgd", dp_epsilon=2.0), small_digits, split_head)
+@pytest.fixture(scope="module")
+def dp_head(digits):
+    """One DP-SGD head on 400 digits, shared by the tests of this file."""
+    data = digits.limit(400, 200, seed=0)
+    return data, build_head(head_config("dpsgd", dp_epsilon=2.0), data, preset_head(data))
+
+
+def test_dpsgd_reports_its_epsilon(dp_head):
+    small_digits, fh = dp_head
     p = fh.privacy
     assert p.epsilon is not None and 0 < p.epsilon <= 2.0 + 1e-6
     assert p.delta == pytest.approx(1e-6)  # a tenth of the run's delta by default
@@ -21,11 +29,13 @@ def test_dpsgd_reports_its_epsilon(small_digits, split_head, head_cfg):
     assert len(fh.data.train) == len(small_digits.train)  # every record is private
 
 
-def test_dpsgd_noise_does_not_follow_the_seed(small_digits, head_cfg, fresh_head):
+def test_dpsgd_noise_does_not_follow_the_seed(dp_head):
     """The same seed twice gives different heads: the DP noise comes from the OS CSPRNG."""
+    small_digits, first = dp_head
     x = small_digits.test.x[:8]
-    a = build_head(head_cfg("dpsgd"), small_digits, fresh_head(small_digits)).module(x)
-    b = build_head(head_cfg("dpsgd"), small_digits, fresh_head(small_digits)).module(x)
+    a = first.module(x)
+    again = head_config("dpsgd", dp_epsilon=2.0)
+    b = build_head(again, small_digits, preset_head(small_digits)).module(x)
     assert not torch.allclose(a, b)
 
 
