@@ -59,6 +59,11 @@ GRIDS: dict[str, list[ChainSpec]] = {
         ChainSpec(name="post-mean", posterior="mean", epochs=20),
         ChainSpec(name="post-sample", posterior="sample", epochs=30, patience=8),
     ],
+    "quick": [
+        ChainSpec(name="post-mean", posterior="mean", epochs=20),
+        ChainSpec(name="public-only (warm 20, no releases)", warm=20, epochs=0),
+        ChainSpec(name="warm20+post-mean", warm=20, posterior="mean", lr=1e-4, epochs=20),
+    ],
     "best": [
         ChainSpec(name="wide1024-mix8", width=1024, mixup=8),
         ChainSpec(name="post-mean", posterior="mean", epochs=20),
