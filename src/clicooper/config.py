@@ -46,10 +46,9 @@ class PrivacyConfig(_Strict):
     gradient_clip_norm: float = Field(1.0, gt=0)
     # "every-epoch": the owner's head trains and every record's noisy activation is released
     # again each epoch (epsilon composes over epochs). "once": the head is frozen (its source:
-    # head_source, clicooper.privacy.release), each training record's noisy activation is
+    # [head] source, clicooper.heads), each training record's noisy activation is
     # released to t1 once, before training, and t1 trains every epoch on its cached copy.
     release: Literal["every-epoch", "once"] = "every-epoch"
-    head_source: str = Field("random", min_length=1, max_length=200)
 
 
 class LabelConfig(_Strict):
@@ -78,6 +77,38 @@ class ImageConfig(_Strict):
 
     layout: Literal["auto", "channels-first", "channels-last"] = "auto"
     minmax_scale: bool = False  # map non-uint8 images by the training min and max
+
+
+class HeadConfig(_Strict):
+    """Where a frozen owner head comes from (clicooper.heads; release-once mode).
+
+    ``public``: pretrained on public data, the first ``public_split`` training images
+    (None: one sixth of the training split, 10,000 of Fashion-MNIST's 60,000) or the
+    dataset at ``public_path``; ``scattering``: a wavelet scattering transform, no data;
+    ``dpsgd``: trained on the private data with DP-SGD to ``dp_epsilon`` at ``dp_delta``
+    (its cost composes with the release's: clicooper.heads.compose); ``random``: a seeded
+    random head, no data. ``pretrain_by``: who pretrains on public data (counted there).
+    """
+
+    source: str = Field("public", min_length=1, max_length=200)
+    public_split: int | None = Field(None, ge=1)
+    public_path: Path | None = None
+    pretrain_epochs: int = Field(10, ge=1, le=1000)
+    pretrain_lr: float = Field(1e-3, gt=0)
+    pretrain_by: Literal["trainers", "owner"] = "trainers"
+    scattering_j: int = Field(2, ge=1, le=4)
+    dp_epsilon: float = Field(2.0, gt=0)
+    dp_clip_norm: float = Field(1.0, gt=0)
+    dp_epochs: int = Field(5, ge=1, le=1000)
+    dp_delta: float | None = Field(None, gt=0, lt=1, description="None: privacy.delta / 10")
+
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, value: str) -> str:
+        from clicooper.privacy.release import head_source
+
+        head_source(value)  # one line naming the registered sources
+        return value
 
 
 KIB = 1 << 10
@@ -243,6 +274,7 @@ class RunConfig(_Strict):
     labels: LabelConfig = LabelConfig()
     watermark: WatermarkConfig = WatermarkConfig()
     images: ImageConfig = ImageConfig()
+    head: HeadConfig = HeadConfig()  # the frozen head of release once (clicooper.heads)
     # What a served party lets its peers cost (gRPC); every process of a deployment
     # reads it from the same config.
     limits: TransportLimits = TransportLimits()

@@ -45,7 +45,7 @@ RUN_FLAG_KEYS: dict[str, str] = {
     "target_epsilon": "privacy.target_epsilon",
     "delta": "privacy.delta",
     "release": "privacy.release",
-    "head_source": "privacy.head_source",
+    "head_source": "head.source",
     "noise_at_inference": "privacy.noise_at_inference",
     "gradient_noise": "privacy.gradient_noise_multiplier",
     "gradient_clip": "privacy.gradient_clip_norm",

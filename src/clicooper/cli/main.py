@@ -163,7 +163,7 @@ def run(
         if cfg.privacy.release == "once":  # an unknown head source fails before anything runs
             from clicooper.privacy.release import head_source
 
-            head_source(cfg.privacy.head_source)
+            head_source(cfg.head.source)
         data = resolve_dataset(cfg, None)
         console.print(f"dataset: {cfg.dataset} ({how}); model {cfg.model}, {cfg.epochs} epochs")
         runner = session_runner(cfg, peers, certs, resume is not None)

@@ -10,7 +10,7 @@ is that of a single Gaussian (or Laplace) mechanism with ratio ``m / 2``, given 
 head. The head's own cost is its source's: a fixed head that touched no data costs
 nothing; a head fitted on data costs what that fitting costs, reported apart.
 
-The hook is :func:`frozen_head`: it looks the configured ``privacy.head_source`` up in
+The hook is :func:`frozen_head`: it looks the configured ``[head] source`` up in
 :data:`HEAD_SOURCES`, builds the head, checks any data the head was fitted on against
 the training set (:func:`check_disjoint`) and freezes it. More sources register in
 :data:`HEAD_SOURCES`; each returns a :class:`FrozenHead` saying what it cost.
@@ -43,6 +43,7 @@ class FrozenHead:
     module: nn.Module
     privacy: dict[str, Any]
     fitted_on: torch.Tensor | None = field(default=None, repr=False)
+    data: Dataset | None = field(default=None, repr=False)  # the private data, when it shrank
 
 
 HeadSource = Callable[[RunConfig, Dataset, SplitModel], FrozenHead]
@@ -61,8 +62,25 @@ def _random_head(cfg: RunConfig, data: Dataset, split: SplitModel) -> FrozenHead
     )
 
 
-#: Head sources by ``privacy.head_source`` name.
-HEAD_SOURCES: dict[str, HeadSource] = {"random": _random_head}
+def _library_source(name: str) -> HeadSource:
+    """A source of :mod:`clicooper.heads`, its summary as the head's privacy entry and the
+    private data it leaves (a public split is carved off the training split)."""
+
+    def build(cfg: RunConfig, data: Dataset, split: SplitModel) -> FrozenHead:
+        from clicooper import heads
+
+        built = heads.get_source(name).build(cfg, data, split.head)
+        return FrozenHead(built.module, built.results(), data=built.data)
+
+    return build
+
+
+#: Head sources by ``[head] source`` name: "random" is the preset's head as initialised,
+#: the others are :data:`clicooper.heads.HEAD_SOURCES`.
+HEAD_SOURCES: dict[str, HeadSource] = {
+    "random": _random_head,
+    **{name: _library_source(name) for name in ("public", "scattering", "dpsgd")},
+}
 
 
 def head_source(name: str) -> HeadSource:
@@ -71,7 +89,7 @@ def head_source(name: str) -> HeadSource:
         return HEAD_SOURCES[name]
     except KeyError:
         raise ConfigError(
-            f"unknown head source {name!r} (privacy.head_source): choose one of "
+            f"unknown head source {name!r} (head.source): choose one of "
             f"{', '.join(sorted(HEAD_SOURCES))}"
         ) from None
 
@@ -82,9 +100,9 @@ def frozen_head(cfg: RunConfig, data: Dataset, split: SplitModel) -> FrozenHead:
     ConfigError or DataError (one line) when the source cannot be had or was fitted
     on images of the training set.
     """
-    head = head_source(cfg.privacy.head_source)(cfg, data, split)
+    head = head_source(cfg.head.source)(cfg, data, split)
     if head.fitted_on is not None:
-        check_disjoint(head.fitted_on, data.train.x, f"head source {cfg.privacy.head_source!r}")
+        check_disjoint(head.fitted_on, data.train.x, f"head source {cfg.head.source!r}")
     freeze(head.module)
     return head
 

@@ -131,6 +131,8 @@ def run(
     devices = party_devices(cfg, local_parties(cfg))  # an unusable device fails here
     # release once: the frozen head first (a head source that cannot be had fails here)
     head = frozen_head(cfg, data, split) if _releases_once(cfg) else None
+    if head is not None and head.data is not None:
+        data = head.data  # a public split was carved off: the owner trains on the rest
     if not resume:
         prepare_run_dir(out_dir, overwrite)
         save_run_config(out_dir, cfg)
