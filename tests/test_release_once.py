@@ -437,7 +437,7 @@ def test_a_head_fitted_on_training_images_is_refused(tmp_path, cli_inprocess, mo
     code, err, _ = cli_inprocess(*args, "--head-source", "leaky", "--out", str(tmp_path / "a"))
     assert code == 2 and "3 image(s) of the training set" in err
     assert _one_error_line(err) and not (tmp_path / "a").exists()
-    cfg = quick_config(**ONCE, **{"head.source": "clean"})
+    cfg = quick_config(**{**ONCE, "head.source": "clean"})
     head = release.frozen_head(cfg, digits, preset_split(cfg, digits.image_shape, 10))
     assert head.privacy == {"source": "clean"} and not head.module.training
     with pytest.raises(DataError, match="byte for byte"):
