@@ -51,6 +51,8 @@ def test_run_writes_results_and_exits_zero(tmp_path):
     assert "gradient noise, epsilon" in proc.stderr and "0.5 (clip 2)" in proc.stderr
     assert (out / "segments" / "t2.safetensors").exists()
     assert "test accuracy" in proc.stderr
+    # what the run uses, printed before it trains: 300 samples -> the small-data batch
+    assert "model mlp, 1 epochs, batch size 32" in proc.stderr
 
 
 def test_config_file_and_flags_merge(tmp_path):

@@ -55,3 +55,30 @@ def test_bad_set_is_one_line_error(equal_budget, capsys):
     with pytest.raises(SystemExit) as exc:
         equal_budget.main(["--set", "watermark.strength"])
     assert exc.value.code == 2 and "use KEY=VALUE" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def time_to_accuracy():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # it imports equal_budget as a sibling
+    try:
+        return _load("time_to_accuracy")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_interleaved_runs_take_turns_an_epoch_at_a_time(time_to_accuracy, equal_budget):
+    from clicooper.config import RunConfig
+
+    data = equal_budget.evaluation_data("digits", 0, test=False, subset=200)
+    common = {"dataset": "digits", "model": "mlp", "epochs": 2, "trainers": 1}
+    configs = [RunConfig.load(None, mode=m, **common) for m in ("vanilla", "clicooper")]
+    turns = time_to_accuracy.Turns(2)
+    vanilla, clicooper = time_to_accuracy.train_interleaved(data, configs, turns)
+    assert turns.order == [(0, 1), (1, 1), (0, 2), (1, 2)]
+    for epochs in (vanilla, clicooper):
+        assert [e["epoch"] for e in epochs] == [1, 2]
+        assert 0 < epochs[0]["seconds"] < epochs[1]["seconds"]
+    assert time_to_accuracy.time_to(vanilla, 0.0) == vanilla[0]["seconds"]
+    assert time_to_accuracy.time_to(vanilla, 1.01) is None

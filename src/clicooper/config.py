@@ -55,8 +55,8 @@ class WatermarkConfig(_Strict):
     strength: float = Field(0.01, ge=0)  # = clicooper.watermark.embed.DEFAULT_STRENGTH
     stage_steps: int | None = Field(None, ge=1)
     # "seal": the regulariser stays off and each stage's end places the bits with the
-    # least-norm change of the marked tensor (clicooper.watermark.embed.SCHEDULES);
-    # "always": the regulariser pushes all stage long and the seal deepens what it left.
+    # least-norm change of the marked tensor (see clicooper.watermark.embed,
+    # "Schedules"); "always": the regulariser pushes all stage long, the seal deepens the rest.
     schedule: Literal["seal", "always"] = "seal"
     seal: bool = True  # "always" only: at a stage's end, deepen any bit left short
     ber_threshold: float = Field(0.05, ge=0, le=0.5)
