@@ -71,3 +71,16 @@ def test_rgb_example_runs(tmp_path):
     acc = float(proc.stdout.split("test accuracy ")[1].split(",")[0])
     assert acc > 0.6, proc.stdout  # chance 0.25; ten runs of 12 epochs reached 1.0 here
     assert "ledger verified" in proc.stdout
+
+
+def test_small_data_defaults_are_the_same_for_every_mode():
+    """No hidden budget: digits' default epochs and model do not depend on the mode."""
+    from clicooper.config import RunConfig
+
+    got = {
+        mode: (c.epochs, c.model, c.batch_size)
+        for mode in ("centralized", "vanilla", "clicooper")
+        for c in [RunConfig.load(None, dataset="digits", mode=mode)]
+    }
+    assert len(set(got.values())) == 1, got
+    assert RunConfig.load(None, dataset="digits", epochs=5).epochs == 5  # a flag wins

@@ -54,7 +54,13 @@ def test_honest_run_verifies_with_one_stage_per_epoch(honest, cli_inprocess):
 
 def test_stage_steps_setting_makes_more_stages(tmp_path, small_digits):
     with pytest.warns(WatermarkWarning, match="stages of 20 steps are shorter than the 25"):
-        session = _run(tmp_path, "r", small_digits, epochs=2, **{"watermark.stage_steps": 20})
+        session = _run(
+            tmp_path,
+            "r",
+            small_digits,
+            epochs=2,
+            **{"watermark.stage_steps": 20, "watermark.schedule": "always"},
+        )
     assert session.results["watermark"]["first_failure"] is None
     # 50 steps in stages of 20: the 10-step remainder joins the last stage (20 + 30)
     assert session.results["watermark"]["stages"] == 2
@@ -250,7 +256,30 @@ def test_watermark_term_is_computed_once_a_step_whatever_the_micro_batches(
         return real(self, module)
 
     monkeypatch.setattr(StageWatermark, "regulariser", counted)
-    session = _run(tmp_path, "r", small_digits, epochs=1, micro_batches=4)
+    session = _run(
+        tmp_path, "r", small_digits, epochs=1, micro_batches=4, **{"watermark.schedule": "always"}
+    )
     steps = session.results["transport"]["steps"]
     assert steps > 0 and len(calls) == 3 * steps  # 3 trainers, one term a step each
     assert session.results["watermark"]["verified"]
+
+
+def test_seal_schedule_leaves_the_regulariser_off_and_every_stage_verifies(
+    tmp_path, small_digits, monkeypatch
+):
+    """The default schedule: no regulariser term during training, the seal places every
+    stage's bits, and the ledger verifies offline with BER 0 at each stage."""
+    from clicooper.watermark.embed import StageWatermark
+
+    calls = []
+    real = StageWatermark.regulariser
+    monkeypatch.setattr(
+        StageWatermark, "regulariser", lambda self, module: calls.append(1) or real(self, module)
+    )
+    session = _run(tmp_path, "r", small_digits, epochs=2, **{"watermark.schedule": "seal"})
+    wm = session.results["watermark"]
+    assert calls == []
+    assert wm["stages"] == 2 and wm["verified"] and wm["attestations_failed"] == 0
+    assert all(ber == 0.0 for ber in wm["final_ber"].values())
+    assert all(n > 0 for sealed in wm["sealed_bits"].values() for n in sealed)  # seal did it
+    assert verify_run(tmp_path / "r").ok

@@ -66,7 +66,11 @@ class WatermarkConfig(_Strict):
     bits: int = Field(256, ge=16, le=4096)
     strength: float = Field(0.01, ge=0)  # = clicooper.watermark.embed.DEFAULT_STRENGTH
     stage_steps: int | None = Field(None, ge=1)
-    seal: bool = True  # at a stage's end, deepen any bit the regulariser left short
+    # "seal": the regulariser stays off and each stage's end places the bits with the
+    # least-norm change of the marked tensor (see clicooper.watermark.embed,
+    # "Schedules"); "always": the regulariser pushes all stage long, the seal deepens the rest.
+    schedule: Literal["seal", "always"] = "seal"
+    seal: bool = True  # "always" only: at a stage's end, deepen any bit left short
     ber_threshold: float = Field(0.05, ge=0, le=0.5)
     claim_p_value: float = Field(1e-6, gt=0, lt=1)
     keep_audit_stages: int | None = Field(None, ge=1)

@@ -165,7 +165,11 @@ def run(
 
             head_source(cfg.head.source)
         data = resolve_dataset(cfg, None)
-        console.print(f"dataset: {cfg.dataset} ({how}); model {cfg.model}, {cfg.epochs} epochs")
+        batch = cfg.effective_batch_size(len(data.train))
+        console.print(
+            f"dataset: {cfg.dataset} ({how}); model {cfg.model}, {cfg.epochs} epochs, "
+            f"batch size {batch}"
+        )
         runner = session_runner(cfg, peers, certs, resume is not None)
         out = new_run_dir(RUNS_ROOT, cfg.mode) if out is None else out
         console.print(f"run directory: {out}")

@@ -101,7 +101,8 @@ class TrainerChain:
             self.settings.bits,
             self.settings.strength,
         )
-        self.trainer.regulariser = self.mark.regulariser if self.settings.strength > 0 else None
+        pushing = self.settings.strength > 0 and self.settings.schedule == "always"
+        self.trainer.regulariser = self.mark.regulariser if pushing else None
 
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps: the stage, its link, the stage's losses and step count."""
@@ -130,7 +131,7 @@ class TrainerChain:
         """Seal the stage's bits, then hand in the segment (:meth:`commit`)."""
         self._stage_mark()
         self._check_end(msg)  # before the seal changes the segment
-        if self.settings.seal and self.settings.strength > 0:
+        if self.settings.strength > 0 and (self.settings.seal or self.settings.schedule == "seal"):
             self.sealed.append(self._stage_mark().seal(self.trainer.segment))
         return self.commit(msg)
 

@@ -475,7 +475,7 @@ def _compute(
 
 def _warn_capacity(split: SplitModel, wm: WatermarkConfig, stage_steps: int) -> None:
     """Warn when stages are short, and per trainer when its marked tensor is small for B."""
-    notes = [stage_note(stage_steps)] if wm.strength > 0 else []
+    notes = [stage_note(stage_steps)] if wm.strength > 0 and wm.schedule == "always" else []
     for i, segment in enumerate(split.segments, start=1):
         weight = dict(segment.named_parameters())[select_weight(segment)]
         notes.append(capacity_note(f"t{i}", weight.numel(), wm.bits))

@@ -1,0 +1,230 @@
+"""Equal-budget accuracy: vanilla once, clicooper several times (fresh owner secrets).
+
+Every run of one setting has the same dataset, model preset, epochs, trainers, seed
+and batch order; only the clicooper runs' owner and watermark secrets differ (each
+run draws fresh ones). By default the runs train on 80% of the training split and are
+scored on the other 20% (a validation split carved from the training data, seeded by
+``--seed``), so settings are chosen without seeing the test set; ``--test`` trains on
+the whole training split and scores the test set (for the final table only).
+
+One training process at a time, in this process. Rows are appended to ``--out``
+(JSON lines) and a rerun skips the rows already there, so an interrupted grid
+resumes where it stopped. Usage:
+
+    python benchmarks/equal_budget.py --dataset digits --models mlp cnn --epochs 5 10 \\
+        --trainers 1 2 3 --runs 3 --out eb.jsonl
+    python benchmarks/equal_budget.py --dataset digits --set watermark.strength=0 --label nowm
+
+``--set KEY=VALUE`` (repeatable) overrides a clicooper setting (dotted keys of
+``RunConfig``); ``--label`` names the variant in the table and the resume key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from clicooper.config import RunConfig
+from clicooper.data import load_dataset
+from clicooper.data.base import Dataset
+from clicooper.runtime.session import run
+
+VALIDATION_FRACTION = 0.2
+
+
+def parse_value(text: str) -> Any:
+    """``KEY=VALUE``'s value as JSON when it parses (numbers, booleans), else a string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_sets(items: Iterable[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=x"]`` -> ``{"a.b": 1, "c": "x"}``; ValueError naming a bad item."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: use KEY=VALUE, e.g. watermark.strength=0")
+        out[key] = parse_value(value)
+    return out
+
+
+def evaluation_data(dataset: str, seed: int, test: bool, subset: int | None) -> Dataset:
+    """Train/score splits: (80% of train, 20% of train) or, with ``test``, (train, test)."""
+    data = load_dataset(dataset, seed=seed)
+    if subset is not None:
+        data = data.limit(subset, subset, seed)
+    if test:
+        return data
+    kept, val = data.split_auxiliary(VALIDATION_FRACTION, seed)
+    return Dataset(data.name, kept.train, val, data.num_classes)
+
+
+def one_run(data: Dataset, mode: str, setting: dict[str, Any], extra: dict[str, Any]) -> dict:
+    """Train one run in-process; its accuracy, watermark verdicts and seconds."""
+    cfg = RunConfig.load(None, dataset=data.name, mode=mode, **setting, **extra)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = run(cfg, Path(tmp), data=data).results
+    wm = res.get("watermark", {})
+    marked = wm.get("enabled", False)
+    return {
+        "accuracy": res["accuracy"]["test"],
+        "max_ber": max(wm["final_ber"].values()) if marked else None,
+        "verified": (wm["verified"] and wm["attestations_failed"] == 0) if marked else None,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def load_rows(path: Path | None) -> list[dict]:
+    if path is None or not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def grid_runs(args: argparse.Namespace) -> list[tuple[dict[str, Any], str, int]]:
+    """(setting, mode, run index) for every run of the grid: vanilla 0, clicooper 0..runs-1."""
+    out = []
+    for model, epochs, trainers in itertools.product(args.models, args.epochs, args.trainers):
+        setting = {"model": model, "epochs": epochs, "trainers": trainers, "seed": args.seed}
+        if not args.no_vanilla:
+            out.append((setting, "vanilla", 0))
+        out.extend((setting, "clicooper", i) for i in range(args.runs))
+    return out
+
+
+def row_key(row: dict) -> tuple:
+    s = row["setting"]
+    return (
+        row["split"],
+        row["dataset"],
+        s["model"],
+        s["epochs"],
+        s["trainers"],
+        s["seed"],
+        row["mode"],
+        row["label"] if row["mode"] == "clicooper" else "",
+        row["run"],
+    )
+
+
+def summarise(rows: list[dict], label: str) -> list[dict]:
+    """Per setting: vanilla, clicooper median and worst, their gaps to vanilla."""
+    table = []
+    by_setting: dict[tuple, dict[str, list[float]]] = {}
+    for r in rows:
+        s = r["setting"]
+        key = (r["split"], r["dataset"], s["model"], s["epochs"], s["trainers"])
+        mode = "vanilla" if r["mode"] == "vanilla" else r["label"]
+        by_setting.setdefault(key, {}).setdefault(mode, []).append(r["accuracy"])
+    for key, modes in by_setting.items():
+        if label not in modes:
+            continue
+        runs = modes[label]
+        vanilla = modes.get("vanilla", [float("nan")])[0]
+        table.append(
+            {
+                "split": key[0],
+                "dataset": key[1],
+                "model": key[2],
+                "epochs": key[3],
+                "trainers": key[4],
+                "vanilla": vanilla,
+                "median": statistics.median(runs),
+                "worst": min(runs),
+                "runs": runs,
+                "median_gap": statistics.median(runs) - vanilla,
+                "worst_gap": min(runs) - vanilla,
+            }
+        )
+    return table
+
+
+def print_table(table: list[dict], label: str) -> None:
+    print(f"\nvariant: {label}")
+    head = f"{'split':<5} {'dataset':<14} {'model':<5} {'ep':>3} {'tr':>3} {'vanilla':>8} "
+    print(head + f"{'median':>8} {'worst':>8} {'gap med':>8} {'gap worst':>9}  ok")
+    for t in table:
+        ok = t["median_gap"] >= -0.02 and t["worst_gap"] >= -0.04
+        print(
+            f"{t['split']:<5} {t['dataset']:<14} {t['model']:<5} {t['epochs']:>3} "
+            f"{t['trainers']:>3} {t['vanilla']:>8.4f} {t['median']:>8.4f} {t['worst']:>8.4f} "
+            f"{t['median_gap']:>+8.4f} {t['worst_gap']:>+9.4f}  {'yes' if ok else 'NO'}"
+        )
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="digits")
+    ap.add_argument("--models", nargs="+", default=["mlp"])
+    ap.add_argument("--epochs", type=int, nargs="+", default=[5])
+    ap.add_argument("--trainers", type=int, nargs="+", default=[3])
+    ap.add_argument("--runs", type=int, default=3, help="clicooper runs per setting")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--subset", type=int, default=None, help="train/test samples to keep")
+    ap.add_argument("--test", action="store_true", help="train on all of train, score test")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--label", default="default", help="the variant's name")
+    ap.add_argument("--no-vanilla", action="store_true", help="only clicooper runs")
+    ap.add_argument("--out", type=Path, default=None, help="JSON lines; a rerun resumes")
+    args = ap.parse_args(argv)
+    try:
+        extra = parse_sets(args.set)
+    except ValueError as exc:
+        ap.error(str(exc))
+    split = "test" if args.test else "val"
+    data = evaluation_data(args.dataset, args.seed, args.test, args.subset)
+    rows = load_rows(args.out)
+    done = {row_key(r) for r in rows}
+    for setting, mode, index in grid_runs(args):
+        row = {
+            "split": split,
+            "dataset": args.dataset,
+            "setting": setting,
+            "mode": mode,
+            "label": args.label,
+            "set": extra if mode == "clicooper" else {},
+            "run": index,
+        }
+        if row_key(row) in done:
+            continue
+        row.update(one_run(data, mode, setting, row["set"]))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if args.out is not None:
+            with args.out.open("a") as fh:
+                fh.write(json.dumps(row) + "\n")
+    table = summarise(rows_for(rows, args, split), args.label)
+    print_table(table, args.label)
+    return table
+
+
+def rows_for(rows: list[dict], args: argparse.Namespace, split: str) -> list[dict]:
+    """The rows of this invocation's grid (the file may hold other grids and variants)."""
+    wanted = {(s["model"], s["epochs"], s["trainers"]) for s, _, _ in grid_runs(args)} or {
+        (m, e, t) for m in args.models for e in args.epochs for t in args.trainers
+    }
+    return [
+        r
+        for r in rows
+        if r["split"] == split
+        and r["dataset"] == args.dataset
+        and (r["setting"]["model"], r["setting"]["epochs"], r["setting"]["trainers"]) in wanted
+        and r["setting"]["seed"] == args.seed
+        and (r["mode"] == "vanilla" or r["label"] == args.label)
+    ]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""benchmarks/equal_budget.py on a tiny digits grid: one table, a validation split, resume."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def equal_budget():
+    return _load("equal_budget")
+
+
+def test_validation_split_is_carved_from_train_and_disjoint(equal_budget):
+    """The scored split is 20% of the training split; the test set is not used."""
+    full = equal_budget.evaluation_data("digits", 0, test=True, subset=None)
+    val = equal_budget.evaluation_data("digits", 0, test=False, subset=None)
+    assert len(val.test) == round(0.2 * len(full.train))
+
+    def rows(x):
+        return sorted(tuple(r) for r in x.flatten(1).tolist())
+
+    assert rows(torch.cat([val.train.x, val.test.x])) == rows(full.train.x)
+
+
+def test_tiny_grid_prints_one_table_and_resumes(equal_budget, tmp_path, capsys):
+    out = tmp_path / "rows.jsonl"
+    argv = ["--subset", "200", "--epochs", "1", "--runs", "2", "--trainers", "1", "--out", str(out)]
+    table = equal_budget.main(argv)
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["mode"] for r in rows] == ["vanilla", "clicooper", "clicooper"]
+    assert all(r["split"] == "val" for r in rows)
+    assert all(r["verified"] and r["max_ber"] == 0.0 for r in rows[1:])  # the mark held
+    (line,) = table
+    accs = [r["accuracy"] for r in rows]
+    assert line["vanilla"] == accs[0] and line["worst"] == min(accs[1:])
+    assert line["median_gap"] == pytest.approx((accs[1] + accs[2]) / 2 - accs[0])
+    assert "gap med" in capsys.readouterr().out
+    assert equal_budget.main(argv) == table  # resumed: nothing trained again
+    assert len(out.read_text().splitlines()) == 3
+
+
+def test_bad_set_is_one_line_error(equal_budget, capsys):
+    with pytest.raises(SystemExit) as exc:
+        equal_budget.main(["--set", "watermark.strength"])
+    assert exc.value.code == 2 and "use KEY=VALUE" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def time_to_accuracy():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # it imports equal_budget as a sibling
+    try:
+        return _load("time_to_accuracy")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_interleaved_runs_take_turns_an_epoch_at_a_time(time_to_accuracy, equal_budget):
+    from clicooper.config import RunConfig
+
+    data = equal_budget.evaluation_data("digits", 0, test=False, subset=200)
+    common = {"dataset": "digits", "model": "mlp", "epochs": 2, "trainers": 1}
+    configs = [RunConfig.load(None, mode=m, **common) for m in ("vanilla", "clicooper")]
+    turns = time_to_accuracy.Turns(2)
+    vanilla, clicooper = time_to_accuracy.train_interleaved(data, configs, turns)
+    assert turns.order == [(0, 1), (1, 1), (0, 2), (1, 2)]
+    for epochs in (vanilla, clicooper):
+        assert [e["epoch"] for e in epochs] == [1, 2]
+        assert 0 < epochs[0]["seconds"] < epochs[1]["seconds"]
+    assert time_to_accuracy.time_to(vanilla, 0.0) == vanilla[0]["seconds"]
+    assert time_to_accuracy.time_to(vanilla, 1.01) is None
