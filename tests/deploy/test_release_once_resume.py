@@ -22,7 +22,7 @@ from clicooper.privacy import accounting
 
 FLAGS = ["--dataset", "digits", "--model", "mlp", "--trainers", "2", "--epochs", "2"]
 FLAGS += ["--train-subset", "480", "--test-subset", "200", "--batch-size", "16"]
-FLAGS += ["--release", "once", "--label-mode", "keyed"]
+FLAGS += ["--release", "once", "--label-mode", "keyed", "--head-source", "random"]
 STEPS = 2 * 480 // 16  # 60 steps, 30 per epoch
 
 

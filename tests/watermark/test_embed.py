@@ -163,7 +163,9 @@ def test_cap_stops_where_plain_bce_keeps_pushing() -> None:
         model = _model()
         start = model[0].weight.detach().clone()
         mark = StageWatermark.derive(SECRET, LINK, 1, 1, "0.weight", 1024, 256, 0.01, margin)
-        _embed_only(model, mark)
+        # 500 steps: at 300 one bit of 256 still sat at the boundary in one CI worker (the
+        # float order of a reduction depends on the process's thread settings)
+        _embed_only(model, mark, steps=500)
         assert mark.ber(model) == 0.0
         moved[margin] = float((model[0].weight.detach() - start).norm() / start.norm())
     assert moved[0.5] < 0.5 * moved[float("inf")]
