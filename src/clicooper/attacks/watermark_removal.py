@@ -325,7 +325,8 @@ def overwrite(lab: Lab, loss: Loss, strength: float, factor: float) -> Row:
 
     The thief draws a new secret and link per segment and trains the whole chain for
     ``lab.stage_steps`` steps on ``loss`` plus this library's regulariser at
-    ``strength`` (the run's own tensors, bits and embedding). The row adds
+    ``strength`` (the run's own tensors, bits and embedding), then seals its bits with the
+    least-norm correction an honest trainer's stage end applies. The row adds
     ``thief_ber``: how well the thief's own marks took, per trainer's segment.
     """
     model = copy.deepcopy(lab.stolen)
@@ -356,6 +357,8 @@ def overwrite(lab: Lab, loss: Loss, strength: float, factor: float) -> Row:
         lab.batch_size,
         lab.seed + 1,
     )
+    for i, mark in enumerate(thieves.values()):  # and, as an honest trainer does, the seal
+        mark.seal(model[i + 1])
     segs = lab.segments(model)
     own = {p: thieves[p].ber(segs[p]) for p in lab.parties}
     label = f"overwrite ({factor:g}x strength, pseudo labels)"
