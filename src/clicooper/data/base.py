@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +11,15 @@ import torch
 from clicooper.data.errors import DataError
 from clicooper.data.layout import Layout, split_arrays
 
-__all__ = ["DataError", "Dataset", "Split", "from_arrays", "seeded_split"]
+__all__ = [
+    "DataError",
+    "Dataset",
+    "Split",
+    "from_arrays",
+    "image_digests",
+    "seeded_split",
+    "shared_images",
+]
 
 
 @dataclass(frozen=True)
@@ -116,3 +125,19 @@ def seeded_split(
     idx = np.arange(len(y))
     tr, te = train_test_split(idx, test_size=test_fraction, random_state=seed, stratify=y.numpy())
     return Split(x[tr], y[tr]), Split(x[te], y[te])
+
+
+def image_digests(x: torch.Tensor) -> list[bytes]:
+    rows = x.detach().to("cpu", torch.float32).contiguous().flatten(1)
+    return [hashlib.sha256(row.numpy().tobytes()).digest() for row in rows]
+
+
+def shared_images(a: torch.Tensor, b: torch.Tensor) -> int:
+    """How many images of ``a`` equal an image of ``b`` byte for byte (as float32).
+
+    Images of another shape never match: compare the same preprocessing.
+    """
+    if a.shape[1:] != b.shape[1:]:
+        return 0
+    seen = set(image_digests(b))
+    return sum(d in seen for d in image_digests(a))

@@ -20,7 +20,6 @@ is then subtracted before the unit norm (base.finish).
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from clicooper.data import DataError, Dataset, Split, load_dataset
+from clicooper.data.base import shared_images
 from clicooper.heads.base import (
     FrozenHead,
     HeadPrivacy,
@@ -43,16 +43,9 @@ if TYPE_CHECKING:
     from clicooper.config import RunConfig
 
 
-def image_hashes(x: torch.Tensor) -> list[bytes]:
-    """SHA-256 of each image's bytes (contiguous float32)."""
-    x = x.detach().to(torch.float32).contiguous()
-    return [hashlib.sha256(img.numpy().tobytes()).digest() for img in x]
-
-
 def check_disjoint(public: torch.Tensor, private: torch.Tensor, where: str) -> None:
     """Refuse (DataError) when any public image equals a private one byte for byte."""
-    seen = set(image_hashes(private))
-    shared = sum(h in seen for h in image_hashes(public))
+    shared = shared_images(public, private)
     if shared:
         raise DataError(
             f"public data {where} shares {shared} image(s) byte for byte with the private "

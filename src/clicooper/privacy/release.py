@@ -18,7 +18,6 @@ the training set (:func:`check_disjoint`) and freezes it. More sources register 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +27,7 @@ from torch import nn
 
 from clicooper.config import ConfigError, RunConfig
 from clicooper.data import DataError, Dataset
+from clicooper.data.base import shared_images
 from clicooper.models import SplitModel
 
 
@@ -113,20 +113,13 @@ def freeze(module: nn.Module) -> nn.Module:
     return module.eval()
 
 
-def _row_digests(x: torch.Tensor) -> list[bytes]:
-    rows = x.detach().to("cpu").contiguous().flatten(1)
-    return [hashlib.sha256(row.numpy().tobytes()).digest() for row in rows]
-
-
 def check_disjoint(public: torch.Tensor, train: torch.Tensor, what: str) -> None:
     """DataError unless no image of ``public`` equals one of ``train`` byte for byte.
 
-    Rows of different shape or dtype never match; compare the same preprocessing.
+    Images of another shape never match; compare the same preprocessing (a run's images
+    are float32, as :func:`~clicooper.data.base.shared_images` compares them).
     """
-    if public.shape[1:] != train.shape[1:] or public.dtype != train.dtype:
-        return
-    train_rows = set(_row_digests(train))
-    shared = sum(d in train_rows for d in _row_digests(public))
+    shared = shared_images(public, train)
     if shared:
         raise DataError(
             f"{what} was fitted on {shared} image(s) of the training set (byte for byte): "
