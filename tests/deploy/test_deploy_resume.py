@@ -10,15 +10,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
+import sys
 from pathlib import Path
 
+import pytest
 from cc_helpers import quick_config
 from conftest import WM, alive, checkpoint_at_least, cli, ledger_steps, pids, wait_for
 
+from clicooper.privacy import accounting
 from clicooper.runtime.certs import create_certificates
-from clicooper.runtime.deploy import config_toml, free_ports, write_peers
+from clicooper.runtime.deploy import Launcher, config_toml, free_ports, write_peers
+from clicooper.runtime.resume import save_run_config
+from clicooper.runtime.session import run
 
 SMALL = {"epochs": 3, "batch_size": 16, "train_subset": 480, "test_subset": 200}
 STEPS = 3 * 480 // 16  # 90 steps, 30 per epoch
@@ -134,3 +140,137 @@ def test_verifier_killed_mid_epoch_is_restarted_by_launch_and_resumes(
     assert stat.S_IMODE(os.stat(out / "certs" / "t1").st_mode) == 0o700
     assert stat.S_IMODE(os.stat(out / "certs" / "t1" / "t1.key").st_mode) == 0o600
     assert not any(alive(pid) for name, pid in pids(out).items() if name != "launcher")
+
+
+def cli_python(*args: str) -> list[str]:
+    return [sys.executable, *args]
+
+
+def _anchor(run_dir: Path) -> str:
+    """The fingerprint the verifier published in ``verifier/anchor.txt`` when it started."""
+    text = (run_dir / "verifier" / "anchor.txt").read_text()
+    return re.search(r"fingerprint sha256:([0-9a-f]{64})", text).group(1)
+
+
+def test_launch_killed_with_kill_9_is_resumed_by_launch_resume(tmp_path, procs, cli_inprocess):
+    """kill -9 of the `clicooper launch` process itself (it hosts the owner) mid epoch 2:
+    its orphaned party processes exit by themselves, and `launch --resume` starts every
+    party again from its directory and checkpoints and finishes: each step applied once,
+    every stage closed once, the ledger verifies against the anchor the dead run
+    published, and epsilon counts the 3 releases (one per epoch) exactly once."""
+    out = tmp_path / "run"
+    flags = ["--dataset", "digits", "--model", "mlp", "--trainers", "2", "--epochs", "3"]
+    flags += ["--train-subset", "480", "--test-subset", "200", "--batch-size", "16"]
+    flags += ["--noise-multiplier", "0.1", "--label-mode", "keyed", "--checkpoint-steps", "5"]
+    (tmp_path / "wm.toml").write_text("[watermark]\nstrength = 0.01\n")
+    timeouts = ["--send-timeout", "3", "--step-timeout", "30"]
+    argv = cli("launch", *flags, "--config", str(tmp_path / "wm.toml"), "--out", str(out))
+    first = procs.start([*argv, *timeouts], tmp_path / "launch.log")
+    dirs = [out / "checkpoints" / p for p in ("verifier", "t1", "t2")] + [
+        out / "owner" / "checkpoints"
+    ]
+    wait_for(lambda: all(checkpoint_at_least(d, 35)() for d in dirs), 120, "stage 2 underway")
+    anchor = _anchor(out)
+    orphans = {name: pid for name, pid in pids(out).items() if name != "launcher"}
+    os.kill(first.pid, signal.SIGKILL)  # the owner's process: no handler, no cleanup
+    first.wait(timeout=10)
+    assert not (out / "results.json").exists()
+    wait_for(lambda: not any(alive(p) for p in orphans.values()), 30, "the orphans to exit")
+
+    resumed = procs.start(cli("launch", "--resume", str(out), *timeouts), tmp_path / "resume.log")
+    assert resumed.wait(timeout=150) == 0, (tmp_path / "resume.log").read_text()[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    (recovery,) = results["transport"]["recoveries"]
+    assert recovery["error"] == "the run's process ended (--resume)"
+    assert 35 <= recovery["resumed_from_step"] < 60 and recovery["failed_at_step"] is None
+    _check_steps(out, results)  # 90 steps, each applied once; 3 stages, each closed once
+    code, err, text = cli_inprocess("verify", str(out), "--anchor", anchor)
+    assert code == 0 and "chain holds: 15 records" in err + text, err + text
+    privacy = results["privacy"]
+    assert privacy["releases"] == 3  # one per epoch: the replayed steps released nothing twice
+    assert privacy["epsilon"] == accounting.epsilon(0.1, 3, privacy["delta"], "gaussian")
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in history] == [1, 2, 3] and history[-1]["epsilon"] == privacy[
+        "epsilon"
+    ]
+    assert results["accuracy"]["test"] > 0.2  # it trained (chance 0.1)
+    for name in ("t1", "t2", "verifier"):
+        assert f"{name}: set up (resumed)" in (out / "logs" / f"{name}.log").read_text()
+    children = {name: pid for name, pid in pids(out).items() if name != "launcher"}
+    assert set(children) == set(orphans) and not set(children.values()) & set(orphans.values())
+    assert not any(alive(pid) for pid in children.values())
+
+
+def test_stop_orphans_stops_only_the_dead_launchers_children(tmp_path, procs):
+    """A child still running after its launcher died is stopped; a process whose pid is
+    recorded but which is not that launcher's child (a reused pid) is left alone."""
+    cfg = quick_config(trainers=1, **{"watermark.enabled": False})
+    launcher = Launcher(tmp_path, cfg)
+    launcher.prepare()
+    launcher.stop()
+    gone = 2**22 + 1  # no process has this pid (above the default pid_max): a dead launcher
+    sleep = "import time; time.sleep(120)"
+    child = procs.start(cli_python("-c", sleep, "serve", "--exit-with-parent", str(gone)),
+                        tmp_path / "child.log")  # fmt: skip
+    other = procs.start(cli_python("-c", sleep, "serve"), tmp_path / "other.log")
+    wait_for(lambda: alive(child.pid) and alive(other.pid), 10, "both processes")
+    (tmp_path / "deploy" / "pids.json").write_text(
+        json.dumps({"launcher": gone, "t1": child.pid, "t2": other.pid})
+    )
+    again = Launcher(tmp_path, cfg)
+    again.prepare(resume=True)
+    try:
+        assert child.wait(timeout=20) == -signal.SIGTERM
+        assert alive(other.pid)
+    finally:
+        again.stop()
+
+
+def test_one_launch_at_a_time_per_run_directory(tmp_path):
+    """The launch lock: a second launch of a run directory in use is refused (one line)."""
+    cfg = quick_config(trainers=1, **{"watermark.enabled": False})
+    running = Launcher(tmp_path, cfg)
+    running.prepare()
+    try:
+        with pytest.raises(ValueError, match="is being run by another `clicooper launch`"):
+            Launcher(tmp_path, cfg).prepare(resume=True)
+    finally:
+        running.stop()
+    later = Launcher(tmp_path, cfg)
+    later.prepare(resume=True)  # the lock went with the process that held it
+    later.stop()
+
+
+def test_launch_resume_refuses_what_it_cannot_continue(tmp_path, small_digits, cli_inprocess):
+    """One line and exit 2 for each: a finished run, no run, an in-process run (run
+    --resume's), a launched run with no checkpoint yet; and run --resume of a launched run."""
+    finished = tmp_path / "finished"
+    run(quick_config(mode="vanilla", epochs=1), finished, data=small_digits)
+    inprocess = tmp_path / "inprocess"
+    run(quick_config(mode="vanilla", epochs=1), inprocess, data=small_digits)
+    (inprocess / "results.json").unlink()  # as if it had died
+    launched = tmp_path / "launched"  # what a launch killed before its first step leaves
+    cfg = quick_config(trainers=1, transport="grpc", **{"watermark.enabled": False})
+    launcher = Launcher(launched, cfg)
+    launcher.prepare()
+    launcher.stop()
+    save_run_config(launched, cfg)
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ("launch", finished, "holds a finished run (results.json): nothing to resume"),
+        ("launch", tmp_path / "missing", "is not a run directory: nothing to resume"),
+        ("launch", tmp_path / "empty", "is not a run directory that can be resumed"),
+        ("launch", inprocess, "is an in-process run: resume it with `clicooper run --resume`"),
+        ("launch", launched, "has no checkpoint yet"),
+        (
+            "run",
+            launched,
+            "is a `clicooper launch` run: resume it with `clicooper launch --resume`",
+        ),
+    ]
+    for command, target, needle in cases:
+        code, err, _ = cli_inprocess(command, "--resume", str(target))
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 2 and len(lines) == 1 and needle in lines[0], (command, target, err)
+    code, err, _ = cli_inprocess("launch", "--resume", str(launched), "--epochs", "3")
+    assert code == 2 and "leave out --epochs" in err

@@ -128,7 +128,7 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, small_digits, cli_inpr
         (finished, "holds a finished run (results.json): nothing to resume"),
         (tmp_path / "empty", "is not a run directory that can be resumed"),
         (tmp_path / "missing", "is not a run directory: nothing to resume"),
-        (central, "only in-process split runs can be resumed"),
+        (central, "only split runs can be resumed (this one is centralized)"),
     ]
     for target, needle in cases:
         code, err, _ = cli_inprocess("run", "--resume", str(target))

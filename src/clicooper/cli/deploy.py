@@ -137,15 +137,15 @@ def session_runner(
     cfg: RunConfig, peers: Path | None, certs: Path | None, resume: bool = False
 ) -> Callable[..., Any]:
     """What ``clicooper run`` calls: in-process, over gRPC to served parties, or a launch
-    (``resume``: continue an in-process run; ``launch`` has no ``--resume`` yet)."""
+    (``resume``: continue an in-process run, or a launched one under ``launch``)."""
     from clicooper.runtime import deploy
     from clicooper.runtime.session import run
 
-    if resume:
-        return functools.partial(run, resume=True)
     timeouts = _LAUNCH.get()
     if timeouts is not None:
-        return functools.partial(deploy.launch, **timeouts)
+        return functools.partial(deploy.launch, resume=resume, **timeouts)
+    if resume:
+        return functools.partial(run, resume=True)
     if cfg.transport == "inprocess":
         if peers or certs:
             fail("--peers and --certs need --transport grpc")
@@ -169,8 +169,9 @@ def _launch(
             "resume_timeout": resume_timeout,
         }
     )
+    transport = None if flags.get("resume") else "grpc"  # a resumed run has its own
     try:
-        cli_main.run(**flags, transport="grpc", peers=None, certs=None)
+        cli_main.run(**flags, transport=transport, peers=None, certs=None)
     except KeyboardInterrupt:
         console.print("interrupted: every party process was stopped")
         raise typer.Exit(130) from None
@@ -178,13 +179,29 @@ def _launch(
         _LAUNCH.reset(token)
 
 
+def launching() -> bool:
+    """Whether ``clicooper run`` is running for ``clicooper launch``."""
+    return _LAUNCH.get() is not None
+
+
+_LAUNCH_RESUME = Annotated[
+    Path | None,
+    Opt(
+        help="continue the unfinished `clicooper launch` run in DIR (its own settings) from "
+        "its last checkpoint, after its launch process died"
+    ),
+]
+
+
 def _launch_signature() -> inspect.Signature:
-    """``run``'s parameters without the deployment ones, plus the three timeouts."""
+    """``run``'s parameters without the deployment ones (``resume`` with its launch help),
+    plus the three timeouts."""
     hints = typing.get_type_hints(cli_main.run, include_extras=True)
+    hints["resume"] = _LAUNCH_RESUME
     params = [
         p.replace(annotation=hints[p.name])
         for p in inspect.signature(cli_main.run).parameters.values()
-        if p.name not in ("transport", "peers", "certs", "resume")
+        if p.name not in ("transport", "peers", "certs")
     ]
     for name, default, what in (
         ("send_timeout", 30.0, "seconds one delivery may take"),

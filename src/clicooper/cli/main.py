@@ -193,7 +193,9 @@ def run(
 
 
 def _resumed(run_dir: Path, given: list[str]) -> tuple[RunConfig, Path]:
-    """The settings and directory of the run ``--resume`` continues (exit 2 if none)."""
+    """The settings and directory of the run ``--resume`` continues (exit 2 if none):
+    an in-process run, or under ``clicooper launch`` a launched one."""
+    from clicooper.cli.deploy import launching
     from clicooper.runtime.resume import resumable_config
 
     if given:
@@ -202,7 +204,7 @@ def _resumed(run_dir: Path, given: list[str]) -> tuple[RunConfig, Path]:
             f"leave out --{given[0].replace('_', '-')}"
         )
     try:
-        return resumable_config(run_dir), run_dir
+        return resumable_config(run_dir, launched=launching()), run_dir
     except ValueError as exc:
         fail(str(exc).splitlines()[0])
         raise  # unreachable

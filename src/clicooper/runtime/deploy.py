@@ -580,9 +580,10 @@ class Remote:
         self.transport.watch = d.watch
         self.transport.probe = list(self.parties)
 
-    def start(self) -> None:
-        """Bring every party into epoch 1 and set it up for a new session."""
-        self._connect(resume=False, wait=self.deployment.resume_timeout)
+    def start(self, resume: bool = False) -> None:
+        """Bring every party into epoch 1 and set it up: for a new session, or (``resume``)
+        from its own checkpoints and keys, for a run whose owner process died."""
+        self._connect(resume=resume, wait=self.deployment.resume_timeout)
 
     def reconnect(self) -> None:
         """After a failure: a new epoch, lost parties waited for, every party set up again."""
@@ -700,6 +701,8 @@ def free_ports(n: int) -> list[int]:
 
 
 LAUNCH_ARTIFACTS = ("certs", "deploy", "logs")
+#: In ``deploy/``: locked by the process running a launch of the run directory.
+LOCK_FILE = "launch.lock"
 
 
 @dataclass
@@ -731,28 +734,109 @@ class Launcher:
         self.deploy_dir = out_dir / "deploy"
         self.send_timeout = send_timeout
         self.children: dict[str, Child] = {}
+        self._lock_fd: int | None = None
 
     def bundle(self, name: str) -> Path:
         """``name``'s own certificate bundle: the only one its process is given."""
         return self.certs_dir / name
 
-    def prepare(self) -> None:
+    def prepare(self, resume: bool = False) -> None:
         """Certificates (one bundle per party), peers file, config file, log directory.
 
         The session CA's key is never written: every bundle is issued here at
         once, so no party, nor anything left in the run directory, can issue
-        itself another certificate.
+        itself another certificate. ``resume``: the run's own bundles, config file
+        and logs are kept (a new session id and new ports go to the peers file),
+        once no process of the earlier launch is left (:meth:`stop_orphans`).
         """
         from clicooper.privacy.secrets import private_dir
 
-        create_certificates(["do", *self.names], private_dir(self.certs_dir), keep_ca_key=False)
-        self.deploy_dir.mkdir()
-        (self.out_dir / "logs").mkdir()
+        if resume:
+            self._lock()
+            self.stop_orphans()
+            self._check_resumable()
+        else:
+            create_certificates(["do", *self.names], private_dir(self.certs_dir), keep_ca_key=False)
+            self.deploy_dir.mkdir()
+            self._lock()
+            (self.out_dir / "logs").mkdir()
         write_peers(self.deploy_dir / "peers.toml", self.session, self.peers)
+        if resume:
+            return
         config_file = self.deploy_dir / "config.toml"
         config_file.write_text(config_toml(self.cfg))
         if RunConfig.load(config_file) != self.cfg:
             raise RuntimeError("the launch config does not read back equal (config_toml bug)")
+
+    def _check_resumable(self) -> None:
+        """ValueError unless every party's bundle and the parties' config file are here."""
+        for name in ["do", *self.names]:
+            if not (self.bundle(name) / f"{name}.pem").is_file():
+                raise ValueError(
+                    f"{self.out_dir} lacks {name}'s certificate bundle (certs/{name}): "
+                    "it cannot be resumed"
+                )
+        config_file = self.deploy_dir / "config.toml"
+        try:
+            shared = RunConfig.load(config_file)
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{config_file}: {str(exc).splitlines()[0]}") from None
+        for role in {"verifier" if n == "verifier" else "trainer" for n in self.names}:
+            if party_settings(shared, role) != party_settings(self.cfg, role):
+                raise ValueError(f"{config_file} differs from the run's config.toml: not resumed")
+        (self.out_dir / "logs").mkdir(exist_ok=True)
+
+    def _lock(self) -> None:
+        """Hold ``deploy/launch.lock`` while this process runs the launch (the kernel drops
+        it when the process dies, kill -9 included): two launches of one run directory
+        would write the same party directories."""
+        import fcntl
+
+        fd = os.open(self.deploy_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ValueError(
+                f"{self.out_dir} is being run by another `clicooper launch` (see "
+                f"{self.deploy_dir / 'pids.json'}): wait for it to end or stop it"
+            ) from None
+        self._lock_fd = fd
+
+    def stop_orphans(self, grace: float = 5.0) -> list[int]:
+        """Stop the party processes an earlier, dead launch of this run left; their pids.
+
+        A child exits by itself once its launching process is gone (``serve
+        --exit-with-parent``), but one busy sending to the dead owner can take up to
+        its send timeout to notice, and it must not write its party directory while
+        the new process for that party does. Only a process whose command line is
+        that of a child of the recorded launcher (``serve ... --exit-with-parent
+        PID``) is signalled: a pid reused by anything else is left alone. Each gets
+        ``grace`` s, then SIGTERM, then SIGKILL of its process group.
+        """
+        path = self.deploy_dir / "pids.json"
+        try:
+            recorded = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return []
+        launcher = recorded.pop("launcher", None)
+        orphans = [
+            pid for pid in recorded.values() if isinstance(pid, int) and _is_child_of(pid, launcher)
+        ]
+        for sig, wait in ((None, grace), (signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            alive = [pid for pid in orphans if _is_child_of(pid, launcher)]
+            for pid in alive if sig is not None else ():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pid, sig)
+            deadline = time.monotonic() + wait
+            while alive and time.monotonic() < deadline:
+                time.sleep(0.1)
+                alive = [pid for pid in alive if _is_child_of(pid, launcher)]
+            if not alive:
+                break
+        if orphans:
+            log.warning("stopped the party processes an earlier launch left: %s", orphans)
+        return orphans
 
     def argv(self, name: str) -> list[str]:
         role = "verifier" if name == "verifier" else "trainer"
@@ -839,7 +923,8 @@ class Launcher:
         )
 
     def stop(self, grace: float = 10.0) -> None:
-        """Wait ``grace`` s for every child to exit, then SIGTERM, then SIGKILL its group."""
+        """Wait ``grace`` s for every child to exit, then SIGTERM, then SIGKILL its group;
+        then release the run directory's lock."""
         procs = [c.proc for c in self.children.values() if c.proc is not None]
         _wait_all(procs, grace)
         for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
@@ -848,6 +933,21 @@ class Launcher:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, sig)
             _wait_all(alive, wait)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def _is_child_of(pid: int, launcher: object) -> bool:
+    """Whether ``pid`` is a live ``clicooper serve`` process that ``launcher`` started
+    (its command line ends the way :meth:`Launcher.argv` writes it; Linux /proc)."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    tail = ["--exit-with-parent", str(launcher)]
+    return state != "Z" and "serve" in args and args[-3:-1] == tail
 
 
 def _wait_all(procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
@@ -897,7 +997,7 @@ def prepare_launch_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def launch(
-    cfg: RunConfig,
+    cfg: RunConfig | None,
     out_dir: Path | str,
     data: Any = None,
     progress: Any = None,
@@ -906,6 +1006,7 @@ def launch(
     send_timeout: float = 30.0,
     step_timeout: float = 120.0,
     resume_timeout: float = 120.0,
+    resume: bool = False,
 ) -> Any:
     """Run a whole session with each trainer and the verifier in its own process.
 
@@ -914,21 +1015,36 @@ def launch(
     port of 127.0.0.1; the data owner runs here. Every process started is
     stopped on return, on an error, on Ctrl-C, SIGTERM or SIGHUP, and each
     child also exits by itself if this process dies.
+
+    ``resume``: continue the unfinished launched run in ``out_dir`` whose owner process
+    died (``cfg`` is not used: the run's own ``config.toml`` is): the processes the
+    dead launch left are stopped, every party process starts again on its own
+    directory, with the run's bundles, a new session id and new ports, and
+    :func:`clicooper.runtime.session.run` continues from the last checkpoint common
+    to all parties (:mod:`clicooper.runtime.resume`).
     """
+    from clicooper.runtime.resume import resumable_config
     from clicooper.runtime.session import run
 
-    cfg = cfg.model_copy(update={"transport": "grpc"})
     out_dir = Path(out_dir)
+    if resume:
+        cfg = resumable_config(out_dir, launched=True)
+    elif cfg is None:
+        raise ValueError("launch needs a config (or resume=True)")
+    cfg = cfg.model_copy(update={"transport": "grpc"})
     party_devices(cfg, [f"t{i}" for i in range(1, cfg.trainers + 1)])  # all on this machine
-    prepare_launch_dir(out_dir, overwrite)
+    if not resume:
+        prepare_launch_dir(out_dir, overwrite)
     launcher = Launcher(out_dir, cfg, send_timeout)
     grace = 0.0  # on an error or an interrupt the children are stopped at once
     with _signals_raise():
         try:
-            launcher.prepare()
+            launcher.prepare(resume)
             launcher.start()
             deployment = launcher.deployment(step_timeout, resume_timeout)
-            session = run(cfg, out_dir, data=data, progress=progress, deployment=deployment)
+            session = run(
+                cfg, out_dir, data=data, progress=progress, deployment=deployment, resume=resume
+            )
             session.results["transport"]["restarts"] = {
                 n: c.restarts for n, c in launcher.children.items()
             }

@@ -10,6 +10,12 @@ the recovery after a lost party does: the steps after it are replayed once, in t
 same batch order with the same noise, and a stage close that was under way is
 finished without appending again the records the ledger holds. ``results.json``
 is written only when a run finishes, so its presence marks a finished run.
+
+``clicooper launch --resume DIR`` does the same for a launched run whose owner process
+(the ``launch`` process itself) died: :func:`clicooper.runtime.deploy.launch` starts the
+trainer and verifier processes again on their party directories in ``DIR``, with the
+run's certificate bundles, new ports and a new session id, and each party is set up
+``resume``; the rollback above is the same one.
 """
 
 from __future__ import annotations
@@ -30,10 +36,16 @@ def save_run_config(out_dir: Path, cfg: RunConfig) -> None:
     write_file(out_dir / RUN_CONFIG, config_toml(cfg).encode(), 0o644)
 
 
-def resumable_config(out_dir: Path) -> RunConfig:
+#: What marks a run ``clicooper launch`` started (its peers file, next to the certificates).
+LAUNCH_MARK = Path("deploy") / "peers.toml"
+
+
+def resumable_config(out_dir: Path, launched: bool = False) -> RunConfig:
     """The settings of the unfinished run in ``out_dir``; ValueError (one line) if there
-    is none: not a run directory, a finished run, a run of another kind, no checkpoint."""
+    is none: not a run directory, a finished run, a run of another kind (``launched``:
+    a ``clicooper launch`` run is wanted, else an in-process one), no checkpoint."""
     out_dir = Path(out_dir)
+    command = "launch" if launched else "run"
     if not out_dir.is_dir():
         raise ValueError(f"{out_dir} is not a run directory: nothing to resume")
     if (out_dir / "results.json").exists():
@@ -41,17 +53,39 @@ def resumable_config(out_dir: Path) -> RunConfig:
     if not (out_dir / RUN_CONFIG).is_file():
         raise ValueError(
             f"{out_dir} is not a run directory that can be resumed (no {RUN_CONFIG}): "
-            "only split runs in-process are resumed"
+            f"give the directory of a split run `clicooper {command}` started"
         )
     try:
         cfg = RunConfig.load(out_dir / RUN_CONFIG)
     except ConfigError as exc:
         raise ValueError(f"{out_dir / RUN_CONFIG}: {exc}") from None
-    if cfg.mode == "centralized" or cfg.transport != "inprocess":
-        raise ValueError(f"{out_dir}: only in-process split runs can be resumed")
+    if cfg.mode == "centralized":
+        raise ValueError(f"{out_dir}: only split runs can be resumed (this one is centralized)")
+    _check_kind(out_dir, cfg, launched)
     if not ckpt.steps(out_dir / "owner" / "checkpoints"):
         raise ValueError(
             f"{out_dir} has no checkpoint yet (the run died before its first step): "
-            "start it again with --overwrite"
+            f"start it again with `clicooper {command} ... --overwrite`"
         )
     return cfg
+
+
+def _check_kind(out_dir: Path, cfg: RunConfig, launched: bool) -> None:
+    """``clicooper run --resume`` continues in-process runs, ``launch --resume`` launched
+    ones; a run over gRPC with parties served by hand is resumed by neither (its parties'
+    directories are on other machines)."""
+    was_launched = cfg.transport == "grpc" and (out_dir / LAUNCH_MARK).is_file()
+    if launched and not was_launched:
+        if cfg.transport == "inprocess":
+            raise ValueError(
+                f"{out_dir} is an in-process run: resume it with `clicooper run --resume`"
+            )
+        raise ValueError(f"{out_dir} is not a run `clicooper launch` started: nothing to resume")
+    if not launched and was_launched:
+        raise ValueError(
+            f"{out_dir} is a `clicooper launch` run: resume it with `clicooper launch --resume`"
+        )
+    if not launched and cfg.transport != "inprocess":
+        raise ValueError(
+            f"{out_dir}: only in-process runs and `clicooper launch` runs can be resumed"
+        )

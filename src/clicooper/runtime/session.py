@@ -107,12 +107,13 @@ def run(
 
     With ``cfg.transport == "grpc"`` the trainers and the verifier are remote
     processes described by ``deployment``; this process is the data owner.
-    ``resume``: continue the unfinished in-process run in ``out_dir`` from its last
-    checkpoint, with the settings it saved (``out_dir/config.toml``; ``cfg`` is not
-    used) and its owner secret (:mod:`clicooper.runtime.resume`).
+    ``resume``: continue the unfinished run in ``out_dir`` (in-process; with
+    ``deployment``, one ``clicooper launch`` started) from its last checkpoint, with the
+    settings it saved (``out_dir/config.toml``; ``cfg`` is not used) and its owner secret
+    (:mod:`clicooper.runtime.resume`).
     """
     if resume:
-        cfg = resumable_config(Path(out_dir))
+        cfg = resumable_config(Path(out_dir), launched=deployment is not None)
     if cfg.transport == "grpc" and (deployment is None or model_factory is not None):
         raise ValueError(
             "transport grpc needs the parties' addresses (--peers FILE --certs DIR) and a "
@@ -369,7 +370,9 @@ def _run_split(
     optim = OptimSettings.from_config(cfg, run_steps(cfg, len(data.train)))
     remote, trainers, verifier = None, [], None
     if cfg.transport == "grpc":
-        remote = _remote(cfg, deployment, parties, data.image_shape, n_outputs, with_chain, optim)
+        remote = _remote(
+            cfg, deployment, parties, data.image_shape, n_outputs, with_chain, optim, resume
+        )
         transport = remote.transport
     else:
         transport, trainers, verifier = _local(
@@ -540,8 +543,10 @@ def _remote(
     n_outputs: int,
     with_chain: bool,
     optim: OptimSettings,
+    resume: bool = False,
 ) -> Remote:
-    """The trainers and the verifier as remote processes, connected and set up."""
+    """The trainers and the verifier as remote processes, connected and set up (``resume``:
+    each from its own files and checkpoints, see :meth:`Remote.start`)."""
     trainer = {
         "settings": party_settings(cfg, "trainer"),
         "image_shape": list(image_shape),
@@ -553,7 +558,7 @@ def _remote(
     if with_chain:
         setup["verifier"] = {"settings": party_settings(cfg, "verifier")}
     remote = Remote(deployment, parties, setup, cfg.limits)
-    remote.start()
+    remote.start(resume)
     return remote
 
 
