@@ -275,3 +275,24 @@ def test_bad_frontier_extra_is_one_line_exit_2(cli_inprocess, tmp_path: Path, co
     assert code == 2
     assert "--frontier-extra" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_report_and_frontier_render_with_the_once_column_alone(quick, tmp_path: Path) -> None:
+    """`--columns once`: the report and the results-only figures need no other column."""
+    import copy
+
+    from clicooper.evaluation.figures import adaptive_curve, frontier
+    from clicooper.evaluation.report import render
+
+    r = copy.deepcopy(quick[0])
+    r["columns"] = ["once"]
+    for key in ("runs", "attacks", "targets", "epsilon"):
+        r[key] = {"once": r[key]["once"]}
+    del r["privacy_utility"]
+    r["frontier"]["points"] = [p for p in r["frontier"]["points"] if p["series"] == "once"]
+    text = render(r)
+    assert "| metric | once |" in text and "| test accuracy |" in text
+    assert "| metric | vanilla" not in text and "no noise sweep" in text
+    for draw, name in ((frontier, "frontier.png"), (adaptive_curve, "adaptive.png")):
+        draw(r, tmp_path / name)
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

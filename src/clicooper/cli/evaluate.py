@@ -31,7 +31,10 @@ def evaluate(
     epochs: Annotated[int | None, Opt(help="epochs of both runs (15 quick, 5 full)")] = None,
     train_subset: Annotated[int | None, Opt(help="owner trains on a seeded subset")] = None,
     test_subset: Annotated[int | None, Opt()] = None,
-    noise_multiplier: Annotated[float | None, Opt(help="CliCooper noise std / clip norm")] = None,
+    noise_multiplier: Annotated[
+        float | None,
+        Opt(help="noise std / clip norm of the clicooper column (once: --once-target-epsilon)"),
+    ] = None,
     model: Annotated[
         str, Opt(help="mlp or cnn (default cnn: the inversion attacks assume an image head)")
     ] = "cnn",
