@@ -1,4 +1,5 @@
-"""`clicooper evaluate --quick` on digits: in time; attacks work on vanilla, worse on CliCooper."""
+"""`clicooper evaluate --quick` on digits: in time; attacks work on vanilla, worse on CliCooper;
+the release-once column is attacked through what its T1 holds; targets and frontier written."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pytest
 pytestmark = pytest.mark.timeout(900)  # the module fixture runs the whole evaluation
 
 MODES = ("vanilla", "clicooper")
+COLUMNS = (*MODES, "once")
+TARGETS = ("epsilon", "accuracy", "owner_share", "query_decoder_ssim", "data_free_ssim")
 STRENGTHS = ("data_free", "aux_no_query", "query_decoder", "query_decoder_nonadaptive")
 FIGURES = (
     "reconstructions.png",
@@ -19,6 +22,7 @@ FIGURES = (
     "privacy_utility.png",
     "adaptive_extraction.png",
     "activations_pca.png",
+    "frontier.png",
 )
 
 
@@ -53,9 +57,10 @@ def test_quick_finishes_within_three_minutes(quick) -> None:
 
 def test_results_hold_every_required_key(quick) -> None:
     r, _, _ = quick
-    assert 0 <= _get(r, "runs.vanilla.accuracy.test") <= 1
-    assert 0 <= _get(r, "runs.clicooper.accuracy.test") <= 1
-    for mode in MODES:
+    assert r["columns"] == list(COLUMNS)
+    for mode in COLUMNS:
+        assert 0 <= _get(r, f"runs.{mode}.accuracy.test") <= 1
+    for mode in COLUMNS:
         a = r["attacks"][mode]
         for party in ("T1", "T2"):
             for key in ("matched_accuracy", "ari", "success_rate", "naming_accuracy"):
@@ -76,8 +81,10 @@ def test_results_hold_every_required_key(quick) -> None:
         assert [p["m"] for p in a["extraction"]["adaptive"]] == [1, 5, 10]
         for point in a["extraction"]["adaptive"]:
             assert set(point) >= {"m", "accuracy", "scratch_accuracy"}
-        shallow = a["inversion"]["shallow_cut"]
+    for mode in MODES:
+        shallow = r["attacks"][mode]["inversion"]["shallow_cut"]
         assert shallow["cut"] == "conv1" and set(shallow["data_free"]) >= {"ssim", "psnr"}
+    assert "shallow_cut" not in r["attacks"]["once"]["inversion"]
     assert r["epsilon"]["vanilla"] is None and r["epsilon"]["clicooper"] > 0
     assert r["data"]["auxiliary"] > 0 and r["data"]["test"] >= 256
     points = r["privacy_utility"]["points"]
@@ -103,14 +110,20 @@ def test_report_and_figures_exist(quick) -> None:
     r, out, _ = quick
     report = (out / "report.md").read_text()
     for needle in (
-        "| metric | vanilla | clicooper |",
+        "| metric | vanilla | clicooper | once |",
+        "## Targets (issue 10",
+        "| query-decoder SSIM no better than the class-mean floor |",
+        "## Release once: what its T1 holds",
+        "## Frontier: accuracy against epsilon",
+        "| once | once, epsilon 2 |",
         "test accuracy",
         "clustering success at T1",
         "extraction chance",
         "epsilon",
         "Adaptive extraction",
         "False-positive floor",
-        "Watermark removal on the stolen CliCooper chain",
+        "Watermark removal on the stolen CliCooper chains",
+        "### once",
         "| noise_multiplier | gradient noise |",
         "## Compute: who does the training work",
         "| owner share of training FLOPs |",
@@ -156,10 +169,11 @@ def test_attacks_do_worse_on_clicooper(quick) -> None:
     assert abs(queried[1] - 0.1) < 0.05  # the secret permutation: blind naming
 
 
-def test_watermark_removal_runs_on_the_clicooper_chain_only(quick) -> None:
+@pytest.mark.parametrize("column", ["clicooper", "once"])
+def test_watermark_removal_runs_on_the_clicooper_chains_only(quick, column: str) -> None:
     attacks = quick[0]["attacks"]
     assert attacks["vanilla"]["watermark_removal"] is None  # no watermark, nothing to claim
-    rows = attacks["clicooper"]["watermark_removal"]["rows"]
+    rows = attacks[column]["watermark_removal"]["rows"]
     names = [row["attack"] for row in rows]
     assert names[0].startswith("none")
     for kind in ("fine-tune", "prune", "overwrite"):
@@ -168,7 +182,117 @@ def test_watermark_removal_runs_on_the_clicooper_chain_only(quick) -> None:
         assert rows[0][party]["holds"] and rows[0][party]["ber"] == 0.0
 
 
+def test_once_column_is_a_release_once_run_attacked_through_its_cache(quick) -> None:
+    r, out, _ = quick
+    run, a = r["runs"]["once"], r["attacks"]["once"]
+    p = run["privacy"]
+    assert p["release"] == "once" and p["releases_per_record"]["max"] == 1
+    assert p["epsilon"] == pytest.approx(8.0, abs=0.01)  # QUICK's once_target_epsilon
+    assert (out / "runs" / "once" / "parties" / "t1" / "releases").is_dir()
+    inv = a["inversion"]
+    assert inv["targets"]["source"].startswith("t1 release cache")
+    assert inv["attacker_head"] == "exact"  # the default public head: the trainers pretrain it
+    for strength in STRENGTHS:
+        assert 0 <= inv[strength]["ssim"] <= 1
+    # At epsilon 8 one release per record leaves the query decoder below the class-mean
+    # floor and T1's activation clustering at chance; the every-epoch run's decoder is sharper.
+    assert inv["query_decoder"]["ssim"] < inv["baselines"]["class_mean"]
+    assert (
+        inv["query_decoder"]["ssim"]
+        < r["attacks"]["clicooper"]["inversion"]["query_decoder"]["ssim"]
+    )
+    assert a["clustering"]["T1"]["activations"]["success_rate"] <= 0.15
+    assert abs(a["extraction"]["accuracy"] - 0.1) < 0.05
+    assert [point["m"] for point in a["extraction"]["adaptive"]] == [1, 5, 10]
+
+
+def test_targets_are_scored_in_every_column(quick) -> None:
+    r = quick[0]
+    for column in COLUMNS:
+        t, inv = r["targets"][column], r["attacks"][column]["inversion"]
+        for key in (*TARGETS, "extraction"):
+            assert isinstance(t[key]["passed"], bool), (column, key)
+        assert t["query_decoder_ssim"]["floor"] == inv["baselines"]["class_mean"]
+        query = max(inv["query_decoder"]["ssim"], inv["query_decoder_nonadaptive"]["ssim"])
+        assert t["query_decoder_ssim"]["passed"] == (query <= inv["baselines"]["class_mean"])
+    assert not r["targets"]["vanilla"]["epsilon"]["passed"]  # no epsilon at all
+    assert r["targets"]["once"]["epsilon"]["passed"]
+    assert not r["targets"]["clicooper"]["epsilon"]["passed"]  # 15 releases at noise 0.2
+
+
+def test_frontier_holds_every_run_of_the_evaluation(quick) -> None:
+    r = quick[0]
+    points = r["frontier"]["points"]
+    main = {p["series"]: p for p in points if p["main_run"]}
+    assert set(main) == {"vanilla", "every-epoch", "once"}
+    assert main["once"]["accuracy"] == r["runs"]["once"]["accuracy"]["test"]
+    assert main["vanilla"]["epsilon"] is None
+    once = [p for p in points if p["series"] == "once" and not p["main_run"]]
+    assert [p["epsilon"] for p in once] == [pytest.approx(2.0, abs=0.01)]  # QUICK's sweep
+    sweep = [p for p in points if p["series"] == "every-epoch" and not p["main_run"]]
+    assert len(sweep) == 2  # QUICK's activation-noise points
+    for point in points:
+        assert 0 <= point["accuracy"] <= 1 and 0 < point["owner_share"] < 1
+
+
 def test_bad_dataset_is_one_line_exit_2(cli_inprocess, tmp_path: Path) -> None:
     code, err, _ = cli_inprocess("evaluate", "--dataset", "nope", "--out", str(tmp_path), "--quick")
     assert code == 2
     assert "unknown dataset 'nope'" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "needle"),
+    [
+        (("--columns", "vanilla,nope"), "--columns takes distinct names"),
+        (("--columns", "once,once"), "--columns takes distinct names"),
+        (("--once-head-source", "nope"), "unknown head source 'nope'"),
+        (("--once-target-epsilon", "0"), "--once-target-epsilon must be a positive number"),
+        (("--once-sweep", "2,x"), "--once-sweep takes comma-separated positive epsilons"),
+    ],
+)
+def test_bad_once_options_are_one_line_exit_2(
+    cli_inprocess, tmp_path: Path, flags: tuple[str, ...], needle: str
+) -> None:
+    out = tmp_path / "eval"
+    code, err, _ = cli_inprocess("evaluate", "--dataset", "digits", "--out", str(out), *flags)
+    assert code == 2
+    assert needle in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()  # refused before anything ran
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["not json", '{"label": "a"}', '[{"label": "a", "series": "once", "accuracy": 1.5}]'],
+)
+def test_bad_frontier_extra_is_one_line_exit_2(cli_inprocess, tmp_path: Path, content) -> None:
+    extra = tmp_path / "extra.json"
+    extra.write_text(content)
+    out = tmp_path / "eval"
+    code, err, _ = cli_inprocess(
+        "evaluate", "--dataset", "digits", "--out", str(out), "--frontier-extra", str(extra)
+    )
+    assert code == 2
+    assert "--frontier-extra" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_report_and_frontier_render_with_the_once_column_alone(quick, tmp_path: Path) -> None:
+    """`--columns once`: the report and the results-only figures need no other column."""
+    import copy
+
+    from clicooper.evaluation.figures import adaptive_curve, frontier
+    from clicooper.evaluation.report import render
+
+    r = copy.deepcopy(quick[0])
+    r["columns"] = ["once"]
+    for key in ("runs", "attacks", "targets", "epsilon"):
+        r[key] = {"once": r[key]["once"]}
+    del r["privacy_utility"]
+    r["frontier"]["points"] = [p for p in r["frontier"]["points"] if p["series"] == "once"]
+    text = render(r)
+    assert "| metric | once |" in text and "| test accuracy |" in text
+    assert "| metric | vanilla" not in text and "no noise sweep" in text
+    for draw, name in ((frontier, "frontier.png"), (adaptive_curve, "adaptive.png")):
+        draw(r, tmp_path / name)
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

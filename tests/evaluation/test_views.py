@@ -149,3 +149,108 @@ def test_mode_config_keeps_everything_but_the_mode() -> None:
     da, db = a.model_dump(), b.model_dump()
     assert da.pop("mode") == "vanilla" and db.pop("mode") == "clicooper"
     assert da == db and a.record == QUICK.record and a.train_subset is None
+
+
+@pytest.fixture(scope="module")
+def once(tmp_path_factory: pytest.TempPathFactory, digits: Dataset) -> tuple[Session, Path]:
+    """A small release-once run (the default public head) and its directory."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("once") / "run"
+    cfg = RunConfig.load(
+        None,
+        mode="clicooper",
+        model="mlp",
+        epochs=2,
+        batch_size=32,
+        record=64,
+        **{"privacy.release": "once", "privacy.target_epsilon": 8.0, "head.pretrain_epochs": 2},
+    )
+    cfg.watermark.enabled = False
+    return run(cfg, out, data=digits.limit(300, 100, seed=0)), out
+
+
+def test_release_once_view_is_t1s_cache_on_disk(once) -> None:
+    """The release-once T1's attack material is its cache read back from its files, and every
+    input it recorded in training is the cached release of that record."""
+    from clicooper.evaluation.orchestrate import check_recorded_releases
+    from clicooper.evaluation.views import cached_releases, release_targets
+
+    session, out = once
+    cache = cached_releases(out)
+    held = session.trainers[0].releases
+    assert torch.equal(cache.ids, torch.arange(len(session.dataset.train)))
+    assert torch.equal(cache.x, held.x)
+    view = view_of(session.trainers[0])
+    check_recorded_releases(session, view, cache, session_cfg(out))
+    ids = release_targets(cache, 32, seed=0)
+    assert len(ids.unique()) == 32 and torch.equal(ids, release_targets(cache, 32, seed=0))
+    assert not torch.equal(ids, release_targets(cache, 32, seed=1))
+    with pytest.raises(ValueError, match="holds no release"):
+        cache.rows(torch.tensor([len(cache.ids)]))
+    with pytest.raises(ValueError, match="lower n_invert"):
+        release_targets(cache, len(cache.ids) + 1, seed=0)
+
+
+def test_a_recorded_input_that_is_not_the_cached_release_is_caught(once) -> None:
+    from dataclasses import replace
+
+    from clicooper.evaluation.orchestrate import check_recorded_releases
+    from clicooper.evaluation.views import cached_releases
+
+    session, out = once
+    view = view_of(session.trainers[0])
+    records = dict(view.records)
+    records["activation"] = records["activation"].clone()
+    records["activation"][3, 0] += 1e-3
+    with pytest.raises(RuntimeError, match="differ from its cached releases"):
+        check_recorded_releases(
+            session, replace(view, records=records), cached_releases(out), session_cfg(out)
+        )
+
+
+def test_release_cache_missing_is_a_one_line_error(tmp_path: Path) -> None:
+    from clicooper.evaluation.views import cached_releases
+
+    with pytest.raises(ValueError, match="holds no t1 release cache"):
+        cached_releases(tmp_path)
+
+
+def test_release_once_attackers_get_the_head_the_trainers_hold(once) -> None:
+    """A public head the trainers pretrained is known exactly (a copy, never the owner's
+    module); one the owner pretrained is known by architecture only."""
+    from clicooper.evaluation.orchestrate import architecture, head_known
+
+    session, out = once
+    cfg = session_cfg(out)
+    assert head_known(cfg)
+    head_factory, _ = architecture(session, cfg)
+    copy = head_factory()
+    assert copy is not session.owner.head
+    x = session.dataset.test.x[:8]
+    assert torch.equal(copy(x), session.owner.head(x))
+    owner_made = cfg.model_copy(
+        update={"head": cfg.head.model_copy(update={"pretrain_by": "owner"})}
+    )
+    assert not head_known(owner_made)
+    fresh = architecture(session, owner_made)[0]()
+    assert fresh(x).shape == copy(x).shape and not torch.allclose(fresh(x), copy(x))
+    assert torch.allclose(fresh(x).flatten(1).norm(dim=1), torch.ones(8))  # unit norm, as h
+
+
+def test_column_config_sets_release_head_and_epsilon() -> None:
+    from dataclasses import replace
+
+    from clicooper.evaluation.orchestrate import column_config
+
+    cfg = RunConfig.load(None, dataset="digits", **{"privacy.release": "once"})
+    s = replace(QUICK, once_head_source="random", once_target_epsilon=4.0)
+    every, once_cfg = column_config(cfg, s, "clicooper"), column_config(cfg, s, "once")
+    assert every.mode == "clicooper" and every.privacy.release == "every-epoch"
+    assert once_cfg.privacy.release == "once" and once_cfg.privacy.target_epsilon == 4.0
+    assert once_cfg.head.source == "random" and every.record == once_cfg.record == QUICK.record
+    with pytest.raises(ValueError, match="unknown column"):
+        column_config(cfg, s, "nope")
+
+
+def session_cfg(out: Path) -> RunConfig:
+    return RunConfig.load(out / "config.toml")

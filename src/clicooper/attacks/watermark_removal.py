@@ -106,6 +106,9 @@ class Lab:
         if session.owner is None or session.owner.labels is None:
             raise ValueError("the session has no data owner label mapping: run in clicooper mode")
         self.labels: LabelObfuscator = session.owner.labels
+        # release once: the head file holds the frozen head, not the preset's (a copy of
+        # the owner's module gives its architecture; its weights still come from the file)
+        self.frozen_head = session.owner.head if cfg.privacy.release == "once" else None
         self.fresh_labels: Tensor | None
         if thief is None:
             gen = torch.Generator().manual_seed(seed)
@@ -149,6 +152,8 @@ class Lab:
     def build(self) -> nn.Sequential:
         """The whole stolen chain: the owner's head file and the trainers' segment files."""
         split = preset_factory(self.cfg, self.data)(self.labels.pseudo_classes)
+        if self.frozen_head is not None:
+            split.head = copy.deepcopy(self.frozen_head)
         split.head.load_state_dict(load_segment(self.run_dir / "owner" / "head.safetensors"))
         for party, seg in zip(self.parties, split.segments, strict=True):
             seg.load_state_dict(load_segment(self.run_dir / "segments" / f"{party}.safetensors"))

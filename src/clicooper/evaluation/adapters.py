@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from clicooper.attacks import (
@@ -31,9 +32,10 @@ from clicooper.attacks.clustering import (
     structural_naming_accuracy,
 )
 from clicooper.attacks.extraction import last_linear, query_shadow_head
-from clicooper.attacks.inversion import aligned_autoencoder, decode
+from clicooper.attacks.inversion import aligned_autoencoder, decode, total_variation
 from clicooper.evaluation.settings import EvalSettings
 from clicooper.evaluation.views import AuxData, PartyView
+from clicooper.privacy.activation import ActivationNoise
 
 Factory = Callable[[], nn.Module]
 Aligned = tuple[nn.Module, nn.Module]
@@ -123,18 +125,18 @@ def observed(first: PartyView) -> torch.Tensor:
     return first.rows("activation", first.epochs[-1])
 
 
-def align(first: PartyView, aux: AuxData, head_factory: Factory, s: EvalSettings) -> Aligned:
-    """Encoder and decoder aligned to T1's last-epoch activations with the auxiliary images.
+def align(seen: torch.Tensor, aux: AuxData, head_factory: Factory, s: EvalSettings) -> Aligned:
+    """Encoder and decoder aligned to activations T1 holds (``seen``) with the auxiliary images.
 
     One training serves two attacks: the decoder is the auxiliary-data inverter, the
     encoder the extraction's shadow head (both only need aux images and observations).
+    ``seen``: T1's last-epoch inputs (:func:`observed`), or a release-once T1's cache.
     """
-    return aligned_autoencoder(head_factory, aux.images, observed(first), s.aux_epochs, s.seed)
+    return aligned_autoencoder(head_factory, aux.images, seen, s.aux_epochs, s.seed)
 
 
 def inversion(
-    first: PartyView,
-    rows: torch.Tensor,
+    z: torch.Tensor,
     aux: AuxData,
     head_factory: Factory,
     image_shape: tuple[int, ...],
@@ -142,16 +144,18 @@ def inversion(
     clean_pairs: torch.Tensor,
     aligned: Aligned,
     s: EvalSettings,
+    exact_head: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Reconstructions of T1's observed activations ``rows`` at every attacker strength.
+    """Reconstructions of the activations ``z`` T1 holds, at every attacker strength.
 
-    ``noisy_pairs``/``clean_pairs`` are what T1 received when the owner served inference
-    on the attacker's chosen images ``aux.images`` with its noise on / off (query access);
-    ``aligned`` is :func:`align`'s (encoder, decoder).
+    ``noisy_pairs``/``clean_pairs`` are what T1 gets for the attacker's chosen images
+    ``aux.images`` with the noise on / off (query access); ``aligned`` is :func:`align`'s
+    (encoder, decoder). ``exact_head``: ``head_factory`` gives the very head that produced
+    ``z`` (release once with a head the trainers hold), so the data-free attacker inverts
+    it white-box (:func:`whitebox_inversion`) instead of fitting a shadow.
     """
-    z = first.records["activation"][rows]
     return {
-        "data_free": data_free(head_factory, z, image_shape, s),
+        "data_free": data_free(head_factory, z, image_shape, s, exact_head),
         "aux_no_query": decode(aligned[1], z),
         "query_decoder": query_decoder(
             aux.images, noisy_pairs, z, epochs=s.decoder_epochs, seed=s.seed
@@ -163,12 +167,63 @@ def inversion(
 
 
 def data_free(
-    head_factory: Factory, z: torch.Tensor, image_shape: tuple[int, ...], s: EvalSettings
+    head_factory: Factory,
+    z: torch.Tensor,
+    image_shape: tuple[int, ...],
+    s: EvalSettings,
+    exact_head: bool = False,
 ) -> torch.Tensor:
-    """UnSplit at the evaluation's budget."""
+    """UnSplit at the evaluation's budget; white-box inversion when the head is known."""
+    if exact_head:
+        steps = s.unsplit_rounds * s.unsplit_steps  # UnSplit's image steps, no shadow steps
+        return whitebox_inversion(head_factory(), z, image_shape, steps, seed=s.seed)
     return unsplit(
         head_factory, z, image_shape, rounds=s.unsplit_rounds, steps=s.unsplit_steps, seed=s.seed
     )
+
+
+def whitebox_inversion(
+    head: nn.Module,
+    z: torch.Tensor,
+    image_shape: tuple[int, ...],
+    steps: int,
+    lr: float = 0.05,
+    tv_weight: float = 0.1,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Data-free inversion through the exact head: UnSplit's image step without a shadow.
+
+    min_x |h(x) - z|^2 / |z|^2 + tv_weight * TV(x) by Adam over x = sigmoid(u), from grey
+    (u = 0), all rows of ``z`` as one batch; ``h`` stays fixed (eval mode). This is the
+    data-free attacker of a release-once T1 whose trainers pretrained the public head, or
+    rebuilt a seeded or fixed one: it holds h itself, so only the noise stands in its way.
+    """
+    head = head.eval()
+    energy = z.pow(2).mean().clamp_min(1e-12)
+    torch.manual_seed(seed)
+    u = torch.zeros(z.shape[0], *image_shape, requires_grad=True)
+    opt = torch.optim.Adam([u], lr=lr)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        x = torch.sigmoid(u)
+        loss = F.mse_loss(head(x), z) / energy + tv_weight * total_variation(x)
+        loss.backward()
+        opt.step()
+    return torch.sigmoid(u).detach()
+
+
+def simulated_noise(clean: torch.Tensor, privacy: dict[str, Any], seed: int) -> torch.Tensor:
+    """The attacker's own noisy pairs: clean activations clipped and noised like a release.
+
+    A release-once T1 is served clean inference only, but the noise settings are public
+    (``privacy``: a run's results.json section), so it can draw the release's noise itself
+    with its own generator and train the adaptive query decoder on pairs that look like
+    the releases it holds.
+    """
+    noise = ActivationNoise(
+        privacy["clip_norm"], privacy["noise_multiplier"], privacy["mechanism"], seed=seed
+    )
+    return noise(clean)
 
 
 def stolen(views: list[PartyView]) -> nn.Module:
@@ -188,6 +243,7 @@ def extraction(
     test_x: torch.Tensor,
     test_y: np.ndarray,
     s: EvalSettings,
+    exact_head: bool = False,
 ) -> dict[str, Any]:
     """Non-adaptive and adaptive extraction by all trainers colluding, scored on the test set.
 
@@ -195,6 +251,8 @@ def extraction(
     adaptive variant and its from-scratch baseline are skipped. ``query_access`` is the
     same surrogate with a shadow head regressed on ``query_pairs`` (what T1 received
     when the owner served inference on ``aux.images``), the query attacker's extraction.
+    ``exact_head``: ``head_factory`` gives the run's very head (release once, a head the
+    trainers hold): it is the shadow of both, nothing to fit.
     """
     naming = np.arange(n_classes) if clear_labels else None
     seen = observed(views[0])
@@ -213,9 +271,15 @@ def extraction(
             shadow_head=head,
         )
 
+    if exact_head:
+        shadow = head_factory()
     result = surrogate(shadow)
-    queried = query_shadow_head(
-        head_factory, aux.images, query_pairs, epochs=s.decoder_epochs, seed=s.seed
+    queried = (
+        head_factory()
+        if exact_head
+        else query_shadow_head(
+            head_factory, aux.images, query_pairs, epochs=s.decoder_epochs, seed=s.seed
+        )
     )
     result["query_access"] = {
         k: v for k, v in surrogate(queried).items() if k in ("accuracy", "matched_accuracy")

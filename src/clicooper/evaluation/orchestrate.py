@@ -1,13 +1,17 @@
-"""``clicooper evaluate``: vanilla and CliCooper runs, every attack on both, one results dict.
+"""``clicooper evaluate``: vanilla and CliCooper runs, every attack on each, one results dict.
 
-Both runs use the same seed, architecture, data and batch order; the owner's
-training data excludes the auxiliary split handed to the attackers. Each attack
-sees only what its party received (:mod:`.views`); scoring joins records to the
-truth (:mod:`.truth`).
+The columns (:data:`~clicooper.evaluation.settings.COLUMNS`) are vanilla split learning,
+CliCooper releasing every epoch and CliCooper releasing once. Every run uses the same
+seed, architecture, data and batch order; the owner's training data excludes the
+auxiliary split handed to the attackers. Each attack sees only what its party received
+(:mod:`.views`): a release-once T1 holds its cache of the owner's single release per
+record (read back from ``parties/t1/releases``) and the clean inference path. Scoring
+joins records to the truth (:mod:`.truth`).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -25,22 +29,27 @@ from clicooper.attacks.watermark_removal import Lab, robustness
 from clicooper.config import RunConfig
 from clicooper.data import Dataset, default_dataset, load_dataset
 from clicooper.evaluation import adapters
-from clicooper.evaluation.settings import EvalSettings
+from clicooper.evaluation.settings import COLUMNS, EvalSettings
+from clicooper.evaluation.targets import targets
 from clicooper.evaluation.truth import row_labels, row_sample_ids
 from clicooper.evaluation.views import (
     AuxData,
+    CachedReleases,
     PartyView,
     assert_disjoint,
+    cached_releases,
     make_aux,
     query_activations,
+    release_targets,
     view_of,
 )
+from clicooper.heads.base import UnitNorm
 from clicooper.models.presets import build_preset
 from clicooper.runtime.session import Session, preset_factory, run
 
 Say = Callable[[str], None]
 TrainProgress = Callable[[int, str], AbstractContextManager[Any]]
-MODES = ("vanilla", "clicooper")
+MODES = ("vanilla", "clicooper")  # the columns with a trained head (shallow cut, sweep)
 FIGURE_SAMPLES = 8
 
 
@@ -62,8 +71,11 @@ def prepare_data(cfg: RunConfig, s: EvalSettings) -> tuple[Dataset, AuxData, Any
     return owner_data, make_aux(aux_split, data.num_classes), aux_split
 
 
-def mode_config(cfg: RunConfig, s: EvalSettings, mode: str, **privacy: float) -> RunConfig:
-    """The shared config of both runs, in ``mode`` (subsets already applied to the data)."""
+def mode_config(
+    cfg: RunConfig, s: EvalSettings, mode: str, head: dict[str, Any] | None = None, **privacy: Any
+) -> RunConfig:
+    """The shared config of every run, in ``mode`` (subsets already applied to the data);
+    ``head`` and ``privacy`` override those sections."""
     raw = cfg.model_dump()
     raw.update(
         mode=mode,
@@ -75,7 +87,42 @@ def mode_config(cfg: RunConfig, s: EvalSettings, mode: str, **privacy: float) ->
         test_subset=None,
     )
     raw["privacy"].update(privacy)
+    raw["head"].update(head or {})
     return RunConfig.model_validate(raw)
+
+
+def column_config(cfg: RunConfig, s: EvalSettings, column: str, **privacy: Any) -> RunConfig:
+    """The config of one column: ``vanilla``, ``clicooper`` (released every epoch) or
+    ``once`` (a frozen head from ``s.once_head_source``, or the config's, and one release
+    per record with the noise for ``s.once_target_epsilon``); ``privacy`` overrides."""
+    if column == "vanilla":
+        return mode_config(cfg, s, "vanilla", **privacy)
+    if column == "clicooper":
+        return mode_config(cfg, s, "clicooper", **{"release": "every-epoch", **privacy})
+    if column != "once":
+        raise ValueError(f"unknown column {column!r}: use {', '.join(COLUMNS)}")
+    once = {"release": "once", "target_epsilon": s.once_target_epsilon, **privacy}
+    head = {"source": s.once_head_source} if s.once_head_source else None
+    return mode_config(cfg, s, "clicooper", head, **once)
+
+
+def releases_once(cfg: RunConfig) -> bool:
+    """A CliCooper run with ``privacy.release = "once"``."""
+    return cfg.mode == "clicooper" and cfg.privacy.release == "once"
+
+
+def head_known(cfg: RunConfig) -> bool:
+    """Whether the trainers hold a release-once run's frozen head exactly.
+
+    They pretrained a public head themselves (``head.pretrain_by = "trainers"``, the
+    default), can rebuild a seeded random head (the seed is shared) and know the fixed
+    scattering transform; a DP-SGD head, or a public head the owner pretrained, they
+    know by architecture only.
+    """
+    h = cfg.head
+    return h.source in ("random", "scattering") or (
+        h.source == "public" and h.pretrain_by == "trainers"
+    )
 
 
 def train(cfg: RunConfig, data: Dataset, out: Path, progress: TrainProgress | None) -> Session:
@@ -99,11 +146,13 @@ def attack_run(
     timing: dict[str, float],
     label: str | None = None,
     full: bool = True,
+    run_dir: Path | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Every attack on one finished run; (results, figure material).
+    """Every attack on one finished run (its directory ``run_dir``); (results, figure material).
 
     ``full`` runs clustering at every trainer and the adaptive extraction; otherwise
-    (privacy-utility points) clustering at T1 only and non-adaptive extraction.
+    (privacy-utility points) clustering at T1 only and non-adaptive extraction. A
+    release-once run is attacked through :func:`t1_holdings`.
     """
     data, mode = session.dataset, cfg.mode
     label = label or mode
@@ -112,6 +161,7 @@ def attack_run(
     views = [view_of(t) for t in session.trainers]
     labels = _labels_of(session, views, cfg)
     head_factory, model_factory = architecture(session, cfg)
+    exact = releases_once(cfg) and head_known(cfg)
     first = views[0]
     out: dict[str, Any] = {}
 
@@ -122,25 +172,31 @@ def attack_run(
             for v, y in zip(attacked, labels, strict=False)
         }
 
+    held = t1_holdings(session, cfg, first, aux, s, run_dir)
     with _stage(say, timing, f"{label}: auxiliary-data alignment"):
-        aligned = adapters.align(first, aux, head_factory, s)
-    # The query attacker's pairs: what T1 receives when the owner serves its chosen images.
-    noisy = query_activations(session.owner, session.trainers[0], aux.images, noisy=True)
-    clean = query_activations(session.owner, session.trainers[0], aux.images, noisy=False)
+        aligned = adapters.align(held["seen"], aux, head_factory, s)
 
     with _stage(say, timing, f"{label}: inversion"):
-        rows = adapters.inversion_targets(first, s.n_invert)
-        ids = _sample_ids(session, first, cfg)[rows]
+        ids = held["target_ids"]
         originals = data.train.x[ids]
         recon = adapters.inversion(
-            first, rows, aux, head_factory, data.image_shape, noisy, clean, aligned, s
+            held["targets"],
+            aux,
+            head_factory,
+            data.image_shape,
+            held["noisy"],
+            held["clean"],
+            aligned,
+            s,
+            exact_head=exact,
         )
         inv: dict[str, Any] = {k: reconstruction_scores(r, originals) for k, r in recon.items()}
         inv["ssim"] = max(inv["data_free"]["ssim"], inv["aux_no_query"]["ssim"])
         inv["baselines"] = mean_image_baselines(
             aux_split.x, aux_split.y, originals, data.train.y[ids].numpy(), seed=s.seed
         )
-        inv["targets"] = {"images": len(ids), "source": "t1 last-epoch training record"}
+        inv["targets"] = {"images": len(ids), "source": held["source"]}
+        inv["attacker_head"] = "exact" if exact else "architecture"
         out["inversion"] = inv
 
     with _stage(say, timing, f"{label}: extraction"):
@@ -149,13 +205,14 @@ def attack_run(
             aux,
             aligned[0],
             head_factory,
-            noisy,
+            held["extraction_pairs"],
             model_factory if full else None,
             n_classes,
             clear,
             data.test.x,
             data.test.y.numpy(),
             s,
+            exact_head=exact,
         )
     last = first.records["epoch"] == first.epochs[-1]
     figure = {
@@ -167,17 +224,85 @@ def attack_run(
     return out, figure
 
 
+def t1_holdings(
+    session: Session,
+    cfg: RunConfig,
+    first: PartyView,
+    aux: AuxData,
+    s: EvalSettings,
+    run_dir: Path | None,
+) -> dict[str, Any]:
+    """What T1's attacks work on: the activations it aligns to (``seen``), the inversion
+    targets (``target_ids``: record ids, evaluator-joined; ``targets``: their activations),
+    the query pairs for the adaptive (``noisy``) and non-adaptive (``clean``) decoders and
+    the pairs of the query-access extraction.
+
+    Every epoch: T1's last-epoch inputs, with query pairs from the owner's inference path
+    with its noise on and off. Release once: T1's release cache read back from its files
+    (checked equal to what it recorded), a seeded draw of its record ids as targets, the
+    clean inference path it is really served, and noisy pairs it draws itself
+    (:func:`~clicooper.evaluation.adapters.simulated_noise`).
+    """
+    owner, t1 = session.owner, session.trainers[0]
+    clean = query_activations(owner, t1, aux.images, noisy=False)
+    if not releases_once(cfg):
+        rows = adapters.inversion_targets(first, s.n_invert)
+        noisy = query_activations(owner, t1, aux.images, noisy=True)
+        return {
+            "seen": adapters.observed(first),
+            "target_ids": _sample_ids(session, first, cfg)[rows],
+            "targets": first.records["activation"][rows],
+            "noisy": noisy,
+            "clean": clean,
+            "extraction_pairs": noisy,
+            "source": "t1 last-epoch training record",
+        }
+    if run_dir is None:
+        raise ValueError("a release-once run is attacked from its directory: pass run_dir")
+    cache = cached_releases(run_dir)
+    check_recorded_releases(session, first, cache, cfg)
+    ids = release_targets(cache, s.n_invert, s.seed)
+    return {
+        "seen": cache.x,
+        "target_ids": ids,
+        "targets": cache.rows(ids),
+        "noisy": adapters.simulated_noise(clean, session.results["privacy"], s.seed),
+        "clean": clean,
+        "extraction_pairs": clean,
+        "source": "t1 release cache (parties/t1/releases), a seeded draw of its record ids",
+    }
+
+
+def check_recorded_releases(
+    session: Session, first: PartyView, cache: CachedReleases, cfg: RunConfig
+) -> None:
+    """Every input T1 recorded in training is the cached release of its record, byte for
+    byte: a release-once T1 sees nothing of the owner's data but its cache."""
+    ids = torch.as_tensor(_sample_ids(session, first, cfg))
+    if not torch.equal(first.records["activation"], cache.rows(ids)):
+        raise RuntimeError("t1's recorded inputs differ from its cached releases")
+
+
 def architecture(
     session: Session, cfg: RunConfig
 ) -> tuple[Callable[[], nn.Module], Callable[[], nn.Module]]:
-    """Factories of fresh (untrained) copies of the run's head and of its whole model.
+    """Factories of the attackers' copies of the run's head and of its whole model.
 
-    The attackers know the architecture, never the owner's weights.
+    The attackers know the architecture, never the owner's trained weights: a fresh head.
+    Release once: the exact frozen head when the trainers hold it (:func:`head_known`),
+    else a fresh head of the preset's architecture ending in the unit norm every frozen
+    head ends in. The whole model is always fresh (the from-scratch baseline).
     """
     factory = preset_factory(cfg, session.dataset)
     n_classes = session.dataset.num_classes
     n_out = session.owner.labels.pseudo_classes if session.owner.labels else n_classes
-    return (lambda: factory(n_out).head), (lambda: factory(n_classes).full())
+    model = lambda: factory(n_classes).full()  # noqa: E731
+    if releases_once(cfg) and head_known(cfg):
+        frozen = session.owner.head
+        return (lambda: copy.deepcopy(frozen).eval()), model
+    if releases_once(cfg):
+        return (lambda: nn.Sequential(factory(n_out).head, UnitNorm())), model
+    return (lambda: factory(n_out).head), model
 
 
 def _sample_ids(session: Session, view: PartyView, cfg: RunConfig) -> np.ndarray:
@@ -193,6 +318,7 @@ def watermark_removal(
     s: EvalSettings,
     say: Say,
     timing: dict[str, float],
+    label: str | None = None,
 ) -> dict[str, Any] | None:
     """Fine-tune, prune and overwrite the stolen chain; every trainer's claim after each.
 
@@ -201,7 +327,7 @@ def watermark_removal(
     """
     if not cfg.watermark.enabled or cfg.mode != "clicooper":
         return None
-    with _stage(say, timing, f"{cfg.mode}: watermark removal"):
+    with _stage(say, timing, f"{label or cfg.mode}: watermark removal"):
         lab = Lab(session, run_dir, cfg, s.seed, thief=aux.images)
         rows = robustness(
             lab,
@@ -222,7 +348,9 @@ def shallow_cut(
     progress: TrainProgress | None,
     timing: dict[str, float],
 ) -> dict[str, dict[str, Any]]:
-    """Data-free inversion (UnSplit) at the preset's shallowest cut, in both modes.
+    """Data-free inversion (UnSplit) at the preset's shallowest cut, vanilla and every-epoch
+    CliCooper (the columns of ``s.columns`` among them; release once is left out: its head
+    source would need pretraining at that cut too).
 
     The default cut ends in a low-dimensional bottleneck, which no data-free attack we
     tried inverts; the shallowest cut shows the attack working where the literature
@@ -231,8 +359,8 @@ def shallow_cut(
     cut = build_preset(cfg.model, data.image_shape, data.num_classes, cfg.trainers)[0][0]
     short = replace(s, epochs=s.shallow_epochs)
     results = {}
-    for mode in MODES:
-        run_cfg = mode_config(cfg, short, mode).model_copy(update={"cut": cut})
+    for mode in (m for m in MODES if m in s.columns):
+        run_cfg = column_config(cfg, short, mode).model_copy(update={"cut": cut})
         with _stage(say, timing, f"{mode}: shallow cut {cut}"):
             session = train(run_cfg, data, out / f"shallow-{mode}", progress)
             first = view_of(session.trainers[0])
@@ -287,7 +415,7 @@ def privacy_utility(
         for gm in s.sweep_gradient_noise
     ]
     for series, privacy, label, name in grid:
-        run_cfg = mode_config(cfg, sweep, "clicooper", **privacy)
+        run_cfg = column_config(cfg, sweep, "clicooper", **privacy)
         with _stage(say, timing, f"{label}: training"):
             session = train(run_cfg, sweep_data, out / name, progress)
         attacks, _ = attack_run(
@@ -305,6 +433,8 @@ def trade_off_point(run_: dict[str, Any], attacks: dict[str, Any]) -> dict[str, 
         "gradient_noise_multiplier": run_["privacy"]["gradient"]["noise_multiplier"],
         "accuracy": run_["accuracy"]["test"],
         "epsilon": run_["privacy"]["epsilon"],
+        "owner_share": (run_.get("compute") or {}).get("owner_share"),
+        "epochs": run_["config"]["epochs"],
         "clustering_t1_success_rate": t1["success_rate"],
         "clustering_t1_matched_accuracy": t1["matched_accuracy"],
         "clustering_t1_activations_success_rate": t1["activations"]["success_rate"],
@@ -322,6 +452,67 @@ def trade_off_point(run_: dict[str, Any], attacks: dict[str, Any]) -> dict[str, 
     }
 
 
+def once_sweep(
+    cfg: RunConfig,
+    data: Dataset,
+    s: EvalSettings,
+    out: Path,
+    say: Say,
+    progress: TrainProgress | None,
+    timing: dict[str, float],
+) -> list[dict[str, Any]]:
+    """Release-once runs at ``s.once_sweep_epsilon`` (the main runs' epochs and data), for
+    the frontier: trained and scored, not attacked, so they record nothing."""
+    points = []
+    for eps in s.once_sweep_epsilon:
+        run_cfg = column_config(cfg, s, "once", target_epsilon=eps).model_copy(update={"record": 0})
+        with _stage(say, timing, f"once at epsilon {eps:g}: training"):
+            session = train(run_cfg, data, out / f"once-eps-{eps:g}", progress)
+        points.append(frontier_point("once", f"once, epsilon {eps:g}", _run_summary(session)))
+    return points
+
+
+def frontier_point(
+    series: str, label: str, run_: dict[str, Any], main: bool = False
+) -> dict[str, Any]:
+    """One point of the frontier: a run's test accuracy, epsilon, owner share and epochs."""
+    return {
+        "series": series,
+        "label": label,
+        "accuracy": run_["accuracy"]["test"],
+        "epsilon": run_["privacy"]["epsilon"],
+        "owner_share": (run_.get("compute") or {}).get("owner_share"),
+        "epochs": run_["config"]["epochs"],
+        "main_run": main,
+        "source": "evaluation",
+    }
+
+
+def frontier(
+    results: dict[str, Any], once_points: list[dict[str, Any]], extra: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """Test accuracy against epsilon (every-epoch and once) and owner share against accuracy.
+
+    The points are the evaluation's own runs: the main run of each column, the noise
+    sweep's activation points (every-epoch), the release-once runs of ``once_points``,
+    then ``extra`` (given by the user, ``source`` "extra"). Vanilla has no epsilon.
+    """
+    series = {"vanilla": "vanilla", "clicooper": "every-epoch", "once": "once"}
+    points = [
+        frontier_point(series[c], f"{c} (main run)", results["runs"][c], main=True)
+        for c in results["columns"]
+    ]
+    for p in (results.get("privacy_utility") or {}).get("points", []):
+        if p["series"] == "activation" and not p.get("main_run"):
+            point = {k: p.get(k) for k in ("accuracy", "epsilon", "owner_share", "epochs")}
+            label = f"every-epoch, noise {p['noise_multiplier']:g}"
+            points.append({"series": "every-epoch", "label": label, **point})
+            points[-1].update(main_run=False, source="evaluation")
+    points += once_points
+    points += [{"main_run": False, "source": "extra", **p} for p in extra]
+    return {"points": points}
+
+
 def evaluate(
     cfg: RunConfig,
     out: Path,
@@ -329,11 +520,19 @@ def evaluate(
     say: Say = print,
     progress: TrainProgress | None = None,
     quick: bool = False,
+    extra_points: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Run the whole evaluation into ``out``: results.json, report.md, figures/*.png."""
+    """Run the whole evaluation into ``out``: results.json, report.md, figures/*.png.
+
+    ``s.columns`` names the runs (:data:`~clicooper.evaluation.settings.COLUMNS`);
+    ``extra_points`` are added to the frontier figure (keys as :func:`frontier_point`'s).
+    """
     from clicooper.evaluation.figures import write_figures
     from clicooper.evaluation.report import write_report
 
+    columns = [c for c in COLUMNS if c in s.columns]
+    if not columns or len(columns) != len(s.columns):
+        raise ValueError(f"columns must be distinct names among {', '.join(COLUMNS)}")
     torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
     timing: dict[str, float] = {}
@@ -347,6 +546,7 @@ def evaluate(
         "dataset": data.name,
         "quick": quick,
         "seed": s.seed,
+        "columns": columns,
         "settings": _settings_dict(s),
         "data": {
             "train": len(data.train),
@@ -361,37 +561,46 @@ def evaluate(
         "timing": timing,
     }
     figures: dict[str, Any] = {}
-    for mode in MODES:
-        run_cfg = mode_config(cfg, s, mode)
-        with _stage(say, timing, f"{mode}: training"):
-            session = train(run_cfg, data, out / "runs" / mode, progress)
-        results["runs"][mode] = _run_summary(session)
-        results["attacks"][mode], figures[mode] = attack_run(
-            session, run_cfg, aux, aux_split, s, say, timing
+    for column in columns:
+        run_cfg, run_dir = column_config(cfg, s, column), out / "runs" / column
+        with _stage(say, timing, f"{column}: training"):
+            session = train(run_cfg, data, run_dir, progress)
+        results["runs"][column] = _run_summary(session)
+        results["attacks"][column], figures[column] = attack_run(
+            session, run_cfg, aux, aux_split, s, say, timing, label=column, run_dir=run_dir
         )
-        results["attacks"][mode]["privacy"] = {"epsilon": session.results["privacy"]["epsilon"]}
-        results["attacks"][mode]["watermark_removal"] = watermark_removal(
-            session, run_cfg, out / "runs" / mode, aux, s, say, timing
+        results["attacks"][column]["privacy"] = {"epsilon": session.results["privacy"]["epsilon"]}
+        results["attacks"][column]["watermark_removal"] = watermark_removal(
+            session, run_cfg, run_dir, aux, s, say, timing, label=column
         )
         del session
-    results["epsilon"] = {m: results["runs"][m]["privacy"]["epsilon"] for m in MODES}
+    results["epsilon"] = {m: results["runs"][m]["privacy"]["epsilon"] for m in columns}
     shallow = shallow_cut(cfg, data, s, out / "runs", say, progress, timing)
-    for mode in MODES:
-        figures[mode]["shallow"] = shallow[mode]
+    for mode, found in shallow.items():
+        figures[mode]["shallow"] = found
         results["attacks"][mode]["inversion"]["shallow_cut"] = {
-            k: v for k, v in shallow[mode].items() if k not in ("reconstructions", "originals")
+            k: v for k, v in found.items() if k not in ("reconstructions", "originals")
         }
-    sweep = privacy_utility(
-        cfg, data, aux, aux_split, s, out / "runs" / "sweep", say, progress, timing
+    if "clicooper" in columns:  # the noise sweep varies the every-epoch release
+        sweep = privacy_utility(
+            cfg, data, aux, aux_split, s, out / "runs" / "sweep", say, progress, timing
+        )
+        main = trade_off_point(results["runs"]["clicooper"], results["attacks"]["clicooper"])
+        vanilla = results["runs"].get("vanilla")
+        results["privacy_utility"] = {
+            "points": sorted(
+                [*sweep, {"series": "activation", **main, "main_run": True}],
+                key=lambda p: (p["series"], p["gradient_noise_multiplier"], p["noise_multiplier"]),
+            ),
+            "vanilla_accuracy": vanilla["accuracy"]["test"] if vanilla else None,
+        }
+    once_points = (
+        once_sweep(cfg, data, s, out / "runs" / "sweep", say, progress, timing)
+        if "once" in columns
+        else []
     )
-    main = trade_off_point(results["runs"]["clicooper"], results["attacks"]["clicooper"])
-    results["privacy_utility"] = {
-        "points": sorted(
-            [*sweep, {"series": "activation", **main, "main_run": True}],
-            key=lambda p: (p["series"], p["gradient_noise_multiplier"], p["noise_multiplier"]),
-        ),
-        "vanilla_accuracy": results["runs"]["vanilla"]["accuracy"]["test"],
-    }
+    results["frontier"] = frontier(results, once_points, extra_points or [])
+    results["targets"] = targets(results)
     timing["total"] = round(time.perf_counter() - start, 2)
     (out / "results.json").write_text(json.dumps(results, indent=2, default=_json_default))
     write_figures(results, figures, out / "figures", data.image_shape)

@@ -1,11 +1,25 @@
-"""report.md: the paper-style table, vanilla and CliCooper side by side, with honest notes."""
+"""report.md: the paper-style table, one column per run (vanilla, CliCooper releasing every
+epoch, CliCooper releasing once), the targets, the frontier and honest notes."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from clicooper.evaluation.targets import TARGETS
+
 MODES = ("vanilla", "clicooper")
+#: What each column is, for the report's legend.
+COLUMN_NAMES = {
+    "vanilla": "vanilla split learning (no protection)",
+    "clicooper": "CliCooper, every-epoch release (the owner's head trains)",
+    "once": "CliCooper, release once (a frozen head, one noisy release per record)",
+}
+
+
+def columns(r: dict[str, Any]) -> list[str]:
+    """The evaluation's columns (results written before the third column: both modes)."""
+    return list(r.get("columns", MODES))
 
 
 def _f(x: Any, digits: int = 3) -> str:
@@ -21,55 +35,133 @@ def _row(name: str, values: list[Any]) -> str:
 
 
 def main_table(r: dict[str, Any]) -> list[str]:
-    a, runs = r["attacks"], r["runs"]
-    inv = {m: a[m]["inversion"] for m in MODES}
-    t1 = {m: a[m]["clustering"]["T1"] for m in MODES}
-    lines = ["| metric | vanilla | clicooper |", "|---|---|---|"]
-    lines.append(_row("test accuracy", [runs[m]["accuracy"]["test"] for m in MODES]))
-    lines.append(
-        _row("clustering success at T1 (p < 0.01)", [t1[m]["success_rate"] for m in MODES])
-    )
-    lines.append(
-        _row("clustering matched accuracy at T1", [t1[m]["matched_accuracy"] for m in MODES])
-    )
-    lines.append(_row("clustering ARI at T1", [t1[m]["ari"] for m in MODES]))
-    lines.append(
-        _row("inversion SSIM (headline: max of data-free, aux)", [inv[m]["ssim"] for m in MODES])
-    )
+    a, runs, cols = r["attacks"], r["runs"], columns(r)
+    inv = {m: a[m]["inversion"] for m in cols}
+    t1 = {m: a[m]["clustering"]["T1"] for m in cols}
+
+    def row(name: str, value: Any) -> str:
+        return _row(name, [value(m) for m in cols])
+
+    lines = ["| metric | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    lines.append(row("test accuracy", lambda m: runs[m]["accuracy"]["test"]))
+    lines.append(row("clustering success at T1 (p < 0.01)", lambda m: t1[m]["success_rate"]))
+    lines.append(row("clustering matched accuracy at T1", lambda m: t1[m]["matched_accuracy"]))
+    lines.append(row("clustering ARI at T1", lambda m: t1[m]["ari"]))
+    lines.append(row("inversion SSIM (headline: max of data-free, aux)", lambda m: inv[m]["ssim"]))
     for k in ("data_free", "aux_no_query", "query_decoder", "query_decoder_nonadaptive"):
-        lines.append(_row(f"inversion SSIM, {k}", [inv[m][k]["ssim"] for m in MODES]))
-        lines.append(_row(f"inversion PSNR dB, {k}", [inv[m][k]["psnr"] for m in MODES]))
-    shallow = {m: inv[m].get("shallow_cut") for m in MODES}
-    if all(shallow.values()):
-        cut = shallow["vanilla"]["cut"]
+        lines.append(row(f"inversion SSIM, {k}", lambda m, k=k: inv[m][k]["ssim"]))
+        lines.append(row(f"inversion PSNR dB, {k}", lambda m, k=k: inv[m][k]["psnr"]))
+    shallow = {m: inv[m].get("shallow_cut") for m in cols}
+    present = [m for m in cols if shallow[m]]
+    if present:
+        cut = shallow[present[0]]["cut"]
         lines.append(
-            _row(
+            row(
                 f"inversion SSIM, data_free at the shallowest cut ({cut})",
-                [shallow[m]["data_free"]["ssim"] for m in MODES],
+                lambda m: shallow[m]["data_free"]["ssim"] if shallow[m] else None,
             )
         )
         lines.append(
-            _row(f"test accuracy at the {cut} cut", [shallow[m]["accuracy"] for m in MODES])
+            row(
+                f"test accuracy at the {cut} cut",
+                lambda m: shallow[m]["accuracy"] if shallow[m] else None,
+            )
         )
     for k in ("dataset_mean", "class_mean", "uniform_noise"):
-        lines.append(_row(f"baseline SSIM, {k}", [inv[m]["baselines"][k] for m in MODES]))
+        lines.append(row(f"baseline SSIM, {k}", lambda m, k=k: inv[m]["baselines"][k]))
     lines.append(
-        _row("extraction accuracy (non-adaptive)", [a[m]["extraction"]["accuracy"] for m in MODES])
+        row("extraction accuracy (non-adaptive)", lambda m: a[m]["extraction"]["accuracy"])
     )
     lines.append(
-        _row(
+        row(
             "extraction accuracy (query access)",
-            [a[m]["extraction"]["query_access"]["accuracy"] for m in MODES],
+            lambda m: a[m]["extraction"]["query_access"]["accuracy"],
         )
     )
-    lines.append(_row("extraction chance (1/C)", [a[m]["extraction"]["chance"] for m in MODES]))
+    lines.append(row("extraction chance (1/C)", lambda m: a[m]["extraction"]["chance"]))
     lines.append(
-        _row(
+        row(
             "extraction, best naming (evaluator-only)",
-            [a[m]["extraction"]["matched_accuracy"] for m in MODES],
+            lambda m: a[m]["extraction"]["matched_accuracy"],
         )
     )
-    lines.append(_row("epsilon (delta 1e-5)", [r["epsilon"][m] for m in MODES]))
+    lines.append(row("epsilon (delta 1e-5)", lambda m: r["epsilon"][m]))
+    return lines
+
+
+def targets_table(r: dict[str, Any]) -> list[str]:
+    """Issue 10's release-once targets, value and pass/fail, in every column."""
+    found, cols = r.get("targets"), columns(r)
+    if not found:
+        return ["(no targets in these results)"]
+    lines = ["| target | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for key, what, _ in TARGETS:
+        cells = []
+        for m in cols:
+            t = found[m][key]
+            extra = ""
+            if "floor" in t:
+                extra = f" (floor {_f(t['floor'])})"
+            elif "dataset_mean" in t:
+                extra = f" (dataset mean {_f(t['dataset_mean'])})"
+            elif "chance" in t:
+                extra = f" (chance {_f(t['chance'])})"
+            cells.append(f"{_f(t['value'])}{extra} {'pass' if t['passed'] else 'FAIL'}")
+        lines.append(f"| {what} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def once_notes(r: dict[str, Any]) -> list[str]:
+    """How the release-once column was run and what its T1 attackers hold."""
+    if "once" not in columns(r):
+        return ["The release-once column was left out of this evaluation (`--columns`)."]
+    p = r["runs"]["once"]["privacy"]
+    head = p.get("head") or {}
+    inv = r["attacks"]["once"]["inversion"]
+    per = p.get("releases_per_record") or {}
+    exact = inv.get("attacker_head") == "exact"
+    head_eps = _f((head.get("privacy") or {}).get("epsilon"))
+    return [
+        f"- Head source `{head.get('source')}` ({head.get('pretrain_note', '')}; pretrained by "
+        f"{head.get('pretrain_runner')}); head epsilon {head_eps}; "
+        f"release: clip {p['clip_norm']}, noise multiplier {_f(p['noise_multiplier'])} for "
+        f"epsilon {_f(p['epsilon'])} (delta {p['delta']:g}), releases per record "
+        f"{per.get('min')}..{per.get('max')} over {per.get('records')} records.",
+        "- What T1 attacks: its release cache, read back from `parties/t1/releases` (every "
+        "input T1 recorded in training was checked equal, byte for byte, to the cached release "
+        "of its record); the inversion targets are a seeded draw of the record ids it holds. "
+        "At inference it is served clean activations (no `noise_at_inference`), so the "
+        "query attackers' pairs are clean; the adaptive query decoder adds the release's "
+        "noise (its scale is public) itself with its own generator.",
+        "- Attacker's head: "
+        + (
+            "the exact frozen head. The trainers pretrained it on public data (or can rebuild "
+            "a seeded or fixed one), so data-free inversion is white-box (Adam on the images "
+            "through the fixed head, UnSplit's image steps and prior), and the extraction's "
+            "shadow head is the head itself."
+            if exact
+            else "its architecture only (a fresh preset head ending in the unit norm): the "
+            "head was fitted on data the trainers do not hold."
+        ),
+        "- The shallowest-cut runs and the noise sweep vary the every-epoch release; the "
+        "release-once column has no shallow-cut run (its head source would be pretrained "
+        "at that cut too).",
+    ]
+
+
+def frontier_table(r: dict[str, Any]) -> list[str]:
+    """The frontier's points: the evaluation's runs (and any extra points given)."""
+    points = (r.get("frontier") or {}).get("points") or []
+    lines = [
+        "| series | run | epochs | epsilon | test accuracy | owner share | source |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in points:
+        lines.append(
+            f"| {p.get('series')} | {p.get('label')} | {_f(p.get('epochs'))} | "
+            f"{_f(p.get('epsilon'))} | {_f(p.get('accuracy'))} | {_f(p.get('owner_share'))} | "
+            f"{p.get('source')} |"
+        )
     return lines
 
 
@@ -81,7 +173,9 @@ def compute_table(r: dict[str, Any]) -> list[str]:
     modes = list(runs)
     parties: list[str] = []
     for c in runs.values():
-        parties += [p for p in (*c["flops"], *c["cpu_seconds"]) if p not in parties]
+        for party in (*c["flops"], *c["cpu_seconds"]):
+            if party not in parties:
+                parties.append(party)
     lines = ["| metric | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
     lines.append(_row("owner share of training FLOPs", [runs[m]["owner_share"] for m in modes]))
     for party in parties:
@@ -109,7 +203,7 @@ def clustering_table(r: dict[str, Any]) -> list[str]:
         "success (act / grad) | naming acc (blind / block layout) | chance |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for m in MODES:
+    for m in columns(r):
         for party, c in r["attacks"][m]["clustering"].items():
             act, grad = c["activations"], c["gradients"]
             lines.append(
@@ -123,18 +217,25 @@ def clustering_table(r: dict[str, Any]) -> list[str]:
 
 
 def adaptive_table(r: dict[str, Any]) -> list[str]:
+    """Adaptive extraction per m, every column's surrogate, then the CliCooper columns'
+    accuracy before fine-tuning and the from-scratch baseline on the same m examples."""
+    cols = columns(r)
+    by = {m: {a["m"]: a for a in r["attacks"][m]["extraction"]["adaptive"]} for m in cols}
+    defended = [m for m in cols if m != "vanilla"]
+    ms = sorted({k for table in by.values() for k in table})
     lines = [
-        "| m per class | vanilla surrogate | clicooper surrogate | "
-        "clicooper before fine-tune | from scratch |",
-        "|---|---|---|---|---|",
+        "| m per class | "
+        + " | ".join(f"{m} surrogate" for m in cols)
+        + "".join(f" | {m} before fine-tune" for m in defended)
+        + " | from scratch |",
+        "|---|" + "---|" * (len(cols) + len(defended) + 1),
     ]
-    van = {a["m"]: a for a in r["attacks"]["vanilla"]["extraction"]["adaptive"]}
-    for a in r["attacks"]["clicooper"]["extraction"]["adaptive"]:
-        v = van.get(a["m"], {})
-        lines.append(
-            f"| {a['m']} | {_f(v.get('accuracy'))} | {a['accuracy']:.3f} | "
-            f"{a['accuracy_before_finetune']:.3f} | {a['scratch_accuracy']:.3f} |"
-        )
+    for k in ms:
+        got = [by[m].get(k, {}) for m in cols]
+        before = [by[m].get(k, {}).get("accuracy_before_finetune") for m in defended]
+        scratch = next((g["scratch_accuracy"] for g in got if "scratch_accuracy" in g), None)
+        cells = [_f(g.get("accuracy")) for g in got] + [_f(b) for b in before] + [_f(scratch)]
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -157,6 +258,8 @@ SWEEP_COLUMNS = {
 
 
 def sweep_table(r: dict[str, Any]) -> list[str]:
+    if "privacy_utility" not in r:
+        return ["The every-epoch column was left out (`--columns`): no noise sweep."]
     lines = [
         "| noise_multiplier | gradient noise | " + " | ".join(SWEEP_COLUMNS) + " |",
         "|---" * (len(SWEEP_COLUMNS) + 2) + "|",
@@ -172,7 +275,7 @@ def sweep_table(r: dict[str, Any]) -> list[str]:
     first = r["privacy_utility"]["points"][0]
     lines += [
         "",
-        f"Vanilla test accuracy {_f(r['privacy_utility']['vanilla_accuracy'])}; baselines: "
+        f"Vanilla test accuracy {_f(r['privacy_utility'].get('vanilla_accuracy'))}; baselines: "
         f"dataset-mean SSIM {_f(first['dataset_mean_ssim'])}, class-mean SSIM "
         f"{_f(first['class_mean_ssim'])}, extraction chance {_f(first['extraction_chance'])}.",
     ]
@@ -180,9 +283,17 @@ def sweep_table(r: dict[str, Any]) -> list[str]:
 
 
 def removal_table(r: dict[str, Any]) -> list[str]:
-    removal = r["attacks"]["clicooper"].get("watermark_removal")
+    lines: list[str] = []
+    for m in [c for c in columns(r) if c != "vanilla"]:
+        lines += [f"### {m}", "", *removal_rows(r["attacks"][m].get("watermark_removal"), m), ""]
+    lines.append("Vanilla split learning has no watermark, so no party there can claim anything.")
+    return lines
+
+
+def removal_rows(removal: dict[str, Any] | None, column: str) -> list[str]:
+    """One CliCooper column's removal attacks and every trainer's claim after each."""
     if not removal:
-        return ["The clicooper run had no watermark: nothing to remove or claim."]
+        return [f"The {column} run had no watermark: nothing to remove or claim."]
     rows = removal["rows"]
     parties = [k for k in rows[0] if k.startswith("t") and isinstance(rows[0][k], dict)]
     lines = [
@@ -203,26 +314,40 @@ def removal_table(r: dict[str, Any]) -> list[str]:
     lines += [
         "",
         f"The thief holds the whole stolen chain and {removal['thief_images']} unlabelled "
-        "auxiliary images; it fine-tunes on the chain's own pseudo-class predictions. Vanilla "
-        "split learning has no watermark, so no party there can claim anything.",
+        "auxiliary images; it fine-tunes on the chain's own pseudo-class predictions.",
     ]
     return lines
 
 
+def run_line(r: dict[str, Any]) -> str:
+    """The settings every column shares, and the CliCooper runs' protection."""
+    s, cols = r["settings"], columns(r)
+    first = r["runs"][cols[0]]["model"]
+    line = (
+        f"- Every run ({', '.join(cols)}): same seed ({r['seed']}), preset {first['preset']} cut "
+        f"at {first['cut']}, {first['trainers']} trainers, {s['epochs']} epochs, batch "
+        f"{s['batch_size']}."
+    )
+    for m in (c for c in cols if c != "vanilla"):
+        cc = r["runs"][m]
+        line += (
+            f" {m}: noise_multiplier {_f(cc['privacy']['noise_multiplier'])}, clip "
+            f"{cc['privacy']['clip_norm']}, labels {cc['labels']['mode']} x"
+            f"{cc['labels']['expansion']} ({cc['labels']['pseudo_classes']} pseudo-classes), "
+            f"watermark {cc['watermark']['enabled']} (ledger verified: "
+            f"{cc['watermark']['verified']})."
+        )
+    return line
+
+
 def notes(r: dict[str, Any]) -> list[str]:
     s, d = r["settings"], r["data"]
-    cc = r["runs"]["clicooper"]
     return [
         f"- Data: {r['dataset']}; owner trains on {d['train']} images, tests on {d['test']}; the "
         f"attackers hold {d['auxiliary']} auxiliary images held out of the owner's training split "
         f"({d['aux_unlabelled']} unlabelled, a pool of {d['aux_labelled_pool']} labelled for the "
         "adaptive attacker only), checked byte-for-byte disjoint from the owner's training data.",
-        f"- Both runs: same seed ({r['seed']}), preset {cc['model']['preset']} cut at "
-        f"{cc['model']['cut']}, {cc['model']['trainers']} trainers, {s['epochs']} epochs, batch "
-        f"{s['batch_size']}. CliCooper: noise_multiplier {cc['privacy']['noise_multiplier']}, "
-        f"clip {cc['privacy']['clip_norm']}, labels {cc['labels']['mode']} x"
-        f"{cc['labels']['expansion']} ({cc['labels']['pseudo_classes']} pseudo-classes), "
-        f"watermark {cc['watermark']['enabled']} (ledger verified: {cc['watermark']['verified']}).",
+        run_line(r),
         f"- Clustering: {s['cluster_trials']} trials per source (one source per recorded epoch), "
         f"{s['cluster_subset']} rows each, k-means on L2-normalised rows, permutation test with "
         f"{s['permutations']} random clusterings at p < 0.01. False-positive floor: on features "
@@ -238,7 +363,8 @@ def notes(r: dict[str, Any]) -> list[str]:
         "right if the secret permutation is missing. How well the groups follow the classes is "
         "the matched accuracy and ARI.",
         f"- Inversion targets: {s['n_invert']} of the owner's training images, from the "
-        "activations T1 received in the last epoch (noisy under CliCooper). The query attacker "
+        "activations T1 received in the last epoch (noisy under CliCooper; release once: its "
+        "cached releases, below). The query attacker "
         "queries the owner's real inference path with its auxiliary images (noise on for "
         "`query_decoder`, off for `query_decoder_nonadaptive`) and reads what T1 receives; these "
         "inference queries are not in the run's epsilon. Baselines are computed on the same "
@@ -284,11 +410,17 @@ def render(r: dict[str, Any]) -> str:
         "",
         "## Paper-style table",
         "",
+        *[f"- `{c}`: {COLUMN_NAMES[c]}" for c in columns(r)],
+        "",
     ]
     return "\n".join(
         [
             *head,
             *main_table(r),
+            "",
+            "## Targets (issue 10, set for Fashion-MNIST), every column",
+            "",
+            *targets_table(r),
             "",
             "## Compute: who does the training work",
             "",
@@ -306,9 +438,21 @@ def render(r: dict[str, Any]) -> str:
             "",
             *adaptive_table(r),
             "",
-            "## Watermark removal on the stolen CliCooper chain",
+            "## Watermark removal on the stolen CliCooper chains",
             "",
             *removal_table(r),
+            "",
+            "## Release once: what its T1 holds and how it is attacked",
+            "",
+            *once_notes(r),
+            "",
+            "## Frontier: accuracy against epsilon, owner share against accuracy",
+            "",
+            *frontier_table(r),
+            "",
+            "Figure: figures/frontier.png (left: test accuracy against epsilon for the "
+            "every-epoch and release-once runs, vanilla as a line; right: owner share of the "
+            "training FLOPs against test accuracy for every run).",
             "",
             "## Privacy-utility trade-off: accuracy and every T1 attack over the noise",
             "",
@@ -320,7 +464,7 @@ def render(r: dict[str, Any]) -> str:
             "",
             "Figures: figures/reconstructions.png, figures/accuracy_curves.png, "
             "figures/privacy_utility.png, figures/adaptive_extraction.png, "
-            "figures/activations_pca.png.",
+            "figures/activations_pca.png, figures/frontier.png.",
             "",
         ]
     )

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+#: The columns an evaluation may have, in report order: vanilla split learning, CliCooper
+#: releasing every epoch, and CliCooper releasing once (privacy.release = "once").
+COLUMNS = ("vanilla", "clicooper", "once")
+
 
 @dataclass(frozen=True)
 class EvalSettings:
@@ -39,6 +43,14 @@ class EvalSettings:
     removal_fine_tune: tuple[float, ...] = (0.1, 0.2, 0.5)
     removal_prune: tuple[float, ...] = (0.2, 0.4, 0.6)
     removal_overwrite: tuple[float, ...] = (1.0, 10.0)
+    # The report's columns: vanilla, clicooper (every-epoch release) and once (clicooper with
+    # release once: a frozen head, one noisy release per record, at once_target_epsilon).
+    columns: tuple[str, ...] = COLUMNS
+    once_head_source: str | None = None  # None: the config's [head] source
+    once_target_epsilon: float = 8.0
+    # Frontier: more release-once runs at these epsilons (same epochs and data as the main
+    # runs; trained and scored, not attacked), beside the noise sweep's every-epoch points.
+    once_sweep_epsilon: tuple[float, ...] = ()
     extra: dict[str, float] = field(default_factory=dict)
 
     def with_seed(self, seed: int) -> EvalSettings:
@@ -62,6 +74,7 @@ QUICK = EvalSettings(
     removal_fine_tune=(0.2,),
     removal_prune=(0.5,),
     removal_overwrite=(1.0,),
+    once_sweep_epsilon=(2.0,),
 )
 
 # Sized for Fashion-MNIST in under 30 minutes on two (shared) cores: each UnSplit round
@@ -77,4 +90,5 @@ FULL = EvalSettings(
     sweep_noise=(0.5, 1.0, 2.0),
     sweep_gradient_noise=(0.0, 0.3, 1.0),  # 0: the 2-epoch reference of this series
     sweep_epochs=2,
+    once_sweep_epsilon=(2.0, 4.0),
 )

@@ -14,6 +14,7 @@ import copy
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,7 @@ from torch import nn
 
 from clicooper.common.messages import Kind, Message
 from clicooper.data.base import Split
+from clicooper.parties.releases import RELEASES_DIR, ReleaseCache
 
 RECEIVED_KEYS = ("activation", "gradient", "pseudo_labels", "epoch", "step", "micro")
 
@@ -69,6 +71,47 @@ def view_of(trainer: Any) -> PartyView:
         {k: v.detach().clone() for k, v in records.items()},
         copy.deepcopy(trainer.segment).eval(),
     )
+
+
+@dataclass(frozen=True)
+class CachedReleases:
+    """What a release-once t1 holds of the owner's data: one noisy release per record.
+
+    ``ids`` are the record ids t1 was sent (it sees them in every training step), ``x`` the
+    releases, one row per id, read back from t1's cache files (``parties/t1/releases``).
+    """
+
+    ids: torch.Tensor
+    x: torch.Tensor
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """The releases of record ``ids``; ValueError for a record t1 does not hold."""
+        where = torch.full((int(self.ids.max()) + 1,), -1, dtype=torch.long)
+        where[self.ids] = torch.arange(len(self.ids))
+        if int(ids.max()) >= len(where) or bool((where[ids] < 0).any()):
+            raise ValueError("t1 holds no release of some of these records")
+        return self.x[where[ids]]
+
+
+def cached_releases(run_dir: Path) -> CachedReleases:
+    """t1's release cache of a finished release-once run, read from its files on disk.
+
+    Read with t1's own loader (:class:`~clicooper.parties.releases.ReleaseCache`), which
+    checks every chunk; ValueError when the run left no releases there.
+    """
+    cache = ReleaseCache(Path(run_dir) / "parties" / "t1" / RELEASES_DIR)
+    if not cache.load() or cache.x is None or cache.held is None:
+        raise ValueError(f"{run_dir} holds no t1 release cache: was it a release-once run?")
+    ids = torch.nonzero(cache.held).flatten()
+    return CachedReleases(ids, cache.x[ids].clone())
+
+
+def release_targets(cache: CachedReleases, n: int, seed: int) -> torch.Tensor:
+    """``n`` record ids t1 holds, a seeded draw: the releases the inversions attack."""
+    if len(cache.ids) < n:
+        raise ValueError(f"t1 holds {len(cache.ids)} releases; lower n_invert to at most that")
+    order = torch.randperm(len(cache.ids), generator=torch.Generator().manual_seed(seed))
+    return cache.ids[order[:n]].sort().values
 
 
 @dataclass(frozen=True)
