@@ -40,8 +40,10 @@ from clicooper.attacks._common import train
 from clicooper.attacks.removal import magnitude_prune
 from clicooper.config import RunConfig
 from clicooper.data import Dataset, Split
+from clicooper.models.assembly import preset_factory
 from clicooper.privacy.labels import LabelObfuscator
-from clicooper.runtime.session import Session, preset_factory, run_anchor, verify_run
+from clicooper.runtime.session import Session
+from clicooper.runtime.verification import run_anchor, verify_run
 from clicooper.watermark import (
     ClaimInputs,
     ClaimResult,
