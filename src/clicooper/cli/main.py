@@ -18,6 +18,7 @@ from typer.exceptions import TyperException
 from clicooper.cli import train as _train  # noqa: F401  (registers `run` first)
 from clicooper.cli.app import Opt, app, build_config, fail
 from clicooper.cli.progress import console
+from clicooper.runtime.rundirs import RunDir
 from clicooper.runtime.verification import verify_run
 
 if TYPE_CHECKING:
@@ -119,7 +120,7 @@ def verify(
     from rich.table import Table
 
     cfg = build_config(config, **{"watermark.ber_threshold": ber_threshold, "watermark.bits": bits})
-    if not (run_dir / "ledger.sqlite").is_file():
+    if not RunDir(run_dir).ledger.is_file():
         fail(f"{run_dir} has no ledger.sqlite: give the directory of a clicooper run")
     expected = None if anchor is None else parse_anchor(anchor)
     check_bits(bits)
@@ -156,7 +157,7 @@ def _secrets_file(run_dir: Path, secrets: Path | None) -> Path:
 
     if secrets is not None and not secrets.is_file():
         fail(f"no secrets file at {secrets}: pass the verifier's {SECRETS_FILE}")
-    return secrets or run_dir / "verifier" / SECRETS_FILE
+    return secrets or RunDir(run_dir).verifier / SECRETS_FILE
 
 
 @app.command()
@@ -191,12 +192,12 @@ def claim(
         )
     expected = parse_anchor(anchor)
     check_bits(bits)
-    secret = secret or run_dir / "parties" / party / "watermark.secret"
+    secret = secret or RunDir(run_dir).party(party) / "watermark.secret"
     if not secret.is_file():
         fail(f"no watermark secret at {secret}: pass --secret FILE of the claiming trainer")
     if not segment.is_file():
         fail(f"no suspect segment at {segment}: give a .safetensors file")
-    if not (run_dir / "ledger.sqlite").is_file():
+    if not RunDir(run_dir).ledger.is_file():
         fail(f"{run_dir} has no ledger.sqlite: give the directory of a clicooper run")
     secrets_file = _secrets_file(run_dir, secrets)
     try:
@@ -205,7 +206,7 @@ def claim(
     except (ValueError, OSError) as exc:
         fail(str(exc).splitlines()[0])
     try:
-        ledger = Ledger.open(run_dir / "ledger.sqlite", readonly=True)
+        ledger = Ledger.open(RunDir(run_dir).ledger, readonly=True)
     except LedgerError as exc:
         fail(f"claim refused: the run does not verify: {one_line(exc)}", code=1)
     with ledger:

@@ -60,7 +60,7 @@ def resumable_config(out_dir: Path, launched: bool = False) -> RunConfig:
     if cfg.mode == "centralized":
         raise ValueError(f"{out_dir}: only split runs can be resumed (this one is centralized)")
     _check_kind(out_dir, cfg, launched)
-    if not ckpt.steps(RunDir(out_dir).owner / "checkpoints"):
+    if not ckpt.steps(RunDir(out_dir).checkpoints("do")):
         raise ValueError(
             f"{out_dir} has no checkpoint yet (the run died before its first step): "
             f"start it again with `clicooper {command} ... --overwrite`"

@@ -134,7 +134,9 @@ class RunDir:
         return self.root / "verifier"
 
     def checkpoints(self, party: str) -> Path:
-        """A trainer's or the verifier's checkpoints (the owner's are in ``owner/``)."""
+        """A party's checkpoints: ``checkpoints/<party>``, the owner's (``do``) in ``owner/``."""
+        if party == "do":
+            return self.owner / "checkpoints"
         return self.root / "checkpoints" / party
 
     @property

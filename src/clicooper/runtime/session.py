@@ -263,7 +263,7 @@ def _run_split(
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         parties=parties,
-        checkpoint_dir=owner_dir / "checkpoints",  # always: a run that dies can be resumed
+        checkpoint_dir=RunDir(out_dir).checkpoints("do"),  # always: a run that dies can be resumed
         checkpoint_steps=cfg.checkpoint_steps,
         recovery=remote,
         progress=progress,
