@@ -48,15 +48,15 @@ def resumable_config(out_dir: Path, launched: bool = False) -> RunConfig:
         raise ValueError(f"{out_dir} is not a run directory: nothing to resume")
     if RunDir(out_dir).results.exists():
         raise ValueError(f"{out_dir} holds a finished run (results.json): nothing to resume")
-    if not (out_dir / RUN_CONFIG).is_file():
+    if not RunDir(out_dir).config.is_file():
         raise ValueError(
             f"{out_dir} is not a run directory that can be resumed (no {RUN_CONFIG}): "
             f"give the directory of a split run `clicooper {command}` started"
         )
     try:
-        cfg = RunConfig.load(out_dir / RUN_CONFIG)
+        cfg = RunConfig.load(RunDir(out_dir).config)
     except ConfigError as exc:
-        raise ValueError(f"{out_dir / RUN_CONFIG}: {exc}") from None
+        raise ValueError(f"{RunDir(out_dir).config}: {exc}") from None
     if cfg.mode == "centralized":
         raise ValueError(f"{out_dir}: only split runs can be resumed (this one is centralized)")
     _check_kind(out_dir, cfg, launched)
