@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 from clicooper.runtime import checkpoint
-from clicooper.runtime.session import verify_run
+from clicooper.runtime.verification import verify_run
 from clicooper.watermark import Ledger
 from clicooper.watermark.anchor import ANCHOR_FILE, Anchor
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from clicooper.config import RunConfig
 from clicooper.data import load_dataset
 from clicooper.privacy.secrets import OwnerSecret
-from clicooper.runtime.deploy import launch
+from clicooper.runtime.deploy.launcher import launch
 from clicooper.runtime.session import run
 
 warnings.filterwarnings("ignore")

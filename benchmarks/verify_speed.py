@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from clicooper.config import RunConfig
-from clicooper.runtime.session import resolve_dataset, run, verify_run
+from clicooper.runtime.session import resolve_dataset, run
+from clicooper.runtime.verification import verify_run
 
 warnings.filterwarnings("ignore")
 

@@ -56,9 +56,11 @@ from torch import nn
 from clicooper.attacks._common import seeded
 from clicooper.attacks.watermark_removal import Lab, copy_state, robustness, train_chain
 from clicooper.config import RunConfig
+from clicooper.models.assembly import preset_factory
 from clicooper.privacy import secrets
 from clicooper.privacy.activation import ActivationNoise
-from clicooper.runtime.session import Session, preset_factory, run, verify_run
+from clicooper.runtime.session import Session, run
+from clicooper.runtime.verification import verify_run
 from clicooper.watermark import load_segment, new_watermark_secret
 
 warnings.filterwarnings("ignore")

@@ -8,7 +8,8 @@ import torch
 from cc_helpers import quick_config
 
 from clicooper.parties import watermarking
-from clicooper.runtime.session import run, verify_run
+from clicooper.runtime.session import run
+from clicooper.runtime.verification import verify_run
 from clicooper.watermark import load_segment, save_segment
 from clicooper.watermark.embed import WatermarkWarning
 

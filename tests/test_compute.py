@@ -25,7 +25,8 @@ from clicooper.models import build_preset, split_blocks
 from clicooper.models.presets import Standardize
 from clicooper.parties.data_owner import check_reply
 from clicooper.runtime import compute
-from clicooper.runtime.session import run, run_anchor, verify_run
+from clicooper.runtime.session import run
+from clicooper.runtime.verification import run_anchor, verify_run
 
 # clicooper with the watermark regulariser, two micro-batches and an uneven last batch
 CHAINED = {"train_subset": 100, "micro_batches": 2, "epochs": 2, "watermark.stage_steps": 4}

@@ -7,9 +7,10 @@ import torch
 from cc_helpers import quick_config
 
 from clicooper.config import ConfigError, RunConfig
-from clicooper.runtime.deploy import PartyHost
+from clicooper.runtime.deploy.host import PartyHost
 from clicooper.runtime.device import party_device, resolve_device
-from clicooper.runtime.session import run, verify_run
+from clicooper.runtime.session import run
+from clicooper.runtime.verification import verify_run
 
 NO_CUDA = not torch.cuda.is_available()
 MPS = torch.backends.mps.is_available()
@@ -54,7 +55,7 @@ def test_cuda_without_cuda_is_one_line_and_exit_2(tmp_path, cli_inprocess):
 @pytest.mark.skipif(not NO_CUDA, reason="checks the error on a machine without CUDA")
 def test_serve_device_flag_is_the_process_own_and_checked_at_start(tmp_path, cli_inprocess):
     from clicooper.runtime.certs import create_certificates
-    from clicooper.runtime.deploy import write_peers
+    from clicooper.runtime.deploy.peers import write_peers
 
     create_certificates(["do", "t1", "t2"], tmp_path / "pki")
     peers = {"do": "127.0.0.1:1", "t1": "127.0.0.1:2", "t2": "127.0.0.1:3"}

@@ -106,7 +106,7 @@ def test_results_account_for_the_backward_channel(tmp_path, small_digits):
 
 def test_a_served_trainer_with_other_gradient_protection_is_refused():
     from clicooper.common.messages import ProtocolError
-    from clicooper.runtime.deploy import check_settings, party_settings
+    from clicooper.runtime.deploy.settings import check_settings, party_settings
 
     owner = quick_config(**{"privacy.gradient_noise_multiplier": 1.0})
     trainer = quick_config()  # started without the owner's protection

@@ -10,7 +10,8 @@ from cc_helpers import quick_config
 
 from clicooper.common.messages import ProtocolError
 from clicooper.config import ConfigError, RunConfig
-from clicooper.runtime.deploy import PartyHost, check_settings, party_settings
+from clicooper.runtime.deploy.host import PartyHost
+from clicooper.runtime.deploy.settings import check_settings, party_settings
 from clicooper.runtime.optim import OptimSettings, lr_factor, make_optimizer
 from clicooper.runtime.session import run
 

@@ -20,14 +20,16 @@ from clicooper.common.checks import Unauthorized
 from clicooper.common.messages import Kind, Message, ProtocolError
 from clicooper.config import ConfigError, RunConfig
 from clicooper.data import DataError
+from clicooper.models.assembly import preset_split
 from clicooper.parties import DataOwner, Trainer
 from clicooper.parties.releases import OwnerRelease, ReleaseCache, rows_per_chunk
 from clicooper.privacy import accounting, release
 from clicooper.privacy.activation import ActivationNoise
+from clicooper.privacy.report import noise_multiplier
 from clicooper.privacy.secrets import OwnerSecret
 from clicooper.runtime import session as session_mod
-from clicooper.runtime.deploy import preset_split
 from clicooper.runtime.transport.inprocess import InProcessTransport
+from clicooper.runtime.verification import verify_run
 from clicooper.watermark import Ledger
 
 ONCE = {"privacy.release": "once", "labels.mode": "keyed", "head.source": "random"}
@@ -140,7 +142,7 @@ def test_epsilon_is_one_release_for_the_whole_run(once_run):
     assert privacy["epsilon"] == pytest.approx(one) and 7.9 < privacy["epsilon"] <= 8.0
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert [h["epsilon"] for h in history] == [pytest.approx(one)] * 3  # spent before epoch 1
-    every = session_mod.noise_multiplier(
+    every = noise_multiplier(
         cfg.model_copy(
             update={"privacy": cfg.privacy.model_copy(update={"release": "every-epoch"})}
         )
@@ -194,7 +196,7 @@ def test_watermark_chain_verifies_in_release_once_mode(tmp_path, small_digits):
     sess = session_mod.run(cfg, tmp_path, data=small_digits)
     wm = sess.results["watermark"]
     assert wm["verified"] and wm["stages"] == 2 and wm["attestations_failed"] == 0
-    assert session_mod.verify_run(tmp_path, cfg.watermark).ok
+    assert verify_run(tmp_path, cfg.watermark).ok
     with Ledger.open(tmp_path / "ledger.sqlite", readonly=True) as ledger:
         heads = {r.body["head_hash"] for r in ledger.records() if r.kind == "do"}
     assert len(heads) == 1  # the frozen head: the same hash at every stage

@@ -35,7 +35,9 @@ from torch import nn
 from clicooper.config import RunConfig
 from clicooper.data import Dataset
 from clicooper.models import SplitModel, split_sequential
-from clicooper.runtime.session import ModelFactory, ProgressFn, Session, run
+from clicooper.models.assembly import ModelFactory
+from clicooper.runtime.driver import ProgressFn
+from clicooper.runtime.session import Session, run
 
 ModelFn = Callable[[int], nn.Sequential | Sequence[nn.Module]]
 

@@ -14,7 +14,10 @@ from pathlib import Path
 
 from clicooper.config import RunConfig
 from clicooper.runtime.certs import create_certificates
-from clicooper.runtime.deploy import Deployment, EpochTransport, PartyHost, free_ports, serve
+from clicooper.runtime.deploy.host import PartyHost, serve
+from clicooper.runtime.deploy.launcher import free_ports
+from clicooper.runtime.deploy.peers import Deployment
+from clicooper.runtime.transport.epoch import EpochTransport
 
 HostFactory = Callable[[str, str, RunConfig, Path], PartyHost]
 TransportFactory = Callable[..., EpochTransport]

@@ -15,7 +15,8 @@ from clicooper.parties.data_owner import DataOwner
 from clicooper.runtime import checkpoint as ckpt
 from clicooper.runtime import session as session_mod
 from clicooper.runtime.driver import Driver
-from clicooper.runtime.session import run, verify_run
+from clicooper.runtime.session import run
+from clicooper.runtime.verification import verify_run
 
 
 def _trained_adam() -> tuple[torch.nn.Module, torch.optim.Adam]:

@@ -20,7 +20,7 @@ from cc_helpers import quick_config
 from conftest import alive, cli, env, pids, wait_for
 
 from clicooper.runtime.certs import load_party_credentials
-from clicooper.runtime.deploy import Launcher, launch
+from clicooper.runtime.deploy.launcher import Launcher, launch
 from clicooper.runtime.session import run
 
 # a cosine schedule and t2's own lr: served trainers take both from their config and setup

@@ -22,7 +22,8 @@ from conftest import WM, alive, checkpoint_at_least, cli, ledger_steps, pids, wa
 
 from clicooper.privacy import accounting
 from clicooper.runtime.certs import create_certificates
-from clicooper.runtime.deploy import Launcher, config_toml, free_ports, write_peers
+from clicooper.runtime.deploy.launcher import Launcher, free_ports
+from clicooper.runtime.deploy.peers import config_toml, write_peers
 from clicooper.runtime.resume import save_run_config
 from clicooper.runtime.session import run
 

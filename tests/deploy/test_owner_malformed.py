@@ -19,12 +19,13 @@ from cc_helpers import quick_config
 from served import Served
 
 from clicooper.common.messages import Kind, Message, ProtocolError
+from clicooper.models.assembly import preset_split
 from clicooper.parties.data_owner import DataOwner
 from clicooper.parties.trainer import Trainer
 from clicooper.runtime import checkpoint
-from clicooper.runtime.deploy import EpochTransport, preset_split
 from clicooper.runtime.driver import Driver
 from clicooper.runtime.session import run
+from clicooper.runtime.transport.epoch import EpochTransport
 from clicooper.runtime.transport.inprocess import InProcessTransport
 
 Rewrite = Callable[[Message], Message]

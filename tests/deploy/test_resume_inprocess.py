@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 
 from clicooper.parties.data_owner import DataOwner
 from clicooper.parties.watermarking import OwnerChain
-from clicooper.runtime.session import run, verify_run
+from clicooper.runtime.session import run
+from clicooper.runtime.verification import verify_run
 
 
 class Killed(BaseException):

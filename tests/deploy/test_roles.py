@@ -29,9 +29,11 @@ from clicooper.parties.data_owner import DataOwner
 from clicooper.parties.watermarking import record_to_meta
 from clicooper.runtime import checkpoint
 from clicooper.runtime.certs import create_certificates
-from clicooper.runtime.deploy import PartyHost, free_ports
-from clicooper.runtime.session import run, verify_run
+from clicooper.runtime.deploy.host import PartyHost
+from clicooper.runtime.deploy.launcher import free_ports
+from clicooper.runtime.session import run
 from clicooper.runtime.transport.grpc import GrpcTransport
+from clicooper.runtime.verification import verify_run
 from clicooper.watermark import Ledger, Record, load_segment, segment_hash, sign
 
 CONTROL_ATTACKS = {
@@ -283,7 +285,8 @@ def test_trainer_takes_a_register_reply_only_from_the_verifier_and_only_when_ask
 def test_remote_collects_replies_only_from_the_parties_it_asked(tmp_path) -> None:
     """Remote._collect (setup, over real gRPC): t2, not asked, answers first and t1 twice;
     only t1's first answer is taken."""
-    from clicooper.runtime.deploy import Deployment, Remote
+    from clicooper.runtime.deploy.peers import Deployment
+    from clicooper.runtime.deploy.remote import Remote
 
     names = ["do", "t1", "t2"]
     certs = tmp_path / "certs"

@@ -16,7 +16,8 @@ from clicooper.evaluation import adapters
 from clicooper.evaluation.settings import QUICK
 from clicooper.evaluation.truth import row_labels, row_sample_ids
 from clicooper.evaluation.views import make_aux, view_of
-from clicooper.runtime.session import Session, preset_factory, run
+from clicooper.models.assembly import preset_factory
+from clicooper.runtime.session import Session, run
 
 SETTINGS = replace(QUICK, cluster_subset=100, permutations=50)
 

@@ -84,7 +84,7 @@ def test_adapters_take_no_owner_data_or_parameters() -> None:
 
 def test_head_factory_is_architecture_only(runs) -> None:
     """The shadow head the attackers build shares the owner's shapes, never its weights."""
-    from clicooper.runtime.session import preset_factory
+    from clicooper.models.assembly import preset_factory
 
     session = runs["vanilla"]
     cfg = RunConfig.load(None, model="mlp")

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from clicooper.common.messages import Kind, Message
 from clicooper.runtime.certs import create_certificates, issue_bundle, load_party_credentials
-from clicooper.runtime.deploy import config_toml, write_peers
+from clicooper.runtime.deploy.peers import config_toml, write_peers
 from clicooper.runtime.transport.grpc import GrpcTransport
 
 pytestmark = pytest.mark.timeout(60)

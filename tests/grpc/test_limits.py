@@ -485,7 +485,8 @@ def test_limits_set_in_the_config_reach_a_served_party(certs_dir) -> None:
     import tomllib
 
     from clicooper.config import RunConfig
-    from clicooper.runtime.deploy import EpochTransport, config_toml
+    from clicooper.runtime.deploy.peers import config_toml
+    from clicooper.runtime.transport.epoch import EpochTransport
 
     cfg = RunConfig.load(None, dataset="digits", **{"limits.work.max_tensors": 2})
     again = RunConfig.model_validate(tomllib.loads(config_toml(cfg)))

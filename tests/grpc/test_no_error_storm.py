@@ -16,7 +16,9 @@ import torch
 
 from clicooper.common.messages import Kind, Message
 from clicooper.parties.trainer import Trainer
-from clicooper.runtime.deploy import EpochTransport, PartyHost, free_ports, serve
+from clicooper.runtime.deploy.host import PartyHost, serve
+from clicooper.runtime.deploy.launcher import free_ports
+from clicooper.runtime.transport.epoch import EpochTransport
 from clicooper.runtime.transport.grpc import GrpcTransport, serve_forever
 
 WINDOW = 2.0  # seconds over which messages are counted

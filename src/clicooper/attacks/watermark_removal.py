@@ -40,8 +40,11 @@ from clicooper.attacks._common import train
 from clicooper.attacks.removal import magnitude_prune
 from clicooper.config import RunConfig
 from clicooper.data import Dataset, Split
+from clicooper.models.assembly import preset_factory
 from clicooper.privacy.labels import LabelObfuscator
-from clicooper.runtime.session import Session, preset_factory, run_anchor, verify_run
+from clicooper.runtime.rundirs import RunDir
+from clicooper.runtime.session import Session
+from clicooper.runtime.verification import run_anchor, verify_run
 from clicooper.watermark import (
     ClaimInputs,
     ClaimResult,
@@ -130,7 +133,7 @@ class Lab:
             self.held = self.data.test
         self.parties = [f"t{i}" for i in range(1, self.cfg.trainers + 1)]
         self.stolen = self.build()
-        with Ledger.open(self.run_dir / "ledger.sqlite", readonly=True) as ledger:
+        with Ledger.open(RunDir(self.run_dir).ledger, readonly=True) as ledger:
             anchor = run_anchor(self.run_dir)  # the lab's own run: its anchor file is trusted
             report = verify_run(self.run_dir, self.cfg.watermark, anchor=anchor, ledger=ledger)
             self.claimants = {p: self._claimant(ledger, p, report) for p in self.parties}
@@ -145,8 +148,8 @@ class Lab:
 
     def _claimant(self, ledger: Ledger, party: str, report: VerifyReport) -> Claimant:
         inputs = claim_inputs(ledger, party, report)
-        secret = (self.run_dir / "parties" / party / SECRET_FILE).read_bytes()
-        seg = load_segment(self.run_dir / "segments" / f"{party}.safetensors")
+        secret = (RunDir(self.run_dir).party(party) / SECRET_FILE).read_bytes()
+        seg = load_segment(RunDir(self.run_dir).segment(party))
         return Claimant(party, secret, inputs, tuple(seg[inputs.param_name].shape))
 
     def build(self) -> nn.Sequential:
@@ -154,9 +157,9 @@ class Lab:
         split = preset_factory(self.cfg, self.data)(self.labels.pseudo_classes)
         if self.frozen_head is not None:
             split.head = copy.deepcopy(self.frozen_head)
-        split.head.load_state_dict(load_segment(self.run_dir / "owner" / "head.safetensors"))
+        split.head.load_state_dict(load_segment(RunDir(self.run_dir).owner / "head.safetensors"))
         for party, seg in zip(self.parties, split.segments, strict=True):
-            seg.load_state_dict(load_segment(self.run_dir / "segments" / f"{party}.safetensors"))
+            seg.load_state_dict(load_segment(RunDir(self.run_dir).segment(party)))
         return split.full()
 
     def segments(self, model: nn.Sequential) -> dict[str, State]:

@@ -7,32 +7,30 @@ the verifier in its own process.
 
 from __future__ import annotations
 
-import contextvars
-import functools
 import inspect
 import logging
 import signal
 import threading
 import typing
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from clicooper.cli import main as cli_main
-from clicooper.cli.main import Opt, app, build_config, console, fail
-from clicooper.config import RunConfig
+from clicooper.cli import train as cli_train
+from clicooper.cli.app import Opt, app, build_config, fail
+from clicooper.cli.progress import console
+from clicooper.cli.runner import LAUNCH_TIMEOUTS
+from clicooper.runtime.certs import create_certificates, issue_bundle, load_party_credentials
+from clicooper.runtime.deploy.host import PartyHost
+from clicooper.runtime.deploy.host import serve as serve_party
+from clicooper.runtime.deploy.peers import read_peers
+from clicooper.runtime.transport.epoch import EpochTransport
 
 certs_app = typer.Typer(
     no_args_is_help=True, help="Session certificates for mutual TLS between parties."
 )
 app.add_typer(certs_app, name="certs")
-
-#: Timeouts of a ``launch`` in progress (None: an ordinary ``run``).
-_LAUNCH: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
-    "launch", default=None
-)
 
 
 @certs_app.command("init")
@@ -46,7 +44,6 @@ def certs_init(
 
     Give each machine only its party's bundle; ca.key stays with the operator.
     """
-    from clicooper.runtime.certs import create_certificates
 
     names = [p.strip() for p in parties.split(",") if p.strip()]
     try:
@@ -67,7 +64,6 @@ def certs_issue(
     overwrite: Annotated[bool, Opt(help="replace the party's existing bundle")] = False,
 ) -> None:
     """Add a party to a session: a bundle for it, signed by the existing CA."""
-    from clicooper.runtime.certs import issue_bundle
 
     try:
         bundle = issue_bundle(ca, party, out, valid_days, overwrite=overwrite)
@@ -96,8 +92,6 @@ def serve(
     ] = None,
 ) -> None:
     """Run one party (a trainer or the verifier) until the data owner shuts it down."""
-    from clicooper.runtime.certs import load_party_credentials
-    from clicooper.runtime.deploy import EpochTransport, PartyHost, read_peers, serve
 
     if role not in ("trainer", "verifier"):
         fail(f"unknown role {role!r}: serve trainer or verifier")
@@ -125,7 +119,7 @@ def serve(
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        serve(host, transport, stop, parent_pid=exit_with_parent)
+        serve_party(host, transport, stop, parent_pid=exit_with_parent)
     except OSError as exc:  # e.g. the port is taken
         fail(str(exc).splitlines()[0])
     except KeyboardInterrupt:
@@ -133,36 +127,10 @@ def serve(
         raise typer.Exit(130) from None
 
 
-def session_runner(
-    cfg: RunConfig, peers: Path | None, certs: Path | None, resume: bool = False
-) -> Callable[..., Any]:
-    """What ``clicooper run`` calls: in-process, over gRPC to served parties, or a launch
-    (``resume``: continue an in-process run, or a launched one under ``launch``)."""
-    from clicooper.runtime import deploy
-    from clicooper.runtime.session import run
-
-    timeouts = _LAUNCH.get()
-    if timeouts is not None:
-        return functools.partial(deploy.launch, resume=resume, **timeouts)
-    if resume:
-        return functools.partial(run, resume=True)
-    if cfg.transport == "inprocess":
-        if peers or certs:
-            fail("--peers and --certs need --transport grpc")
-        return run
-    if peers is None or certs is None:
-        fail("--transport grpc needs --peers FILE and --certs DIR (or use `clicooper launch`)")
-    try:
-        deployment = deploy.Deployment.from_file(peers, certs, **deploy.peers_timeouts(peers))
-    except (ValueError, OSError) as exc:
-        fail(str(exc).splitlines()[0])
-    return functools.partial(run, deployment=deployment)
-
-
 def _launch(
     send_timeout: float = 30.0, step_timeout: float = 120.0, resume_timeout: float = 120.0, **flags
 ) -> None:
-    token = _LAUNCH.set(
+    token = LAUNCH_TIMEOUTS.set(
         {
             "send_timeout": send_timeout,
             "step_timeout": step_timeout,
@@ -171,17 +139,12 @@ def _launch(
     )
     transport = None if flags.get("resume") else "grpc"  # a resumed run has its own
     try:
-        cli_main.run(**flags, transport=transport, peers=None, certs=None)
+        cli_train.run(**flags, transport=transport, peers=None, certs=None)
     except KeyboardInterrupt:
         console.print("interrupted: every party process was stopped")
         raise typer.Exit(130) from None
     finally:
-        _LAUNCH.reset(token)
-
-
-def launching() -> bool:
-    """Whether ``clicooper run`` is running for ``clicooper launch``."""
-    return _LAUNCH.get() is not None
+        LAUNCH_TIMEOUTS.reset(token)
 
 
 _LAUNCH_RESUME = Annotated[
@@ -196,11 +159,11 @@ _LAUNCH_RESUME = Annotated[
 def _launch_signature() -> inspect.Signature:
     """``run``'s parameters without the deployment ones (``resume`` with its launch help),
     plus the three timeouts."""
-    hints = typing.get_type_hints(cli_main.run, include_extras=True)
+    hints = typing.get_type_hints(cli_train.run, include_extras=True)
     hints["resume"] = _LAUNCH_RESUME
     params = [
         p.replace(annotation=hints[p.name])
-        for p in inspect.signature(cli_main.run).parameters.values()
+        for p in inspect.signature(cli_train.run).parameters.values()
         if p.name not in ("transport", "peers", "certs")
     ]
     for name, default, what in (

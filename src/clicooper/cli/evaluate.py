@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-from clicooper.cli.main import app, build_config, fail
+from clicooper.cli.app import app, build_config, fail
 from clicooper.cli.progress import console, training_progress
 from clicooper.data import DataError
 

@@ -44,8 +44,9 @@ from clicooper.evaluation.views import (
     view_of,
 )
 from clicooper.heads.base import UnitNorm
+from clicooper.models.assembly import preset_factory
 from clicooper.models.presets import build_preset
-from clicooper.runtime.session import Session, preset_factory, run
+from clicooper.runtime.session import Session, run
 
 Say = Callable[[str], None]
 TrainProgress = Callable[[int, str], AbstractContextManager[Any]]

@@ -37,6 +37,7 @@ from clicooper.parties.releases import ReleaseCache
 from clicooper.privacy.gradient import GradientNoise
 from clicooper.runtime.compute import ComputeMeter
 from clicooper.runtime.optim import OptimSettings, make_optimizer
+from clicooper.runtime.rundirs import RunDir
 from clicooper.runtime.transport.base import Party
 from clicooper.watermark.chain import save_segment
 
@@ -400,9 +401,9 @@ class Trainer(Party):
         """Write the segment to ``out_dir/segments/<name>.safetensors`` and the records."""
         if self.out_dir is None:
             return {}
-        path = self.out_dir / "segments" / f"{self.name}.safetensors"
+        path = RunDir(self.out_dir).segment(self.name)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_segment(path, self.segment.state_dict())  # canonical bytes: file hash = ledger hash
         if self.recorder.limit:
-            self.recorder.save(self.out_dir / "records" / f"{self.name}.safetensors")
+            self.recorder.save(RunDir(self.out_dir).records / f"{self.name}.safetensors")
         return {"segment": str(path)}

@@ -23,6 +23,7 @@ from clicooper.common.checks import Unauthorized, meta_int, require_sender
 from clicooper.common.messages import Kind, Message, ProtocolError
 from clicooper.privacy.secrets import private_dir, write_private
 from clicooper.runtime.compute import ComputeMeter
+from clicooper.runtime.rundirs import RunDir
 from clicooper.runtime.transport.base import Party
 from clicooper.watermark import (
     Ledger,
@@ -83,12 +84,12 @@ class Verifier(Party):
         now, from the audit copy kept before the record was appended.
         """
         self = cls(run_dir, n_bits, ber_threshold, keep_audit_stages)
-        vdir = run_dir / "verifier"
+        vdir = RunDir(run_dir).verifier
         try:
             self.key = PartyKey.load(vdir / "verifier.key")
             raw = json.loads((vdir / SECRETS_FILE).read_text())
             self.secrets = {k: bytes.fromhex(v) for k, v in raw.items()}
-            self.ledger = Ledger.open(run_dir / "ledger.sqlite")
+            self.ledger = Ledger.open(RunDir(run_dir).ledger)
         except (OSError, ValueError, LedgerError) as exc:
             raise ProtocolError(f"verifier cannot resume from {run_dir}: {exc}") from None
         self.session_id, self.nonce = self.ledger.session_id, self.ledger.nonce
@@ -101,7 +102,7 @@ class Verifier(Party):
             last = (row, record)
         if last is not None and last[1].kind == "trainer":
             row, record = last
-            path = run_dir / "audit" / str(record.stage) / f"{record.party}.safetensors"
+            path = RunDir(run_dir).audit / str(record.stage) / f"{record.party}.safetensors"
             self._attest(record, load_segment(path), bytes.fromhex(row.link))
         return self
 
@@ -186,14 +187,14 @@ class Verifier(Party):
             secrets[name] = bytes.fromhex(info["watermark_secret"])
             parties.append((name, bytes.fromhex(info["public_key"]), commitment(secrets[name])))
         parties.append((self.name, self.key.public_bytes(), None))
-        vdir = private_dir(self.run_dir / "verifier")
+        vdir = private_dir(RunDir(self.run_dir).verifier)
         self.key.save(vdir / "verifier.key")
         write_private(
             vdir / SECRETS_FILE, json.dumps({k: v.hex() for k, v in secrets.items()}).encode()
         )
         self.secrets = secrets
         self.ledger = Ledger.create(
-            self.run_dir / "ledger.sqlite", self.session_id, self.nonce, parties, self.n_bits
+            RunDir(self.run_dir).ledger, self.session_id, self.nonce, parties, self.n_bits
         )
         write_anchor(vdir, self.key.public_bytes())  # the trust anchor, apart from the ledger
         self._stage_links = {0: self.ledger.genesis}
@@ -235,7 +236,7 @@ class Verifier(Party):
             raise ProtocolError(f"verifier refused a record: {exc}") from None
         state = {k: v.contiguous() for k, v in msg.tensors.items()}
         save_segment(
-            self.run_dir / "audit" / str(record.stage) / f"{record.party}.safetensors", state
+            RunDir(self.run_dir).audit / str(record.stage) / f"{record.party}.safetensors", state
         )
         verdict = self._attest(record, state, self._append(record))
         self._reply("do", msg.step, op="stage_end", party=record.party, **verdict)
@@ -297,7 +298,7 @@ class Verifier(Party):
     def _prune_audit(self, stage: int) -> None:
         if self.keep_audit_stages is None:
             return
-        old = self.run_dir / "audit" / str(stage - self.keep_audit_stages)
+        old = RunDir(self.run_dir).audit / str(stage - self.keep_audit_stages)
         if old.is_dir():
             shutil.rmtree(old)
 

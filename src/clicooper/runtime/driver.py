@@ -64,7 +64,8 @@ class RecoveryFailed(ProtocolError):
 
 
 class Recovery(Protocol):
-    """Brings every party back after a failure (see :class:`clicooper.runtime.deploy.Remote`)."""
+    """Brings every party back after a failure (see
+    :class:`clicooper.runtime.deploy.remote.Remote`)."""
 
     def reconnect(self) -> None:
         """Every party reachable in a fresh transport epoch and set up again."""

@@ -12,7 +12,7 @@ finished without appending again the records the ledger holds. ``results.json``
 is written only when a run finishes, so its presence marks a finished run.
 
 ``clicooper launch --resume DIR`` does the same for a launched run whose owner process
-(the ``launch`` process itself) died: :func:`clicooper.runtime.deploy.launch` starts the
+(the ``launch`` process itself) died: :func:`clicooper.runtime.deploy.launcher.launch` starts the
 trainer and verifier processes again on their party directories in ``DIR``, with the
 run's certificate bundles, new ports and a new session id, and each party is set up
 ``resume``; the rollback above is the same one.
@@ -22,22 +22,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from clicooper.common.files import write_file
 from clicooper.config import ConfigError, RunConfig
 from clicooper.runtime import checkpoint as ckpt
-
-RUN_CONFIG = "config.toml"
+from clicooper.runtime.deploy.peers import config_toml
+from clicooper.runtime.rundirs import RUN_CONFIG, RunDir
 
 
 def save_run_config(out_dir: Path, cfg: RunConfig) -> None:
     """``out_dir/config.toml``: what ``--resume`` rebuilds the run from."""
-    from clicooper.common.files import write_file
-    from clicooper.runtime.deploy import config_toml
-
-    write_file(out_dir / RUN_CONFIG, config_toml(cfg).encode(), 0o644)
+    write_file(RunDir(out_dir).config, config_toml(cfg).encode(), 0o644)
 
 
 #: What marks a run ``clicooper launch`` started (its peers file, next to the certificates).
-LAUNCH_MARK = Path("deploy") / "peers.toml"
+LAUNCH_MARK = RunDir(Path()).deploy / "peers.toml"
 
 
 def resumable_config(out_dir: Path, launched: bool = False) -> RunConfig:
@@ -48,21 +46,21 @@ def resumable_config(out_dir: Path, launched: bool = False) -> RunConfig:
     command = "launch" if launched else "run"
     if not out_dir.is_dir():
         raise ValueError(f"{out_dir} is not a run directory: nothing to resume")
-    if (out_dir / "results.json").exists():
+    if RunDir(out_dir).results.exists():
         raise ValueError(f"{out_dir} holds a finished run (results.json): nothing to resume")
-    if not (out_dir / RUN_CONFIG).is_file():
+    if not RunDir(out_dir).config.is_file():
         raise ValueError(
             f"{out_dir} is not a run directory that can be resumed (no {RUN_CONFIG}): "
             f"give the directory of a split run `clicooper {command}` started"
         )
     try:
-        cfg = RunConfig.load(out_dir / RUN_CONFIG)
+        cfg = RunConfig.load(RunDir(out_dir).config)
     except ConfigError as exc:
-        raise ValueError(f"{out_dir / RUN_CONFIG}: {exc}") from None
+        raise ValueError(f"{RunDir(out_dir).config}: {exc}") from None
     if cfg.mode == "centralized":
         raise ValueError(f"{out_dir}: only split runs can be resumed (this one is centralized)")
     _check_kind(out_dir, cfg, launched)
-    if not ckpt.steps(out_dir / "owner" / "checkpoints"):
+    if not ckpt.steps(RunDir(out_dir).checkpoints("do")):
         raise ValueError(
             f"{out_dir} has no checkpoint yet (the run died before its first step): "
             f"start it again with `clicooper {command} ... --overwrite`"

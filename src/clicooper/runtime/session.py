@@ -1,19 +1,21 @@
 """One training run in any mode, writing the run directory of DESIGN §10.
 
-``centralized``: one ordinary model. ``vanilla``: split learning without
-defences. ``clicooper``: activation noise, secret label obfuscation (and the
-watermark chain). All three use the same architecture, seed, data and batch
-order, so their accuracies and times compare directly.
+``centralized``: one ordinary model (:mod:`clicooper.runtime.centralized`).
+``vanilla``: split learning without defences. ``clicooper``: activation noise, secret
+label obfuscation (and the watermark chain). All three use the same architecture,
+seed, data and batch order, so their accuracies and times compare directly.
+
+:func:`run` assembles a split run in one pass: the parties in this process
+(:func:`_local`) or remote ones (:mod:`clicooper.runtime.deploy`), the data owner, the
+chain, the :class:`~clicooper.runtime.driver.Driver`; the run directory is
+:class:`~clicooper.runtime.rundirs.RunDir`, privacy reporting
+:mod:`clicooper.privacy.report`, verification :mod:`clicooper.runtime.verification`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
-import time
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,47 +24,43 @@ import torch
 from safetensors.torch import save as st_save
 from torch import nn
 
-from clicooper.common.files import private_dir, write_file, write_private
+from clicooper.common.files import private_dir, write_private
 from clicooper.config import RunConfig, WatermarkConfig
 from clicooper.data import Dataset, default_dataset, load_dataset
 from clicooper.models import SplitModel
+from clicooper.models.assembly import ModelFactory, preset_factory
 from clicooper.models.presets import DEFAULT_CUT
 from clicooper.parties import DataOwner, Recorder, Trainer, Verifier
-from clicooper.parties.data_owner import epoch_batches
 from clicooper.parties.releases import RELEASES_DIR, OwnerRelease, ReleaseCache
 from clicooper.parties.trainer import pending_limit
-from clicooper.parties.verifier import SECRETS_FILE
 from clicooper.parties.watermarking import OwnerChain, TrainerChain
-from clicooper.privacy import accounting, gradient
+from clicooper.privacy import gradient
 from clicooper.privacy.activation import ActivationNoise
 from clicooper.privacy.labels import LabelObfuscator
-from clicooper.privacy.release import FrozenHead, frozen_head, once_scope
+from clicooper.privacy.release import FrozenHead, frozen_head
+from clicooper.privacy.report import noise_multiplier, privacy_report, releases_once
 from clicooper.privacy.secrets import SECRET_FILE, OwnerSecret
 from clicooper.runtime import checkpoint, compute
-from clicooper.runtime.deploy import Deployment, Remote, party_settings, preset_split
+from clicooper.runtime.centralized import run_centralized
+from clicooper.runtime.deploy.peers import Deployment
+from clicooper.runtime.deploy.remote import Remote
+from clicooper.runtime.deploy.settings import party_settings
 from clicooper.runtime.device import party_devices
-from clicooper.runtime.driver import Driver
-from clicooper.runtime.optim import OptimSettings, make_optimizer, run_steps
-from clicooper.runtime.resume import RUN_CONFIG, resumable_config, save_run_config
+from clicooper.runtime.driver import Driver, ProgressFn
+from clicooper.runtime.optim import OptimSettings, run_steps
+from clicooper.runtime.resume import resumable_config, save_run_config
+from clicooper.runtime.rundirs import (
+    RELEASES_FILE,
+    HistoryLog,
+    RunDir,
+    discard_run,
+    prepare_run_dir,
+)
 from clicooper.runtime.transport.inprocess import InProcessTransport
-from clicooper.watermark import Ledger, PartyKey, VerifyReport, verify_ledger
-from clicooper.watermark.anchor import ANCHOR_FILE, Anchor, fingerprint
+from clicooper.runtime.verification import run_anchor, verify_run
+from clicooper.watermark import PartyKey
+from clicooper.watermark.anchor import fingerprint
 from clicooper.watermark.embed import WatermarkWarning, capacity_note, select_weight, stage_note
-
-_MAX_SECRETS_BYTES = 1 << 20  # a secrets file of a thousand trainers is under 100 KiB
-
-ProgressFn = Callable[[int, int, int, float], None]
-ModelFactory = Callable[[int], SplitModel]  # n_outputs -> head and segments
-
-ACCOUNTING_SCOPE = (
-    "per-record bound on the noisy cut-layer activations released to the first trainer, "
-    "given the head; not a dataset-level guarantee for the head's weights"
-)
-
-GRADIENT_SCOPE = (
-    "per-record bound on the gradients the last trainer sends back to the one before it, "
-    "given the model; the last trainer itself holds the pseudo-labels in clear"
-)
 
 
 @dataclass
@@ -84,13 +82,6 @@ def resolve_dataset(cfg: RunConfig, data: Dataset | None) -> Dataset:
             name, seed=cfg.seed, layout=cfg.images.layout, minmax=cfg.images.minmax_scale
         )
     return data.limit(cfg.train_subset, cfg.test_subset, cfg.seed)
-
-
-def preset_factory(cfg: RunConfig, data: Dataset) -> ModelFactory:
-    def factory(n_outputs: int) -> SplitModel:
-        return preset_split(cfg, data.image_shape, n_outputs)
-
-    return factory
 
 
 def run(
@@ -120,18 +111,19 @@ def run(
             "preset model; or use `clicooper launch`"
         )
     out_dir = Path(out_dir)
+    rundir = RunDir(out_dir)
     # Read and build first: a bad secret file, dataset, model or cut fails before the run
     # directory is touched (an --overwrite run keeps the old one).
     secret = OwnerSecret.read(cfg.owner_secret) if cfg.owner_secret else None
     if resume and cfg.mode == "clicooper":
-        secret = OwnerSecret.read(out_dir / "owner" / SECRET_FILE)
+        secret = OwnerSecret.read(rundir.owner / SECRET_FILE)
     data = resolve_dataset(cfg, data)
     cfg = cfg.model_copy(update={"batch_size": cfg.effective_batch_size(len(data.train))})
     factory = model_factory or preset_factory(cfg, data)
     split = factory(data.num_classes)
     devices = party_devices(cfg, local_parties(cfg))  # an unusable device fails here
     # release once: the frozen head first (a head source that cannot be had fails here)
-    head = frozen_head(cfg, data, split) if _releases_once(cfg) else None
+    head = frozen_head(cfg, data, split) if releases_once(cfg) else None
     if head is not None and head.data is not None:
         data = head.data  # a public split was carved off: the owner trains on the rest
     if not resume:
@@ -144,8 +136,9 @@ def run(
     first_step = _FirstStep(progress)
     try:
         if cfg.mode == "centralized":
-            log = HistoryLog(out_dir / HISTORY_FILE, cfg, None, progress)
-            session = _run_centralized(cfg, data, factory, first_step, log, devices["do"])
+            log = HistoryLog(rundir.history, cfg, None, progress)
+            results, model = run_centralized(cfg, data, factory, first_step, log, devices["do"])
+            session = Session(results, None, [], model, data)
         else:
             session = _run_split(
                 cfg, data, factory, out_dir, first_step, deployment, secret, devices, resume, head
@@ -156,68 +149,8 @@ def run(
         raise
     session.results.update(_describe(cfg, data, session))
     session.results["devices"] = {party: str(device) for party, device in devices.items()}
-    (out_dir / "results.json").write_text(json.dumps(session.results, indent=2))
+    rundir.results.write_text(json.dumps(session.results, indent=2))
     return session
-
-
-HISTORY_FILE = "history.jsonl"
-#: The owner's count of releases per training record (release once), owner/<this>.
-RELEASES_FILE = "releases.safetensors"
-RUN_ARTIFACTS = (
-    "results.json",
-    RUN_CONFIG,
-    HISTORY_FILE,
-    "report.md",
-    "ledger.sqlite",
-    "segments",
-    "audit",
-    "owner",
-    "parties",
-    "verifier",
-    "records",
-    "figures",
-    "checkpoints",
-)
-
-
-class HistoryLog:
-    """``history.jsonl``: one JSON line per finished epoch, on disk as each epoch ends.
-
-    Each line holds epoch, train loss, train accuracy, test accuracy, the cumulative
-    training seconds and the activation epsilon spent so far (None without noise). The
-    file is rewritten whole through a temporary file and a rename, so an epoch that a
-    recovery replays is never listed twice and a reader never sees half a line.
-    """
-
-    def __init__(
-        self,
-        path: Path,
-        cfg: RunConfig,
-        noise: ActivationNoise | None,
-        progress: ProgressFn | None,
-        owner: DataOwner | None = None,
-    ) -> None:
-        self.path, self.cfg, self.noise, self.owner = path, cfg, noise, owner
-        self.progress = progress
-
-    def __call__(self, history: list[dict[str, Any]]) -> None:
-        lines = [
-            json.dumps({**entry, "epsilon": self._epsilon(i + 1)})
-            for i, entry in enumerate(history)
-        ]
-        write_file(self.path, "".join(line + "\n" for line in lines).encode(), 0o644)
-        epoch_done = getattr(self.progress, "epoch_done", None)
-        if epoch_done is not None:
-            epoch_done(history[-1])
-
-    def _epsilon(self, epochs: int) -> float | None:
-        """Epsilon after ``epochs`` epochs: one release of every record per epoch, or one
-        in all (release once, made before the first epoch)."""
-        if self.noise is None:
-            return None
-        p = self.cfg.privacy
-        releases = accounting.planned_releases(p.release, epochs, False)
-        return accounting.epsilon(self.noise.noise_multiplier, releases, p.delta, p.mechanism)
 
 
 class _FirstStep:
@@ -233,91 +166,11 @@ class _FirstStep:
             self.progress(epoch, batch, batches, loss)
 
 
-def discard_run(out_dir: Path) -> None:
-    """Remove every run artifact in ``out_dir``, and ``out_dir`` itself once it is empty."""
-    for name in RUN_ARTIFACTS:
-        path = out_dir / name
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        elif path.exists() or path.is_symlink():
-            path.unlink()
-    with contextlib.suppress(OSError):
-        out_dir.rmdir()
-
-
-def prepare_run_dir(out_dir: Path, overwrite: bool) -> None:
-    """Create ``out_dir``; refuse to mix two runs in one directory unless told to replace."""
-    present = [name for name in RUN_ARTIFACTS if (out_dir / name).exists()]
-    if present and not overwrite:
-        raise ValueError(
-            f"{out_dir} already holds a run ({present[0]}): choose another --out "
-            "or pass --overwrite to replace it"
-        )
-    for name in present:
-        path = out_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    out_dir.mkdir(parents=True, exist_ok=True)
-
-
 def local_parties(cfg: RunConfig) -> list[str]:
     """The parties this process runs: the owner, and in-process every trainer too."""
     if cfg.mode == "centralized" or cfg.transport == "grpc":
         return ["do"]
     return ["do", *(f"t{i}" for i in range(1, cfg.trainers + 1))]
-
-
-def _run_centralized(
-    cfg: RunConfig,
-    data: Dataset,
-    factory: ModelFactory,
-    progress: ProgressFn | None,
-    on_epoch: Callable[[list[dict[str, Any]]], None],
-    device: torch.device,
-) -> Session:
-    model = factory(data.num_classes).full().to(device)
-    settings = OptimSettings.from_config(cfg, run_steps(cfg, len(data.train)))
-    optimizer, scheduler = make_optimizer(model.parameters(), settings, "do")
-    history, train_seconds, train_cpu_seconds = [], 0.0, 0.0
-    meter = compute.ComputeMeter()  # the owner alone trains
-    for epoch in range(1, cfg.epochs + 1):
-        start, cpu = time.perf_counter(), time.process_time()
-        batches = epoch_batches(len(data.train), epoch, cfg.batch_size, cfg.seed)
-        total, correct = 0.0, 0
-        for b, ids in enumerate(batches):
-            with meter.active(), meter.count(("step", len(ids))):
-                y = data.train.y[ids].to(device)
-                logits = model(data.train.x[ids].to(device))
-                loss = nn.functional.cross_entropy(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-            total += loss.item() * len(ids)
-            correct += int((logits.argmax(1) == y).sum())
-            if progress:
-                progress(epoch, b + 1, len(batches), loss.item())
-        train_seconds += time.perf_counter() - start
-        train_cpu_seconds += time.process_time() - cpu
-        with torch.no_grad(), meter.active(), meter.count(("infer", len(data.test)), "infer"):
-            predicted = model(data.test.x.to(device)).argmax(1).cpu()
-            test_acc = float((predicted == data.test.y).float().mean())
-        history.append(
-            {
-                "epoch": epoch,
-                "loss": total / len(data.train),
-                "train_accuracy": correct / len(data.train),
-                "test_accuracy": test_acc,
-                "seconds": train_seconds,
-            }
-        )
-        on_epoch(history)
-    results = {
-        "accuracy": {"test": history[-1]["test_accuracy"], "train": history[-1]["train_accuracy"]},
-        "history": history,
-        "timing": {"train_seconds": train_seconds, "train_cpu_seconds": train_cpu_seconds},
-        "compute": compute.summary({"do": meter.report()}),
-    }
-    return Session(results, None, [], model.cpu(), data)
 
 
 def _run_split(
@@ -338,7 +191,7 @@ def _run_split(
     ``head``: release once, with this frozen head (None: the head trains)."""
     devices = devices or {}
     defended = cfg.mode == "clicooper"
-    owner_dir = private_dir(out_dir / "owner")
+    owner_dir = private_dir(RunDir(out_dir).owner)
     secret = secret or OwnerSecret.generate()
     labels = (
         LabelObfuscator(
@@ -410,11 +263,11 @@ def _run_split(
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         parties=parties,
-        checkpoint_dir=owner_dir / "checkpoints",  # always: a run that dies can be resumed
+        checkpoint_dir=RunDir(out_dir).checkpoints("do"),  # always: a run that dies can be resumed
         checkpoint_steps=cfg.checkpoint_steps,
         recovery=remote,
         progress=progress,
-        on_epoch=HistoryLog(out_dir / HISTORY_FILE, cfg, noise, progress, owner),
+        on_epoch=HistoryLog(RunDir(out_dir).history, cfg, noise, progress, owner),
         resume=resume,
     )
     with owner.compute.active():  # in-process, the other parties' handlers pause it
@@ -446,7 +299,7 @@ def _run_split(
             "steps_applied": {name: meta["steps_applied"] for name, meta in finished.items()},
             "recoveries": driver.recoveries,
         },
-        "privacy": _privacy(cfg, noise, owner.releases, training_releases, release, head),
+        "privacy": privacy_report(cfg, noise, owner.releases, training_releases, release, head),
         "compute": _compute(owner, finished, verifier if with_chain else None),
         "watermark": _watermark_summary(chain, out_dir, wm) if chain else {"enabled": False},
     }
@@ -501,8 +354,8 @@ def _local(
     key and secrets)."""
     transport = InProcessTransport()
     cache = None
-    if _releases_once(cfg):  # t1's cache, in its party directory (a fresh session: empty)
-        cache = ReleaseCache(out_dir / "parties" / "t1" / RELEASES_DIR)
+    if releases_once(cfg):  # t1's cache, in its party directory (a fresh session: empty)
+        cache = ReleaseCache(RunDir(out_dir).party("t1") / RELEASES_DIR)
         if resume:
             cache.load()
         else:
@@ -530,8 +383,8 @@ def _local(
     transport.add_mailbox("do")
     if checkpoint_parties:
         for trainer in trainers:
-            checkpoint.attach_trainer(trainer, out_dir / "checkpoints" / trainer.name)
-        checkpoint.attach_verifier(verifier, out_dir / "checkpoints" / "verifier")
+            checkpoint.attach_trainer(trainer, RunDir(out_dir).checkpoints(trainer.name))
+        checkpoint.attach_verifier(verifier, RunDir(out_dir).checkpoints("verifier"))
     return transport, trainers, verifier
 
 
@@ -567,7 +420,7 @@ def _load_remote_segments(split: SplitModel, out_dir: Path) -> None:
     from safetensors.torch import load_file
 
     for i, segment in enumerate(split.segments, start=1):
-        path = out_dir / "segments" / f"t{i}.safetensors"
+        path = RunDir(out_dir).segment(f"t{i}")
         if path.is_file():
             segment.load_state_dict(load_file(str(path)))
 
@@ -584,7 +437,7 @@ def _open_chain(
     """Keys for every party, registration with the verifier, the ledger, stage 1; or, on
     ``resume``, the keys of ``out_dir`` (the chain's position comes from a checkpoint)."""
     for trainer in trainers:
-        TrainerChain(trainer, wm, out_dir / "parties" / trainer.name, resume=resume)
+        TrainerChain(trainer, wm, RunDir(out_dir).party(trainer.name), resume=resume)
     if resume:
         key = PartyKey.load(owner_dir / "do.key")
     else:
@@ -616,146 +469,6 @@ def _watermark_summary(chain: OwnerChain, out_dir: Path, wm: WatermarkConfig) ->
         "anchor": None if anchor is None else fingerprint(anchor.value),
         "anchored": report.anchored,
         "bers_checked": report.bers_checked,
-    }
-
-
-def run_anchor(run_dir: Path) -> Anchor | None:
-    """The verifier's anchor file of a run it just finished here (None when it ran elsewhere).
-
-    Only for the summary of the run that wrote it: a run directory that anyone else
-    controls proves nothing about its own anchor; verify and claim take it from outside.
-    """
-    path = run_dir / "verifier" / ANCHOR_FILE
-    if not path.is_file():
-        return None
-    try:
-        return Anchor.from_file(path)
-    except (OSError, ValueError):
-        return None
-
-
-def load_secrets(path: Path) -> dict[str, bytes] | None:
-    """The verifier's watermark secrets (``{"t1": hex, ...}``), or None when there is no file.
-
-    ValueError (one line) for a file that is not one: too large, not a flat JSON object of
-    hex strings.
-    """
-    if not path.is_file():
-        return None
-    problem = f"{path} is not a verifier secrets file"
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read(_MAX_SECRETS_BYTES + 1)
-        if len(raw) > _MAX_SECRETS_BYTES:
-            raise ValueError(f"{problem} (over {_MAX_SECRETS_BYTES} bytes)")
-        parsed = json.loads(raw.decode("utf-8"))
-        return {str(k): bytes.fromhex(v) for k, v in parsed.items()}
-    except (ValueError, AttributeError, TypeError, RecursionError, OSError):
-        raise ValueError(problem) from None
-
-
-def verify_run(
-    run_dir: Path,
-    wm: WatermarkConfig | None = None,
-    secrets_file: Path | None = None,
-    n_bits: int | None = None,
-    anchor: Anchor | None = None,
-    ledger: Ledger | None = None,
-) -> VerifyReport:
-    """Verify a run directory: ledger, audit copies, final segments, trainers' BER.
-
-    ``n_bits`` overrides the watermark length the ledger records; ``wm`` gives the
-    BER threshold; ``anchor`` the verifier key published when the session ran
-    (without it the report is not ``anchored``); ``ledger``: an open ledger of this
-    run (else ``run_dir/ledger.sqlite`` is opened). Never raises on a tampered run
-    directory: every problem is a failure of the report.
-    """
-    wm = wm or WatermarkConfig()
-    try:
-        secrets = load_secrets(secrets_file or run_dir / "verifier" / SECRETS_FILE)
-    except ValueError as exc:
-        return VerifyReport(ok=False, lines=[], first_failure=str(exc), failures=[str(exc)])
-    return verify_ledger(
-        run_dir / "ledger.sqlite" if ledger is None else ledger,
-        run_dir / "audit",
-        run_dir / "segments",
-        secrets,
-        n_bits,
-        wm.ber_threshold,
-        anchor=anchor,
-    )
-
-
-def _releases_once(cfg: RunConfig) -> bool:
-    return cfg.mode == "clicooper" and cfg.privacy.release == "once"
-
-
-def noise_multiplier(cfg: RunConfig) -> float:
-    """The configured multiplier, or the one that meets ``target_epsilon`` over the run
-    (one release per epoch, or one in all with release once)."""
-    p = cfg.privacy
-    if p.target_epsilon is None:
-        return p.noise_multiplier
-    releases = accounting.planned_releases(p.release, cfg.epochs, p.noise_at_inference)
-    return accounting.noise_for_epsilon(p.target_epsilon, releases, p.delta, p.mechanism)
-
-
-def _privacy(
-    cfg: RunConfig,
-    noise: ActivationNoise | None,
-    releases: int,
-    gradient_releases: int,
-    release: OwnerRelease | None = None,
-    head: FrozenHead | None = None,
-) -> dict[str, Any]:
-    """The activation noise's settings and epsilon, with the backward channel's under
-    ``gradient``; ``gradient_releases``: training epochs (no gradient at inference).
-    ``release`` and ``head``: a release-once run's release and frozen head."""
-    p = cfg.privacy
-    grad = _gradient_privacy(cfg, gradient_releases)
-    once = {"release": "once" if release is not None else "every-epoch"}
-    if release is not None:
-        once.update(release.summary(), covers=once_scope(p.noise_at_inference))
-        once["head"] = head.privacy if head is not None else None
-    if noise is None:
-        return {
-            "release": p.release if cfg.mode == "clicooper" else None,
-            "epsilon": None,
-            "delta": p.delta,
-            "noise_multiplier": 0.0,
-            "clip_norm": None,
-            "mechanism": None,
-            "releases": 0,
-            "covers": None,
-            "gradient": grad,
-        }
-    return {
-        "epsilon": accounting.epsilon(noise.noise_multiplier, releases, p.delta, p.mechanism),
-        "delta": p.delta,
-        "noise_multiplier": noise.noise_multiplier,
-        "clip_norm": p.clip_norm,
-        "mechanism": p.mechanism,
-        "releases": releases,
-        "accountant": "dp-accounting RDP",
-        "covers": ACCOUNTING_SCOPE,
-        "gradient": grad,
-        **once,
-    }
-
-
-def _gradient_privacy(cfg: RunConfig, releases: int) -> dict[str, Any]:
-    """The backward channel's protection (clicooper.privacy.gradient): its settings and epsilon."""
-    p = cfg.privacy
-    if not gradient.enabled(cfg):
-        return {"noise_multiplier": 0.0, "clip_norm": None, "epsilon": None, "covers": None}
-    return {
-        "noise_multiplier": p.gradient_noise_multiplier,
-        "clip_norm": p.gradient_clip_norm,
-        "epsilon": accounting.epsilon(p.gradient_noise_multiplier, releases, p.delta),
-        "delta": p.delta,
-        "releases": releases,
-        "applied_by": f"t{cfg.trainers}",
-        "covers": GRADIENT_SCOPE,
     }
 
 
@@ -797,5 +510,5 @@ def _describe(cfg: RunConfig, data: Dataset, session: Session) -> dict[str, Any]
             "decoys": labels.decoys if labels else 0,
             "pseudo_classes": labels.pseudo_classes if labels else data.num_classes,
         },
-        "privacy": session.results.get("privacy", _privacy(cfg, None, 0, 0)),
+        "privacy": session.results.get("privacy", privacy_report(cfg, None, 0, 0)),
     }

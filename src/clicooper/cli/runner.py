@@ -1,0 +1,52 @@
+"""What ``clicooper run`` calls to train: in-process, over gRPC to served parties, or a launch.
+
+``clicooper launch`` runs the ``run`` command with :data:`LAUNCH_TIMEOUTS` set, so both
+commands share one flag set and one code path.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from clicooper.cli.app import fail
+from clicooper.config import RunConfig
+from clicooper.runtime.deploy.launcher import launch
+from clicooper.runtime.deploy.peers import Deployment, peers_timeouts
+from clicooper.runtime.session import run
+
+#: Timeouts of a ``launch`` in progress (None: an ordinary ``run``).
+LAUNCH_TIMEOUTS: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
+    "launch", default=None
+)
+
+
+def launching() -> bool:
+    """Whether ``clicooper run`` is running for ``clicooper launch``."""
+    return LAUNCH_TIMEOUTS.get() is not None
+
+
+def session_runner(
+    cfg: RunConfig, peers: Path | None, certs: Path | None, resume: bool = False
+) -> Callable[..., Any]:
+    """What ``clicooper run`` calls: in-process, over gRPC to served parties, or a launch
+    (``resume``: continue an in-process run, or a launched one under ``launch``)."""
+    timeouts = LAUNCH_TIMEOUTS.get()
+    if timeouts is not None:
+        return functools.partial(launch, resume=resume, **timeouts)
+    if resume:
+        return functools.partial(run, resume=True)
+    if cfg.transport == "inprocess":
+        if peers or certs:
+            fail("--peers and --certs need --transport grpc")
+        return run
+    if peers is None or certs is None:
+        fail("--transport grpc needs --peers FILE and --certs DIR (or use `clicooper launch`)")
+    try:
+        deployment = Deployment.from_file(peers, certs, **peers_timeouts(peers))
+    except (ValueError, OSError) as exc:
+        fail(str(exc).splitlines()[0])
+    return functools.partial(run, deployment=deployment)
