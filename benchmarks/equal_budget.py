@@ -22,7 +22,7 @@ a setting both modes share is compared at the same value); it is part of both mo
 resume keys. ``--pair-nowm`` measures the watermark's own cost: each clicooper run is
 repeated with its owner secret (the same label permutation and activation noise) and
 the watermark off, so the two differ only by the watermark; the table adds the median
-of (without - with) over the runs.
+of (without - with) over the runs (rows resumed from an unpaired grid have none).
 """
 
 from __future__ import annotations
@@ -99,14 +99,11 @@ def one_run(
             "seconds": round(time.perf_counter() - start, 1),
         }
         if pair and marked:
+            unmarked = cfg.watermark.model_copy(update={"enabled": False})
             secret = Path(tmp) / "marked" / "owner" / SECRET_FILE
-            bare = cfg.model_copy(update={"owner_secret": secret})
-            bare = bare.model_copy(
-                update={"watermark": cfg.watermark.model_copy(update={"enabled": False})}
-            )
-            out["accuracy_nowm"] = run(bare, Path(tmp) / "bare", data=data).results["accuracy"][
-                "test"
-            ]
+            bare = cfg.model_copy(update={"owner_secret": secret, "watermark": unmarked})
+            bare_res = run(bare, Path(tmp) / "bare", data=data).results
+            out["accuracy_nowm"] = bare_res["accuracy"]["test"]
     return out
 
 
