@@ -17,6 +17,12 @@ resumes where it stopped. Usage:
 
 ``--set KEY=VALUE`` (repeatable) overrides a clicooper setting (dotted keys of
 ``RunConfig``); ``--label`` names the variant in the table and the resume key.
+``--set-both KEY=VALUE`` overrides a setting of vanilla and clicooper alike (e.g. ``lr``:
+a setting both modes share is compared at the same value); it is part of both modes'
+resume keys. ``--pair-nowm`` measures the watermark's own cost: each clicooper run is
+repeated with its owner secret (the same label permutation and activation noise) and
+the watermark off, so the two differ only by the watermark; the table adds the median
+of (without - with) over the runs (rows resumed from an unpaired grid have none).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from typing import Any
 from clicooper.config import RunConfig
 from clicooper.data import load_dataset
 from clicooper.data.base import Dataset
+from clicooper.privacy.secrets import SECRET_FILE
 from clicooper.runtime.session import run
 
 VALIDATION_FRACTION = 0.2
@@ -70,21 +77,34 @@ def evaluation_data(dataset: str, seed: int, test: bool, subset: int | None) -> 
     return Dataset(data.name, kept.train, val, data.num_classes)
 
 
-def one_run(data: Dataset, mode: str, setting: dict[str, Any], extra: dict[str, Any]) -> dict:
-    """Train one run in-process; its accuracy, watermark verdicts and seconds."""
+def one_run(
+    data: Dataset, mode: str, setting: dict[str, Any], extra: dict[str, Any], pair: bool = False
+) -> dict:
+    """Train one run in-process; its accuracy, watermark verdicts and seconds.
+
+    ``pair``: a marked clicooper run is trained again with its owner secret and the
+    watermark off (``accuracy_nowm``): the same permutation, noise and batch order.
+    """
     cfg = RunConfig.load(None, dataset=data.name, mode=mode, **setting, **extra)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = run(cfg, Path(tmp), data=data).results
-    wm = res.get("watermark", {})
-    marked = wm.get("enabled", False)
-    return {
-        "accuracy": res["accuracy"]["test"],
-        "max_ber": max(wm["final_ber"].values()) if marked else None,
-        "verified": (wm["verified"] and wm["attestations_failed"] == 0) if marked else None,
-        "seconds": round(time.perf_counter() - start, 1),
-    }
+        res = run(cfg, Path(tmp) / "marked", data=data).results
+        wm = res.get("watermark", {})
+        marked = wm.get("enabled", False)
+        out = {
+            "accuracy": res["accuracy"]["test"],
+            "max_ber": max(wm["final_ber"].values()) if marked else None,
+            "verified": (wm["verified"] and wm["attestations_failed"] == 0) if marked else None,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        if pair and marked:
+            unmarked = cfg.watermark.model_copy(update={"enabled": False})
+            secret = Path(tmp) / "marked" / "owner" / SECRET_FILE
+            bare = cfg.model_copy(update={"owner_secret": secret, "watermark": unmarked})
+            bare_res = run(bare, Path(tmp) / "bare", data=data).results
+            out["accuracy_nowm"] = bare_res["accuracy"]["test"]
+    return out
 
 
 def load_rows(path: Path | None) -> list[dict]:
@@ -115,6 +135,7 @@ def row_key(row: dict) -> tuple:
         s["seed"],
         row["mode"],
         row["label"] if row["mode"] == "clicooper" else "",
+        json.dumps(row.get("both", {}), sort_keys=True),
         row["run"],
     )
 
@@ -123,16 +144,20 @@ def summarise(rows: list[dict], label: str) -> list[dict]:
     """Per setting: vanilla, clicooper median and worst, their gaps to vanilla."""
     table = []
     by_setting: dict[tuple, dict[str, list[float]]] = {}
+    wm_costs: dict[tuple, list[float]] = {}  # per run: accuracy without - with the watermark
     for r in rows:
         s = r["setting"]
         key = (r["split"], r["dataset"], s["model"], s["epochs"], s["trainers"])
         mode = "vanilla" if r["mode"] == "vanilla" else r["label"]
         by_setting.setdefault(key, {}).setdefault(mode, []).append(r["accuracy"])
+        if mode == label and "accuracy_nowm" in r:
+            wm_costs.setdefault(key, []).append(r["accuracy_nowm"] - r["accuracy"])
     for key, modes in by_setting.items():
         if label not in modes:
             continue
         runs = modes[label]
         vanilla = modes.get("vanilla", [float("nan")])[0]
+        costs = wm_costs.get(key, [])
         table.append(
             {
                 "split": key[0],
@@ -146,6 +171,7 @@ def summarise(rows: list[dict], label: str) -> list[dict]:
                 "runs": runs,
                 "median_gap": statistics.median(runs) - vanilla,
                 "worst_gap": min(runs) - vanilla,
+                "wm_cost": statistics.median(costs) if costs else None,
             }
         )
     return table
@@ -154,13 +180,14 @@ def summarise(rows: list[dict], label: str) -> list[dict]:
 def print_table(table: list[dict], label: str) -> None:
     print(f"\nvariant: {label}")
     head = f"{'split':<5} {'dataset':<14} {'model':<5} {'ep':>3} {'tr':>3} {'vanilla':>8} "
-    print(head + f"{'median':>8} {'worst':>8} {'gap med':>8} {'gap worst':>9}  ok")
+    print(head + f"{'median':>8} {'worst':>8} {'gap med':>8} {'gap worst':>9}  ok  wm cost")
     for t in table:
         ok = t["median_gap"] >= -0.02 and t["worst_gap"] >= -0.04
+        cost = "" if t["wm_cost"] is None else f"{t['wm_cost']:+8.4f}"
         print(
             f"{t['split']:<5} {t['dataset']:<14} {t['model']:<5} {t['epochs']:>3} "
             f"{t['trainers']:>3} {t['vanilla']:>8.4f} {t['median']:>8.4f} {t['worst']:>8.4f} "
-            f"{t['median_gap']:>+8.4f} {t['worst_gap']:>+9.4f}  {'yes' if ok else 'NO'}"
+            f"{t['median_gap']:>+8.4f} {t['worst_gap']:>+9.4f}  {'yes' if ok else 'NO ':<3} {cost}"
         )
 
 
@@ -175,12 +202,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--subset", type=int, default=None, help="train/test samples to keep")
     ap.add_argument("--test", action="store_true", help="train on all of train, score test")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--set-both", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--pair-nowm", action="store_true", help="each run again, watermark off")
     ap.add_argument("--label", default="default", help="the variant's name")
     ap.add_argument("--no-vanilla", action="store_true", help="only clicooper runs")
     ap.add_argument("--out", type=Path, default=None, help="JSON lines; a rerun resumes")
     args = ap.parse_args(argv)
     try:
         extra = parse_sets(args.set)
+        both = parse_sets(args.set_both)
     except ValueError as exc:
         ap.error(str(exc))
     split = "test" if args.test else "val"
@@ -195,22 +225,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "mode": mode,
             "label": args.label,
             "set": extra if mode == "clicooper" else {},
+            "both": both,
             "run": index,
         }
         if row_key(row) in done:
             continue
-        row.update(one_run(data, mode, setting, row["set"]))
+        row.update(one_run(data, mode, setting, {**both, **row["set"]}, args.pair_nowm))
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.out is not None:
             with args.out.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
-    table = summarise(rows_for(rows, args, split), args.label)
+    table = summarise(rows_for(rows, args, split, both), args.label)
     print_table(table, args.label)
     return table
 
 
-def rows_for(rows: list[dict], args: argparse.Namespace, split: str) -> list[dict]:
+def rows_for(
+    rows: list[dict], args: argparse.Namespace, split: str, both: dict[str, Any]
+) -> list[dict]:
     """The rows of this invocation's grid (the file may hold other grids and variants)."""
     wanted = {(s["model"], s["epochs"], s["trainers"]) for s, _, _ in grid_runs(args)} or {
         (m, e, t) for m in args.models for e in args.epochs for t in args.trainers
@@ -222,6 +255,7 @@ def rows_for(rows: list[dict], args: argparse.Namespace, split: str) -> list[dic
         and r["dataset"] == args.dataset
         and (r["setting"]["model"], r["setting"]["epochs"], r["setting"]["trainers"]) in wanted
         and r["setting"]["seed"] == args.seed
+        and r.get("both", {}) == both
         and (r["mode"] == "vanilla" or r["label"] == args.label)
     ]
 

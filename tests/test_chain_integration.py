@@ -239,7 +239,7 @@ def test_small_marked_tensor_warns_once_per_trainer(tmp_path, small_digits):
     with pytest.warns(WatermarkWarning) as caught:
         _run(tmp_path, "r", small_digits, epochs=1, **{"watermark.bits": 1024})
     notes = [str(w.message) for w in caught if "marks a tensor" in str(w.message)]
-    # t1 marks 8,192 weights, t2 16,384 (16 a bit: enough), t3 5,120
+    # t1 marks 8,192 weights, t2 16,384 (16 a bit: enough), t3 2,560 (K = 2)
     assert [n.split()[0] for n in notes] == ["t1", "t3"]
     assert all("1024 bits" in n for n in notes)
 

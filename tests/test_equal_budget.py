@@ -82,3 +82,21 @@ def test_interleaved_runs_take_turns_an_epoch_at_a_time(time_to_accuracy, equal_
         assert 0 < epochs[0]["seconds"] < epochs[1]["seconds"]
     assert time_to_accuracy.time_to(vanilla, 0.0) == vanilla[0]["seconds"]
     assert time_to_accuracy.time_to(vanilla, 1.01) is None
+
+
+def test_pair_nowm_and_set_both(equal_budget, tmp_path):
+    """--pair-nowm repeats each marked run unmarked; --set-both reaches vanilla and its key."""
+    out = tmp_path / "rows.jsonl"
+    argv = ["--subset", "200", "--epochs", "1", "--runs", "1", "--trainers", "1"]
+    argv += ["--out", str(out), "--pair-nowm", "--set-both", "lr=0.002"]
+    (line,) = equal_budget.main(argv)
+    vanilla, marked = (json.loads(x) for x in out.read_text().splitlines())
+    assert vanilla["both"] == marked["both"] == {"lr": 0.002} and "accuracy_nowm" not in vanilla
+    assert 0 <= marked["accuracy_nowm"] <= 1 and marked["verified"]
+    assert line["wm_cost"] == pytest.approx(marked["accuracy_nowm"] - marked["accuracy"])
+    equal_budget.main([*argv[:-2], "--set-both", "lr=0.001"])  # another lr: vanilla again
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(r["mode"], r["both"]["lr"]) for r in rows[2:]] == [
+        ("vanilla", 0.001),
+        ("clicooper", 0.001),
+    ]

@@ -55,7 +55,8 @@ def test_clicooper_run_directory(tmp_path, small_digits):
     results = json.loads((out / "results.json").read_text())
     for key in REQUIRED:
         _get(results, key)
-    assert results["mode"] == "clicooper" and results["labels"]["pseudo_classes"] == 40
+    # the default K = 2 pseudo-classes per class
+    assert results["mode"] == "clicooper" and results["labels"]["pseudo_classes"] == 20
     assert results["privacy"]["epsilon"] > 0 and results["privacy"]["releases"] == 2
     assert 0.0 <= results["accuracy"]["test"] <= 1.0
     for name in ("t1", "t2", "t3"):

@@ -35,7 +35,10 @@ class PrivacyConfig(_Strict):
 
     mechanism: Literal["gaussian", "laplace"] = "gaussian"
     clip_norm: float = Field(1.0, gt=0)
-    noise_multiplier: float = Field(0.2, ge=0)
+    # 0.1: chosen on a validation split (benchmarks/equal_budget.py, README "Defaults at
+    # vanilla's budget"); 0.2 cost up to 30 points at 5 epochs, and at 0.1 the quick digits
+    # evaluation still keeps the query decoder's SSIM 0.15 below vanilla's.
+    noise_multiplier: float = Field(0.1, ge=0)
     target_epsilon: float | None = Field(None, gt=0)
     delta: float = Field(1e-5, gt=0, lt=1)
     noise_at_inference: bool = False
@@ -54,7 +57,11 @@ class PrivacyConfig(_Strict):
 class LabelConfig(_Strict):
     """Secret label obfuscation (DESIGN §4)."""
 
-    expansion: int = Field(4, ge=1, le=64)
+    # K = 2 pseudo-classes per class, chosen on a validation split with the other defaults
+    # (README "Defaults at vanilla's budget"): keyed sub-classes are random within a
+    # class, which the classifier must spread its mass over; K = 4 cost digits up to 19
+    # points at 5 epochs, K = 1 shows the class count to the last trainer.
+    expansion: int = Field(2, ge=1, le=64)
     decoys: int = Field(0, ge=0, le=1024)
     mode: Literal["keyed", "feature"] = "keyed"
 
@@ -215,8 +222,8 @@ class TransportLimits(_Strict):
         return group, getattr(self, group)
 
 
-# 8x8 digits (1,437 training images): a CNN with 5 epochs is undertrained. Measured with
-# every other default (clicooper, noise 0.2, K=4, watermark): CNN 5 epochs vanilla 0.864 vs
+# 8x8 digits (1,437 training images): the same epochs for every mode. Measured with the
+# earlier defaults (lr 1e-3, noise 0.2, K=4, watermark): CNN 5 epochs vanilla 0.864 vs
 # clicooper 0.578; MLP 5 epochs 0.936 vs 0.906. MLP 10 epochs: vanilla 0.956, clicooper
 # spread 0.864-0.953 over seven runs (fresh owner secrets); 20 epochs: vanilla 0.967,
 # clicooper 0.978, 0.981, 0.989.
@@ -235,7 +242,10 @@ class RunConfig(_Strict):
     batch_size: int | None = Field(
         None, ge=1, le=65536, description="None: 32 below 10,000 training samples, else 128"
     )
-    lr: float = Field(1e-3, gt=0)
+    # 3e-3, every mode alike: chosen on a validation split (README "Defaults at vanilla's
+    # budget"); at 1e-3 a 5-epoch run is undertrained, vanilla too (digits CNN validation
+    # 0.840 -> 0.909, Fashion-MNIST 1 epoch 0.700 -> 0.731).
+    lr: float = Field(3e-3, gt=0)
     # Optimizer and schedule of every party (clicooper.runtime.optim); lr_per_party
     # overrides lr for the parties it names: {do = 1e-3, t1 = 3e-3}.
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
