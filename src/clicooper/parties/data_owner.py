@@ -120,16 +120,15 @@ class DataOwner:
         if self.release is None:
             self.head.train()
 
-    def train_batch(
-        self, data: Split, ids: torch.Tensor, epoch: int, public: bool = False
-    ) -> tuple[float, int]:
-        """One training step on samples ``ids``: (mean loss, correctly predicted samples).
+    def warm_batch(self, public: Split, ids: torch.Tensor, epoch: int) -> tuple[float, int]:
+        """One warm-start step on public records ``ids`` (their clean activations at t1,
+        release once): (mean loss, correctly predicted samples)."""
+        loss, pseudo_logits = self.cached_step(public.y[ids], ids, epoch, public=True)
+        return loss, int((self.to_true(pseudo_logits).argmax(1) == public.y[ids]).sum())
 
-        ``public``: ``data`` is the public split, its records' clean activations at t1
-        (release once's warm start)."""
-        if public:
-            loss, pseudo_logits = self.cached_step(data.y[ids], ids, epoch, public=True)
-        elif self.release is not None:
+    def train_batch(self, data: Split, ids: torch.Tensor, epoch: int) -> tuple[float, int]:
+        """One training step on samples ``ids``: (mean loss, correctly predicted samples)."""
+        if self.release is not None:
             loss, pseudo_logits = self.cached_step(data.y[ids], ids, epoch)
         else:
             loss, pseudo_logits = self.train_step(data.x[ids], data.y[ids], ids, epoch)
@@ -362,7 +361,7 @@ class DataOwner:
         self.head.eval()
         outputs = []
         with torch.no_grad():
-            for chunk, z in zip(x.split(INFER_BATCH), self._head_outputs(x), strict=True):
+            for chunk, z in zip(x.split(INFER_BATCH), self.head_outputs(x), strict=True):
                 if self.noise is not None and self.noise_at_inference:
                     z = self.noise(z)
                 self.transport.send(
@@ -375,7 +374,7 @@ class DataOwner:
         self.train_mode()
         return torch.cat(outputs)
 
-    def _head_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def head_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The head's outputs on ``x`` in inference batches. A frozen head (release once)
         gives the same outputs every time: they are kept for the same ``x`` (the test set
         each epoch), so the owner computes them once."""

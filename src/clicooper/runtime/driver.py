@@ -204,7 +204,8 @@ class Driver:
         ids = self._batches(epoch)[batch]
         owner.train_mode()
         warm = epoch <= self.warm_epochs
-        loss, right = owner.train_batch(self._split(epoch), ids, epoch, public=warm)
+        step = owner.warm_batch if warm else owner.train_batch
+        loss, right = step(self._split(epoch), ids, epoch)
         self.pos.loss_sum += loss * len(ids)
         self.pos.correct += right
         if self.progress:

@@ -499,7 +499,7 @@ def _readouts(
     from clicooper.privacy import readouts
 
     r = release.everything().flatten(1)
-    test = torch.cat([z.cpu() for z in owner._head_outputs(data.test.x)]).flatten(1)  # noqa: SLF001
+    test = torch.cat([z.cpu() for z in owner.head_outputs(data.test.x)]).flatten(1)
     k, y = data.num_classes, data.train.y
     out = {
         name: {"test": readouts.accuracy(fit(r, y, k)(test), data.test.y)}
