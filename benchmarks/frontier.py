@@ -183,6 +183,7 @@ def figure(rows: list[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     for release, marker in (("every-epoch", "s"), ("once", "o")):
@@ -196,6 +197,7 @@ def figure(rows: list[dict[str, Any]], path: Path) -> None:
     left.axhline(TARGETS["test"], ls=":", c="grey")
     left.axvline(TARGETS["epsilon"], ls=":", c="grey")
     left.set(xscale="log", xlabel="epsilon (delta 1e-5, whole run)", ylabel="test accuracy")
+    left.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # no crowded labels
     left.set_title("accuracy against epsilon")
     left.legend()
     for r in rows:
@@ -204,6 +206,7 @@ def figure(rows: list[dict[str, Any]], path: Path) -> None:
             right.annotate(r["label"], (r["owner_share"], r["test"]), fontsize=8)
     right.axvline(TARGETS["owner_share"], ls=":", c="grey")
     right.set(xscale="log", xlabel="owner share of training FLOPs", ylabel="test accuracy")
+    right.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     right.set_title("release once, epsilon 8: owner share against accuracy")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
