@@ -19,6 +19,7 @@ set (carved before anything else: the way to choose settings). Usage:
 
     python benchmarks/frontier.py                          # subset, a few minutes
     python benchmarks/frontier.py --full --only targets    # the targets at full size
+    python benchmarks/frontier.py --full --only targets --target-model cnn-light --epochs 1
     python benchmarks/frontier.py --full --validation 5000 --only select  # choose settings
 """
 
@@ -105,7 +106,8 @@ TARGET_RUN = {**ONCE, "model": "cnn", "cut": "bottleneck", "privacy.target_epsil
 
 
 def targets(data: Dataset, args: argparse.Namespace) -> list[dict[str, Any]]:
-    return [point("targets", data, args, **TARGET_RUN)]
+    model = {} if args.target_model == "cnn" else {"model": args.target_model, "cut": None}
+    return [point("targets", data, args, **{**TARGET_RUN, **model})]
 
 
 def accuracy_epsilon(data: Dataset, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -221,6 +223,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3, help="epochs (on the releases, for once)")
     ap.add_argument("--warm-epochs", type=int, default=None, help="chain.warm_epochs")
     ap.add_argument("--only", choices=["targets", "epsilon", "share", "select"], nargs="+")
+    ap.add_argument("--target-model", default="cnn", help="preset of the targets row")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--figure", type=Path, default=Path("frontier.png"))
