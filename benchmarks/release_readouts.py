@@ -4,8 +4,7 @@ Every readout sees only the noisy releases ``r_i = clip(h(x_i)) + N(0, s^2 I)`` 
 (label-obfuscation-free) labels, and is scored on clean test activations (inference takes
 the clean path). Shared by benchmarks/frontier_calibration.py and benchmarks/frontier.py.
 
-- ``ncm``: class means of the releases, nearest mean in Euclidean distance.
-- ``logistic``: multinomial logistic regression (L-BFGS, L2 penalty) on the releases.
+- ``ncm``, ``logistic``: :mod:`clicooper.privacy.readouts` (the run's own readouts).
 - ``lda``: Gaussian LDA whose within-class covariance has the *known* noise covariance
   s^2 I subtracted (eigenvalues floored): a noise-aware linear readout (post-processing).
 - ``chain``: an MLP of the kind the trainers hold, with the aids against memorising noise:
@@ -22,30 +21,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-
-def accuracy(pred: torch.Tensor, y: torch.Tensor) -> float:
-    return float((pred == y).float().mean())
-
-
-def ncm(r: torch.Tensor, y: torch.Tensor, n_classes: int):
-    means = torch.stack([r[y == c].mean(0) for c in range(n_classes)])
-    return lambda a: torch.cdist(a, means).argmin(1)
-
-
-def logistic(r: torch.Tensor, y: torch.Tensor, n_classes: int, wd: float = 1e-3, iters: int = 100):
-    mu, sd = r.mean(0), r.std(0).clamp_min(1e-6)
-    z = (r - mu) / sd
-    lin = nn.Linear(r.shape[1], n_classes)
-    opt = torch.optim.LBFGS(lin.parameters(), max_iter=iters, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(lin(z), y) + wd * lin.weight.square().sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return lambda a: lin((a - mu) / sd).argmax(1)
+from clicooper.privacy.readouts import accuracy, logistic, ncm  # noqa: F401 (re-exported)
 
 
 def lda(r: torch.Tensor, y: torch.Tensor, n_classes: int, noise_std: float, floor: float = 1e-3):

@@ -71,6 +71,14 @@ def summary_table(results: dict[str, Any]) -> Table:
         ("epsilon (delta)", "none" if eps is None else f"{eps:.2f} ({privacy['delta']:g})"),
         ("pseudo-classes", str(results["labels"]["pseudo_classes"])),
     ]
+    readouts = results.get("readouts") or {}
+    for name, label in (
+        ("ncm", "readout of the releases: nearest class mean"),
+        ("logistic", "readout of the releases: logistic"),
+        ("public_only", "chain after its public warm start"),
+    ):
+        if name in readouts:
+            rows.append((label, f"{readouts[name]['test']:.4f}"))
     grad = privacy.get("gradient") or {}
     if grad.get("epsilon") is not None:
         rows.append(

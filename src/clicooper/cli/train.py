@@ -17,6 +17,7 @@ from clicooper.runtime.device import party_devices
 from clicooper.runtime.resume import resumable_config
 from clicooper.runtime.rundirs import RUNS_ROOT, new_run_dir, point_latest
 from clicooper.runtime.session import local_parties, resolve_dataset
+from clicooper.runtime.session import warm_epochs as warm_start_epochs
 
 
 @app.command()
@@ -65,6 +66,17 @@ def run(
     ] = None,
     head_source: Annotated[
         str | None, Opt(help="where the frozen head comes from (--release once)")
+    ] = None,
+    warm_epochs: Annotated[
+        int | None,
+        Opt(help="release once: chain epochs on the public split's activations first (0: off)"),
+    ] = None,
+    denoise: Annotated[
+        str | None,
+        Opt(help="release once: post-mean (t1 trains on class-posterior means) or none"),
+    ] = None,
+    release_lr_factor: Annotated[
+        float | None, Opt(help="release once: lr multiplier after the warm start")
     ] = None,
     noise_at_inference: Annotated[
         bool | None, Opt("--noise-at-inference/--no-noise-at-inference")
@@ -130,7 +142,7 @@ def run(
         runner = session_runner(cfg, peers, certs, resume is not None)
         out = new_run_dir(RUNS_ROOT, cfg.mode) if out is None else out
         console.print(f"run directory: {out}")
-        with training_progress(cfg.epochs, cfg.mode) as progress:
+        with training_progress(cfg.epochs + warm_start_epochs(cfg), cfg.mode) as progress:
             session = runner(cfg, out, data=data, progress=progress, overwrite=overwrite)
     except (DataError, ValueError) as exc:
         if fresh and out is not None:

@@ -72,6 +72,8 @@ class FrozenHead:
     pretrain: PretrainFlops
     forward_flops: int
     public: dict[str, Any] | None = None
+    #: the public data itself (its record is ``public``): the chain's warm start
+    public_split: Split | None = field(default=None, repr=False)
 
     def results(self) -> dict[str, Any]:
         """A JSON-ready summary for results.json (``head`` section)."""

@@ -117,4 +117,5 @@ class PublicSource:
             ),
             forward_flops=forward_flops(module, data.image_shape),
             public=record,
+            public_split=public,
         )

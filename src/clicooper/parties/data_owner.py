@@ -82,18 +82,24 @@ class DataOwner:
         noise_at_inference: bool = False,
         device: torch.device | str = "cpu",
         release: OwnerRelease | None = None,
+        public: OwnerRelease | None = None,
+        public_targets: torch.Tensor | None = None,
     ) -> None:
         """``lr``: the optimizer settings (a float: Adam at that constant rate); ``device``:
         where the head computes (data, noise and messages stay on the CPU); ``release``:
         release once, with this frozen head's single release (the head is
-        ``release.head``); None: the head trains and is released every epoch."""
+        ``release.head``); None: the head trains and is released every epoch.
+        ``public``: release once's public set (the public split's clean activations, for
+        the chain's warm start), with ``public_targets``, its records' pseudo-labels."""
         self.transport = transport
         self.device = torch.device(device)
         self.head = head.to(self.device)
         self.trainers = [f"t{i}" for i in range(1, n_trainers + 1)]
-        self.release = release
+        self.release, self.public, self.public_targets = release, public, public_targets
         if release is not None and release.head is not head:
             raise ValueError("release once releases the owner's own head")
+        if public is not None and (release is None or public_targets is None):
+            raise ValueError("a public set goes with release once and its pseudo-labels")
         self.optimizer, self.scheduler = (
             (None, None) if release else make_optimizer(head.parameters(), lr, self.name)
         )
@@ -104,6 +110,7 @@ class DataOwner:
         self.releases = 0  # noisy releases of each training sample so far
         self.log = StepLog()
         self._classes: int | None = None  # pseudo-classes the last trainer reports
+        self._frozen_outputs: tuple[torch.Tensor, list[torch.Tensor]] | None = None
         self.compute = ComputeMeter()  # FLOPs and CPU seconds (clicooper.runtime.compute)
 
     # -- training ---------------------------------------------------------------
@@ -112,6 +119,12 @@ class DataOwner:
         """The head in training mode, unless it is frozen (release once: always eval)."""
         if self.release is None:
             self.head.train()
+
+    def warm_batch(self, public: Split, ids: torch.Tensor, epoch: int) -> tuple[float, int]:
+        """One warm-start step on public records ``ids`` (their clean activations at t1,
+        release once): (mean loss, correctly predicted samples)."""
+        loss, pseudo_logits = self.cached_step(public.y[ids], ids, epoch, public=True)
+        return loss, int((self.to_true(pseudo_logits).argmax(1) == public.y[ids]).sum())
 
     def train_batch(self, data: Split, ids: torch.Tensor, epoch: int) -> tuple[float, int]:
         """One training step on samples ``ids``: (mean loss, correctly predicted samples)."""
@@ -128,37 +141,50 @@ class DataOwner:
         survives its restart; after a recovery the driver sets ``pending`` to None and
         the owner asks again.
         """
-        release, first = self.release, self.trainers[0]
+        release, first = self.releasing, self.trainers[0]
         if release.pending is None:
-            held = self.control(first, "releases", tag=release.tag).meta["chunks"]
-            release.pending = sorted(set(range(release.chunks)) - set(held))
+            reply = self.control(first, "releases", tag=release.tag, set=release.set)
+            release.pending = sorted(set(range(release.chunks)) - set(reply.meta["chunks"]))
             return
         chunk = release.pending[0]
-        with self.compute.count(None):  # the frozen head's one pass is the owner's work
-            ids, x = release.payload(chunk)
-        meta = {"tag": release.tag, "chunk": chunk, "chunks": release.chunks}
-        meta.update(records=release.records)
-        self.transport.send(
-            Message(Kind.RELEASE, self.step, self.name, first, {"ids": ids, "x": x}, meta)
-        )
+        if release.set == "public":  # the public split's pass: counted with its pretraining
+            tensors, meta = release.message(chunk)
+        else:
+            with self.compute.count(None):  # the frozen head's one pass is the owner's work
+                tensors, meta = release.message(chunk)
+        self.transport.send(Message(Kind.RELEASE, self.step, self.name, first, tensors, meta))
         if meta_int(self.expect_reply(first, "release"), "chunk") != chunk:
             raise ProtocolError(f"{first} acknowledged another release chunk than {chunk}")
         release.pending.pop(0)
 
+    @property
+    def releasing(self) -> OwnerRelease | None:
+        """The release set still to send to t1 (the private one first), None when all are."""
+        for release in (self.release, self.public):
+            if release is not None and not release.done:
+                return release
+        return None
+
     def cached_step(
-        self, y: torch.Tensor, ids: torch.Tensor, epoch: int
+        self, y: torch.Tensor, ids: torch.Tensor, epoch: int, public: bool = False
     ) -> tuple[float, torch.Tensor]:
         """A release-once step: record ids to t1, labels to the last trainer; (loss,
-        pseudo-logits). No head pass, no backward, nothing released."""
-        if not self.release.done:
+        pseudo-logits). No head pass, no backward, nothing released. ``public``: ids of
+        the public set (the warm start)."""
+        if self.releasing is not None:
             raise ProtocolError("release once: training before every record was released")
         self._log_step(ids, epoch)
         micros = self.micro_batches
-        targets = self.labels.encode(y, ids) if self.labels else y
+        if public:
+            targets = self.public_targets[ids] if self.labels else y
+        else:
+            targets = self.labels.encode(y, ids) if self.labels else y
         sent = [self._send_labels(targets, micros)]
         parts = ids.tensor_split(micros)
         for micro, part in enumerate(parts):
             meta = {"micro": micro, "micros": micros, "weight": len(part) / len(y), "epoch": epoch}
+            if public:
+                meta["set"] = "public"
             to = self.trainers[0]
             msg = Message(Kind.FORWARD, self.step, self.name, to, {"ids": part}, meta)
             sent.append(self.transport.send_later(msg))
@@ -335,9 +361,7 @@ class DataOwner:
         self.head.eval()
         outputs = []
         with torch.no_grad():
-            for chunk in x.split(INFER_BATCH):
-                with self.compute.count(("infer", tuple(chunk.shape)), "infer"):
-                    z = self.head(chunk.to(self.device))
+            for chunk, z in zip(x.split(INFER_BATCH), self.head_outputs(x), strict=True):
                 if self.noise is not None and self.noise_at_inference:
                     z = self.noise(z)
                 self.transport.send(
@@ -349,6 +373,21 @@ class DataOwner:
                 outputs.append(self.to_true(self._logits(reply, len(chunk), "x")))
         self.train_mode()
         return torch.cat(outputs)
+
+    def head_outputs(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The head's outputs on ``x`` in inference batches. A frozen head (release once)
+        gives the same outputs every time: they are kept for the same ``x`` (the test set
+        each epoch), so the owner computes them once."""
+        kept = self._frozen_outputs
+        if self.release is not None and kept is not None and kept[0] is x:
+            return kept[1]
+        outputs = []
+        for chunk in x.split(INFER_BATCH):
+            with self.compute.count(("infer", tuple(chunk.shape)), "infer"):
+                outputs.append(self.head(chunk.to(self.device)))
+        if self.release is not None:
+            self._frozen_outputs = (x, outputs)
+        return outputs
 
     def accuracy(self, data: Split) -> float:
         return float((self.predict(data.x).argmax(1) == data.y).float().mean())

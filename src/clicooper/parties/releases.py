@@ -21,6 +21,15 @@ to t1 (FORWARD, tensor ``ids``); t1 reads its cached releases and never sends a 
 to the owner: its BACKWARD to the owner is an empty acknowledgement that it applied the
 step, and the owner runs no backward pass.
 
+**Public set and labels.** A second release of the same kind, ``set = "public"``, carries
+the clean activations of the head source's public split (public data: no noise, no
+privacy cost) for the chain's warm start (``chain.warm_epochs``); t1 caches it apart, in
+``releases/public``. With ``chain.denoise = "post-mean"`` each chunk also carries its
+records' pseudo-labels (tensor ``y``, the values the last trainer is sent every step) and
+the noise's standard deviation (meta ``noise_std``): once t1 holds every chunk it trains
+on each release's class-posterior mean (:mod:`clicooper.privacy.readouts`), computed from
+the releases alone.
+
 **Cache.** t1 keeps chunk k as ``<party dir>/releases/chunk-<k>.safetensors`` (ids, x,
 and the tag and counts in the header), written atomically (clicooper.common.files,
 mode 0600) before it acknowledges the chunk; a restarted t1 reads them back.
@@ -43,9 +52,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from clicooper.common.checks import meta_hex, meta_int
+from clicooper.common.checks import meta_float, meta_hex, meta_int
 from clicooper.common.files import private_dir, write_private
 from clicooper.common.messages import Kind, Message, ProtocolError
+from clicooper.privacy import readouts
 from clicooper.privacy.activation import ActivationNoise
 from clicooper.privacy.secrets import OwnerSecret
 
@@ -63,6 +73,12 @@ MAX_CACHE_BYTES = 8 << 30
 TAG_BYTES = 16
 #: t1's cache directory, under its party directory (``<out>/parties/t1``).
 RELEASES_DIR = "releases"
+#: The release sets: the private records' noisy release, the public split's clean one.
+SETS = ("private", "public")
+#: The public set's cache, under RELEASES_DIR.
+PUBLIC_DIR = "public"
+#: Most pseudo-classes a label tensor may name (config: expansion 64 x classes, decoys).
+MAX_LABEL = 1 << 20
 _FILE = re.compile(r"^chunk-(\d{1,6})\.safetensors$")
 _META_KEY = "clicooper-release"
 
@@ -90,10 +106,17 @@ class OwnerRelease:
         secret: OwnerSecret,
         x: torch.Tensor,
         tag: str | None = None,
+        labels: torch.Tensor | None = None,
+        public: bool = False,
     ) -> None:
         """``head``: frozen; ``x``: the training images, record id = row; ``tag``: the
-        session's release tag (fresh from the OS CSPRNG by default)."""
+        session's release tag (fresh from the OS CSPRNG by default); ``labels``: the
+        records' pseudo-labels, sent with them (``chain.denoise = "post-mean"``);
+        ``public``: the public split's clean activations (``noise`` only clips them)."""
         self.head, self.noise, self.secret, self.x = head, noise, secret, x
+        self.labels, self.set = labels, "public" if public else "private"
+        if labels is not None and len(labels) != len(x):
+            raise ValueError("release labels need one pseudo-label per record")
         self.records = len(x)
         self.tag = tag or os.urandom(TAG_BYTES).hex()
         with torch.no_grad():
@@ -102,6 +125,7 @@ class OwnerRelease:
         self.chunks = math.ceil(self.records / self.rows)
         self.counts = torch.zeros(self.records, dtype=torch.int32)
         self.digests: dict[int, str] = {}
+        self.kept: dict[int, torch.Tensor] = {}  # what was sent: the owner's readouts read it
         self.resent = 0  # chunks sent again, the same bytes (t1 had lost them)
         self.pending: list[int] | None = None  # None: ask t1 what it holds first
 
@@ -119,16 +143,12 @@ class OwnerRelease:
         RuntimeError when a resend would not be the same bytes as the first release.
         """
         ids = self.ids(chunk)
-        weight = next(self.head.parameters(), None)  # the head's device (a GPU owner)
-        x = self.x[ids] if weight is None else self.x[ids].to(weight.device)
-        with torch.no_grad():
-            clipped = self.noise.clip(self.head(x)).cpu()
-        generator = torch.Generator().manual_seed(noise_seed(self.secret, chunk))
-        released = clipped + self.noise.noise(clipped.shape, generator).to(clipped.dtype)
+        released = self.released(chunk)
         digest = hashlib.sha256(released.contiguous().numpy().tobytes()).hexdigest()
         if chunk not in self.digests:  # the first build of this chunk: released now
             self.digests[chunk] = digest
             self.counts[ids] += 1
+            self.kept[chunk] = released
         elif self.digests[chunk] == digest:
             self.resent += 1
         else:
@@ -137,6 +157,42 @@ class OwnerRelease:
                 "deterministic): refusing to release its records a second time"
             )
         return ids, released
+
+    def released(self, chunk: int) -> torch.Tensor:
+        """Chunk ``chunk``'s release: the frozen head, clipped, plus its seeded noise (none for
+        the public set). A pure function of the owner's secret and data: it counts nothing."""
+        ids = self.ids(chunk)
+        weight = next(self.head.parameters(), None)  # the head's device (a GPU owner)
+        x = self.x[ids] if weight is None else self.x[ids].to(weight.device)
+        with torch.no_grad():
+            clipped = self.noise.clip(self.head(x)).cpu()
+        if self.set == "public":
+            return clipped
+        generator = torch.Generator().manual_seed(noise_seed(self.secret, chunk))
+        return clipped + self.noise.noise(clipped.shape, generator).to(clipped.dtype)
+
+    def message(self, chunk: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The RELEASE message of ``chunk``: tensors and meta (counted by :meth:`payload`)."""
+        ids, x = self.payload(chunk)
+        tensors = {"ids": ids, "x": x}
+        meta: dict[str, Any] = {"tag": self.tag, "chunk": chunk, "chunks": self.chunks}
+        meta.update(records=self.records, set=self.set)
+        if self.labels is not None:
+            tensors["y"] = self.labels[ids].to(torch.int64)
+            meta["noise_std"] = 0.0 if self.set == "public" else self.noise_std
+        return tensors, meta
+
+    def everything(self) -> torch.Tensor:
+        """Every record's release, in record order (rebuilt, uncounted, where not kept: a
+        resumed owner), for the owner's own readouts of what it released."""
+        parts = [self.kept.get(k) for k in range(self.chunks)]
+        return torch.cat([self.released(k) if p is None else p for k, p in enumerate(parts)])
+
+    @property
+    def noise_std(self) -> float:
+        """The per-coordinate standard deviation of the noise (Laplace: sqrt(2) b)."""
+        scale = self.noise.noise_multiplier * self.noise.clip_norm
+        return scale * math.sqrt(2.0) if self.noise.mechanism == "laplace" else scale
 
     def per_record(self) -> dict[str, int]:
         """Distinct releases per training record: min and max over the records."""
@@ -155,6 +211,19 @@ class OwnerRelease:
         }
 
 
+def release_caches(party_dir: Path, resume: bool) -> tuple[ReleaseCache, ReleaseCache]:
+    """t1's caches (private releases, public set) under ``party_dir``: read back on a resume,
+    emptied for a new session."""
+    private = ReleaseCache(Path(party_dir) / RELEASES_DIR)
+    public = ReleaseCache(Path(party_dir) / RELEASES_DIR / PUBLIC_DIR)
+    for cache in (private, public):
+        if resume:
+            cache.load()
+        else:
+            cache.clear()
+    return private, public
+
+
 class ReleaseCache:
     """t1's side: the releases it was sent, in memory and in ``directory``."""
 
@@ -166,8 +235,11 @@ class ReleaseCache:
         self.tag: str | None = None
         self.records = self.n_chunks = 0
         self.x: torch.Tensor | None = None
+        self.y: torch.Tensor | None = None  # pseudo-labels, when the owner sends them
+        self.noise_std: float | None = None
         self.held: torch.Tensor | None = None
         self.chunks: set[int] = set()
+        self.denoised: torch.Tensor | None = None  # class-posterior means, once complete
 
     # -- disk ---------------------------------------------------------------------------
 
@@ -197,7 +269,7 @@ class ReleaseCache:
                 header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
                 meta = json.loads(header["__metadata__"][_META_KEY])
                 probe = Message(Kind.RELEASE, 0, "t1", "t1", {}, meta)
-                self._store(probe, tensors.get("ids"), tensors.get("x"), chunk)
+                self._store(probe, tensors.get("ids"), tensors.get("x"), chunk, tensors.get("y"))
             except (OSError, SafetensorError, ValueError, KeyError, TypeError) as exc:
                 log.warning("release cache: dropping %s (%s)", path, exc)
                 path.unlink(missing_ok=True)
@@ -219,14 +291,16 @@ class ReleaseCache:
     def add(self, msg: Message) -> int:
         """Store a RELEASE message (checked) on disk, then in memory; its chunk."""
         ids, x = msg.tensor("ids"), msg.tensor("x")
+        y = msg.tensors.get("y")
         chunk = meta_int(msg, "chunk", 0, MAX_CHUNKS - 1)
-        meta = self._store(msg, ids, x, chunk, dry_run=True)
+        meta = self._store(msg, ids, x, chunk, y, dry_run=True)
         private_dir(self.directory)
-        blob = st_save(
-            {"ids": ids.contiguous(), "x": x.contiguous()}, metadata={_META_KEY: json.dumps(meta)}
-        )
+        saved = {"ids": ids.contiguous(), "x": x.contiguous()}
+        if y is not None:
+            saved["y"] = y.contiguous()
+        blob = st_save(saved, metadata={_META_KEY: json.dumps(meta)})
         write_private(self.directory / f"chunk-{chunk}.safetensors", blob)
-        self._store(msg, ids, x, chunk)
+        self._store(msg, ids, x, chunk, y)
         return chunk
 
     def _store(
@@ -235,6 +309,7 @@ class ReleaseCache:
         ids: torch.Tensor | None,
         x: torch.Tensor | None,
         chunk: int,
+        y: torch.Tensor | None = None,
         dry_run: bool = False,
     ) -> dict[str, Any]:
         """Check a chunk against the release held so far, then keep it (unless ``dry_run``)."""
@@ -270,16 +345,60 @@ class ReleaseCache:
                 f"over t1's release cache limit of {self.max_bytes} bytes"
             )
         meta = {"tag": tag, "chunk": chunk, "chunks": chunks, "records": records}
+        noise_std = self._check_labels(msg, ids, y)
+        if y is not None:
+            meta["noise_std"] = noise_std
         if dry_run:
             return meta
         if self.x is None:
             self.tag, self.n_chunks, self.records = tag, chunks, records
             self.x = torch.zeros((records, *x.shape[1:]), dtype=x.dtype)
             self.held = torch.zeros(records, dtype=torch.bool)
+            if y is not None:
+                self.y, self.noise_std = torch.zeros(records, dtype=torch.int64), noise_std
         self.x[ids] = x
+        if y is not None:
+            self.y[ids] = y
         self.held[ids] = True
         self.chunks.add(chunk)
+        self.denoised = None
         return meta
+
+    def _check_labels(
+        self, msg: Message, ids: torch.Tensor, y: torch.Tensor | None
+    ) -> float | None:
+        """A chunk's pseudo-labels and noise std: one int64 label per id, with a noise std,
+        in every chunk or in none; the noise std the same in every chunk."""
+        if (y is None) != (self.y is None) and self.x is not None:
+            raise ProtocolError("release chunks must all carry pseudo-labels y, or none")
+        if y is None:
+            return None
+        if y.dtype != torch.int64 or y.shape != ids.shape:
+            raise ProtocolError("release y must be a 1-D int64 tensor with one label per id")
+        if int(y.min()) < 0 or int(y.max()) >= MAX_LABEL:
+            raise ProtocolError(f"release labels must lie in [0, {MAX_LABEL})")
+        noise_std = meta_float(msg, "noise_std", 0.0, 1e6)
+        if self.noise_std is not None and noise_std != self.noise_std:
+            raise ProtocolError("release chunks name different noise_std")
+        return noise_std
+
+    @property
+    def complete(self) -> bool:
+        return self.x is not None and len(self.chunks) == self.n_chunks
+
+    def training_rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """What the chain trains on for record ``ids``: the cached releases, or (with
+        pseudo-labels) their class-posterior means, computed once every chunk is held."""
+        rows = self.lookup(ids)
+        if self.y is None or not self.noise_std:
+            return rows
+        if self.denoised is None:
+            if not self.complete:
+                raise ProtocolError("t1 trains on denoised releases only once it holds all")
+            classes = int(self.y.max()) + 1
+            posterior = readouts.class_posterior(self.x, self.y, classes, self.noise_std)
+            self.denoised = readouts.posterior_means(self.x, self.y, posterior)
+        return self.denoised[ids]
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
         """The cached releases of record ``ids`` (a copy); ProtocolError for any not held."""

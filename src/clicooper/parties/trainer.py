@@ -67,9 +67,11 @@ class Trainer(Party):
         max_pending: int = pending_limit(1),
         device: torch.device | str = "cpu",
         releases: ReleaseCache | None = None,
+        public: ReleaseCache | None = None,
     ) -> None:
         """``gradient_noise``: protects the gradients the last trainer sends back.
-        ``releases``: t1's cache of the owner's one release per record (release once).
+        ``releases``: t1's cache of the owner's one release per record (release once);
+        ``public``: t1's cache of the public split's clean activations (the warm start).
 
         ``lr``: the optimizer settings (a float: Adam at that constant rate). ``device``:
         where the segment computes; tensors received move there, and every tensor sent
@@ -82,8 +84,10 @@ class Trainer(Party):
         """
         if max_pending < 1:
             raise ValueError(f"max_pending must be positive, got {max_pending}")
-        if releases is not None and index != 1:
+        if (releases is not None or public is not None) and index != 1:
             raise ValueError("only t1 takes the owner's releases")
+        if public is not None and releases is None:
+            raise ValueError("a public cache goes with a release cache")
         self.index, self.n_trainers = index, n_trainers
         self.name = f"t{index}"
         self.prev = "do" if index == 1 else f"t{index - 1}"
@@ -106,9 +110,9 @@ class Trainer(Party):
         self.registration: dict[str, Any] = {}  # what this trainer tells the verifier
         self.session: dict[str, Any] = {}
         self.chain: Any = None  # its TrainerChain, when the watermark chain runs
-        self.releases = releases
+        self.releases, self.public = releases, public
         if releases is not None:
-            self.control_handlers["releases"] = releases.held_chunks
+            self.control_handlers["releases"] = lambda m: self._cache(m).held_chunks(m)
         self.compute = ComputeMeter()  # FLOPs and CPU seconds (clicooper.runtime.compute)
 
     def reset_transient(self) -> None:
@@ -196,15 +200,26 @@ class Trainer(Party):
         """
         if self.releases is None:
             return msg.tensor("x").to(self.device).requires_grad_(True)
-        x = self.releases.lookup(msg.tensor("ids")).to(self.device)
+        x = self._cache(msg).training_rows(msg.tensor("ids")).to(self.device)
         return x.requires_grad_(self.recorder.wants(int(msg.meta["epoch"])))
+
+    def _cache(self, msg: Message) -> ReleaseCache:
+        """The cache a message's ``set`` names: the private releases (the default) or the
+        public split's activations."""
+        name = msg.meta.get("set", "private")
+        cache = self.releases if name == "private" else self.public if name == "public" else None
+        if cache is None:
+            raise ProtocolError(
+                f"{self.name} holds no release set {name!r} (private, or public with a warm start)"
+            )
+        return cache
 
     def _on_release(self, msg: Message) -> None:
         """One chunk of the owner's single release: cached, then acknowledged."""
         require_sender(msg, {"do"}, "releases", self.name)
         if self.releases is None:
             raise ProtocolError(f"{self.name} takes no releases: the session releases every epoch")
-        chunk = self.releases.add(msg)
+        chunk = self._cache(msg).add(msg)
         self.send(
             Message(Kind.REPLY, msg.step, self.name, "do", {}, {"op": "release", "chunk": chunk})
         )

@@ -97,6 +97,19 @@ class LabelObfuscator:
         subs = self.sub_labels[sample_ids]
         return self.permutation[labels * self.expansion + subs]
 
+    def encode_public(self, labels: torch.Tensor) -> torch.Tensor:
+        """Pseudo-labels of public records (the warm start's): keyed sub-classes from a key
+        of their own (HMAC of ``"public" || index``), in either mode, so the private
+        records' sub-labels are not touched. The permutation is the same: trainers that
+        hold the public labels can learn the mapping from these (DESIGN §4's honest limit:
+        an attacker with labelled examples)."""
+        digests = (
+            hmac.new(self._sub_key, b"public" + i.to_bytes(8, "big"), "sha256").digest()
+            for i in range(len(labels))
+        )
+        subs = torch.tensor([int.from_bytes(d[:8], "big") % self.expansion for d in digests])
+        return self.permutation[labels * self.expansion + subs]
+
     def decode_logits(self, pseudo_logits: torch.Tensor) -> torch.Tensor:
         """True-class log-scores: log of the softmax mass of each class's pseudo-classes."""
         logp = torch.log_softmax(pseudo_logits, dim=1)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from clicooper.config import ConfigError, RunConfig
-from clicooper.data import DataError, Dataset
+from clicooper.data import DataError, Dataset, Split
 from clicooper.data.base import shared_images
 from clicooper.models import SplitModel
 
@@ -44,6 +44,8 @@ class FrozenHead:
     privacy: dict[str, Any]
     fitted_on: torch.Tensor | None = field(default=None, repr=False)
     data: Dataset | None = field(default=None, repr=False)  # the private data, when it shrank
+    #: the public data the head was pretrained on (the chain's warm start), when there is one
+    public: Split | None = field(default=None, repr=False)
 
 
 HeadSource = Callable[[RunConfig, Dataset, SplitModel], FrozenHead]
@@ -70,7 +72,7 @@ def _library_source(name: str) -> HeadSource:
         from clicooper import heads
 
         built = heads.get_source(name).build(cfg, data, split.head)
-        return FrozenHead(built.module, built.results(), data=built.data)
+        return FrozenHead(built.module, built.results(), data=built.data, public=built.public_split)
 
     return build
 

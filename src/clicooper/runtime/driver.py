@@ -31,6 +31,10 @@ step-0 checkpoint, are the release phase, one chunk each. A release is never
 rolled back: the owner's record of what it released lives outside its
 checkpoints, and after every recovery it asks t1 again which chunks it holds, so
 a restarted t1 that kept its cache is sent nothing and no record is released twice.
+With a warm start (``warm_epochs`` over ``public``, the public split whose clean
+activations t1 caches as the public set) the first ``warm_epochs`` epochs train the
+chain on the public set, the rest on the releases; their history entries say
+``"phase": "public"``.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from typing import Any, Protocol
 import torch
 
 from clicooper.common.messages import Message, ProtocolError
-from clicooper.data.base import Dataset
+from clicooper.data.base import Dataset, Split
 from clicooper.parties.data_owner import DataOwner, epoch_batches
 from clicooper.parties.watermarking import OwnerChain
 from clicooper.runtime import checkpoint as ckpt
@@ -100,9 +104,15 @@ class Driver:
         progress: ProgressFn | None = None,
         on_epoch: Callable[[list[dict[str, Any]]], None] | None = None,
         resume: bool = False,
+        public: Split | None = None,
+        warm_epochs: int = 0,
     ) -> None:
         """``resume``: continue from the parties' last common checkpoint (a new process
-        continuing a run that died, see :mod:`clicooper.runtime.resume`)."""
+        continuing a run that died, see :mod:`clicooper.runtime.resume`). ``public`` and
+        ``warm_epochs``: release once's warm start, ``warm_epochs`` epochs on the public
+        set before the ``epochs`` epochs on the releases (``epochs`` counts both)."""
+        if warm_epochs and public is None:
+            raise ValueError("a warm start needs the public split")
         self.owner, self.chain, self.data = owner, chain, data
         self.resume = resume
         self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
@@ -113,7 +123,9 @@ class Driver:
         self.progress = progress
         self.on_epoch = on_epoch  # called with the whole history as each epoch ends
         self.pos = Position()
+        self.public, self.warm_epochs = public, warm_epochs
         self.steps_per_epoch = math.ceil(len(data.train) / batch_size)
+        self.warm_steps = math.ceil(len(public) / batch_size) if warm_epochs else 0
         self.train_seconds = 0.0
         self.train_cpu_seconds = 0.0  # this process only: all parties when in-process
         self.recoveries: list[dict[str, Any]] = []
@@ -163,15 +175,14 @@ class Driver:
 
     def _unit(self) -> None:
         start, cpu = time.perf_counter(), time.process_time()
-        release = self.owner.release
-        if release is not None and not release.done:
+        if self.owner.releasing is not None:
             self.owner.release_next()
         elif self._pending is not None:
             self._close(self._pending)
         elif self.pos.epochs_done == self.epochs:
             self._checkpoint(pending=True, more=False)  # the partly done last stage
             self._close(False)
-        elif self.owner.step < (self.pos.epochs_done + 1) * self.steps_per_epoch:
+        elif self.owner.step < self.steps_until(self.pos.epochs_done + 1):
             self._step()
         else:
             self._end_epoch()
@@ -179,16 +190,28 @@ class Driver:
         self.train_seconds += time.perf_counter() - start
         self.train_cpu_seconds += time.process_time() - cpu
 
+    def steps_until(self, epoch: int) -> int:
+        """Steps of the first ``epoch`` epochs (warm-start epochs are shorter)."""
+        warm = min(epoch, self.warm_epochs)
+        return warm * self.warm_steps + (epoch - warm) * self.steps_per_epoch
+
+    def _split(self, epoch: int) -> Split:
+        """What ``epoch`` trains on: the public set during the warm start, else the data."""
+        return self.public if epoch <= self.warm_epochs else self.data.train
+
     def _step(self) -> None:
         owner, epoch = self.owner, self.pos.epochs_done + 1
-        batch = owner.step - (epoch - 1) * self.steps_per_epoch
+        batch = owner.step - self.steps_until(epoch - 1)
         ids = self._batches(epoch)[batch]
         owner.train_mode()
-        loss, right = owner.train_batch(self.data.train, ids, epoch)
+        warm = epoch <= self.warm_epochs
+        step = owner.warm_batch if warm else owner.train_batch
+        loss, right = step(self._split(epoch), ids, epoch)
         self.pos.loss_sum += loss * len(ids)
         self.pos.correct += right
         if self.progress:
-            self.progress(epoch, batch + 1, self.steps_per_epoch, loss)
+            total = self.warm_steps if warm else self.steps_per_epoch
+            self.progress(epoch, batch + 1, total, loss)
         if self.chain is not None and self.chain.count_step(owner.step):
             self._checkpoint(pending=True)
             self._close(True)
@@ -199,7 +222,7 @@ class Driver:
         """The batches of ``epoch``, drawn once an epoch: the same permutation that
         :func:`epoch_batches` gives, without its ~0.7 ms (60k samples) at every step."""
         if self._epoch_batches[0] != epoch:
-            order = epoch_batches(len(self.data.train), epoch, self.batch_size, self.seed)
+            order = epoch_batches(len(self._split(epoch)), epoch, self.batch_size, self.seed)
             self._epoch_batches = (epoch, order)
         return self._epoch_batches[1]
 
@@ -213,18 +236,19 @@ class Driver:
         self.train_seconds += time.perf_counter() - start
         self.train_cpu_seconds += time.process_time() - cpu
         test_accuracy = self.owner.accuracy(self.data.test)
-        n = len(self.data.train)
+        n = len(self._split(epoch))
         if self.owner.noise is not None and self.owner.release is None:
             self.owner.releases += 1  # every epoch released every record again
-        self.pos.history.append(
-            {
-                "epoch": epoch,
-                "loss": self.pos.loss_sum / n,
-                "train_accuracy": self.pos.correct / n,
-                "test_accuracy": test_accuracy,
-                "seconds": self.train_seconds,
-            }
-        )
+        entry = {
+            "epoch": epoch,
+            "loss": self.pos.loss_sum / n,
+            "train_accuracy": self.pos.correct / n,
+            "test_accuracy": test_accuracy,
+            "seconds": self.train_seconds,
+        }
+        if epoch <= self.warm_epochs:
+            entry["phase"] = "public"
+        self.pos.history.append(entry)
         self.pos.epochs_done, self.pos.loss_sum, self.pos.correct = epoch, 0.0, 0
         if self.on_epoch:
             self.on_epoch(self.pos.history)
@@ -320,8 +344,9 @@ class Driver:
         restored = self.ask_all("restore", step=step)
         self.restore_owner(step)
         self.owner.train_mode()
-        if self.owner.release is not None:
-            self.owner.release.pending = None  # ask t1 again what it holds
+        for release in (self.owner.release, self.owner.public):
+            if release is not None:
+                release.pending = None  # ask t1 again what it holds
         if self._pending is not None and self.chain is not None:
             self._done = self.ask_ledger(self.chain.stage)
         self.recoveries.append(

@@ -43,11 +43,18 @@ class OptimSettings:
     decay_steps: int | None = None
     decay_gamma: float = 0.1
     total_steps: int = 1
+    # release once with a warm start: after ``phase_steps`` steps (the public epochs) every
+    # factor is multiplied by ``phase_factor`` (chain.release_lr_factor)
+    phase_steps: int = 0
+    phase_factor: float = 1.0
 
     @classmethod
-    def from_config(cls, cfg: RunConfig, total_steps: int) -> OptimSettings:
-        """The settings of ``cfg`` for a run of ``total_steps`` optimizer steps."""
+    def from_config(cls, cfg: RunConfig, total_steps: int, phase_steps: int = 0) -> OptimSettings:
+        """The settings of ``cfg`` for a run of ``total_steps`` optimizer steps, the first
+        ``phase_steps`` of them a warm start on public data (release once)."""
         return cls(
+            phase_steps=max(0, int(phase_steps)),
+            phase_factor=cfg.chain.release_lr_factor if phase_steps else 1.0,
             optimizer=cfg.optimizer,
             lr=cfg.lr,
             lr_per_party=dict(cfg.lr_per_party),
@@ -101,7 +108,8 @@ def lr_factor(settings: OptimSettings) -> Callable[[int], float]:
     Warm-up: ``(k + 1) / W`` for ``k < W``. Then, with ``p = (k - W) / (T - W)``:
     ``constant`` 1; ``cosine`` ``(1 + cos(pi p)) / 2`` (from 1 to 0 at the run's end);
     ``step`` ``gamma ** floor((k - W) / S)`` with ``S = decay_steps`` (default a third
-    of the steps after warm-up, so the lr drops twice).
+    of the steps after warm-up, so the lr drops twice). From step ``phase_steps`` on
+    (when set: the end of a release-once warm start) the factor is times ``phase_factor``.
     """
     schedule, warmup, total = settings.schedule, settings.warmup_steps, settings.total_steps
     if schedule not in SCHEDULES:
@@ -109,7 +117,11 @@ def lr_factor(settings: OptimSettings) -> Callable[[int], float]:
     span = max(1, total - warmup)
     every = settings.decay_steps or max(1, math.ceil(span / 3))
 
-    def factor(k: int) -> float:  # a closure, not an object: LambdaLR saves no state for it
+    def factor(k: int) -> float:
+        base = _factor(k)
+        return base * settings.phase_factor if k >= settings.phase_steps > 0 else base
+
+    def _factor(k: int) -> float:  # closures, not objects: LambdaLR saves no state for them
         if k < warmup:
             return (k + 1) / warmup
         done = k - warmup

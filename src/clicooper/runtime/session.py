@@ -26,12 +26,12 @@ from torch import nn
 
 from clicooper.common.files import private_dir, write_private
 from clicooper.config import RunConfig, WatermarkConfig
-from clicooper.data import Dataset, default_dataset, load_dataset
+from clicooper.data import Dataset, Split, default_dataset, load_dataset
 from clicooper.models import SplitModel
 from clicooper.models.assembly import ModelFactory, preset_factory
 from clicooper.models.presets import DEFAULT_CUT
 from clicooper.parties import DataOwner, Recorder, Trainer, Verifier
-from clicooper.parties.releases import RELEASES_DIR, OwnerRelease, ReleaseCache
+from clicooper.parties.releases import OwnerRelease, release_caches
 from clicooper.parties.trainer import pending_limit
 from clicooper.parties.watermarking import OwnerChain, TrainerChain
 from clicooper.privacy import gradient
@@ -220,7 +220,10 @@ def _run_split(
     parties = [f"t{i}" for i in range(1, cfg.trainers + 1)] + (["verifier"] if with_chain else [])
     if with_chain:
         _warn_capacity(split, wm, wm.stage_steps or -(-len(data.train) // cfg.batch_size))
-    optim = OptimSettings.from_config(cfg, run_steps(cfg, len(data.train)))
+    warm = warm_epochs(cfg) if head is not None and head.public is not None else 0
+    public = head.public if warm else None
+    warm_steps = warm * -(-len(public) // cfg.batch_size) if public is not None else 0
+    optim = OptimSettings.from_config(cfg, run_steps(cfg, len(data.train)) + warm_steps, warm_steps)
     remote, trainers, verifier = None, [], None
     if cfg.transport == "grpc":
         remote = _remote(
@@ -231,9 +234,12 @@ def _run_split(
         transport, trainers, verifier = _local(
             cfg, split, out_dir, parties, optim, devices, resume, with_chain
         )
-    release = None
+    release = public_release = public_targets = None
     if head is not None:
         release = OwnerRelease(split.head, noise, secret, data.train.x)
+    if public is not None:  # the warm start's clean public activations, a release set apart
+        public_release = OwnerRelease(split.head, noise, secret, public.x, public=True)
+        public_targets = labels.encode_public(public.y)
     owner = DataOwner(
         transport,
         split.head,
@@ -245,15 +251,17 @@ def _run_split(
         cfg.privacy.noise_at_inference,
         device=devices.get("do", "cpu"),
         release=release,
+        public=public_release,
+        public_targets=public_targets,
     )
     chain = None
     if with_chain:
         chain = _open_chain(owner, trainers, secret, owner_dir, out_dir, wm, resume)
-        chain.total_steps = cfg.epochs * -(-len(data.train) // cfg.batch_size)
-    if labels is not None:  # the head pass that fits the labels is the owner's work
-        with torch.no_grad(), owner.compute.active(), owner.compute.count(None):
-            z = [split.head(x.to(owner.device)).cpu() for x in data.train.x.split(4096)]
-            labels.fit(torch.cat(z), data.train.y)
+        chain.total_steps = optim.total_steps
+    if labels is not None:
+        _fit_labels(labels, owner, data)
+        if release is not None and cfg.chain.denoise == "post-mean":  # t1 denoises with them
+            release.labels = labels.encode(data.train.y, torch.arange(len(data.train)))
 
     driver = Driver(
         owner,
@@ -269,11 +277,15 @@ def _run_split(
         progress=progress,
         on_epoch=HistoryLog(RunDir(out_dir).history, cfg, noise, progress, owner),
         resume=resume,
+        public=public,
+        warm_epochs=warm,
     )
+    driver.epochs += warm
     with owner.compute.active():  # in-process, the other parties' handlers pause it
         history = driver.run()
-    # each epoch sends every sample's gradient back once (Tn -> T(n-1)), in both modes
-    training_releases = owner.releases if release is None else len(history)
+    # each epoch sends every sample's gradient back once (Tn -> T(n-1)), in both modes; the
+    # warm start's epochs carry public records only
+    training_releases = owner.releases if release is None else len(history) - warm
     if release is not None:
         owner.releases = release.per_record()["max"]  # 1: the release before training
     if noise is not None and cfg.privacy.noise_at_inference:
@@ -300,9 +312,11 @@ def _run_split(
             "recoveries": driver.recoveries,
         },
         "privacy": privacy_report(cfg, noise, owner.releases, training_releases, release, head),
-        "compute": _compute(owner, finished, verifier if with_chain else None),
+        "compute": _compute(owner, finished, verifier if with_chain else None, head, public),
         "watermark": _watermark_summary(chain, out_dir, wm) if chain else {"enabled": False},
     }
+    if release is not None:
+        results["readouts"] = _readouts(owner, release, data, history, warm)
     if chain:  # per trainer and stage: how many bits the stage-end seal had to deepen
         sealed = {name: list(meta.get("sealed_bits", [])) for name, meta in finished.items()}
         results["watermark"]["sealed_bits"] = sealed
@@ -313,20 +327,93 @@ def _run_split(
     return Session(results, owner, trainers, split.full().cpu(), data)
 
 
+def _fit_labels(labels: LabelObfuscator, owner: DataOwner, data: Dataset) -> None:
+    """Fix the training records' sub-labels; the head pass that feature mode clusters is
+    the owner's work (keyed mode needs no features, so no pass)."""
+    if labels.mode != "feature" or labels.expansion == 1:
+        labels.fit(torch.empty(len(data.train), 0), data.train.y)
+        return
+    with torch.no_grad(), owner.compute.active(), owner.compute.count(None):
+        z = [owner.head(x.to(owner.device)).cpu() for x in data.train.x.split(4096)]
+        labels.fit(torch.cat(z), data.train.y)
+
+
+def _readouts(
+    owner: DataOwner,
+    release: OwnerRelease,
+    data: Dataset,
+    history: list[dict[str, Any]],
+    warm: int,
+) -> dict[str, Any]:
+    """The simple readouts of the same releases beside the chain (issue 10, point 4).
+
+    The owner fits nearest class mean and logistic regression on what it released to t1,
+    with the true labels, and scores them on the clean test activations, as the chain is
+    scored; ``public_only`` is the chain's test accuracy at the end of its warm start.
+    Reporting, not training: outside the compute meters.
+    """
+    from clicooper.privacy import readouts
+
+    r = release.everything().flatten(1)
+    test = torch.cat([z.cpu() for z in owner.head_outputs(data.test.x)]).flatten(1)
+    k, y = data.num_classes, data.train.y
+    out = {
+        name: {"test": readouts.accuracy(fit(r, y, k)(test), data.test.y)}
+        for name, fit in (("ncm", readouts.ncm), ("logistic", readouts.logistic))
+    }
+    out["chain"] = {"test": history[-1]["test_accuracy"]}
+    if warm:
+        out["public_only"] = {"test": history[warm - 1]["test_accuracy"]}
+    out["note"] = (
+        "ncm and logistic: fitted by the owner on the releases it sent t1 (true labels), "
+        "scored on clean test activations; public_only: the chain after its warm start on "
+        "the public split, before any release"
+    )
+    return out
+
+
 def _compute(
-    owner: DataOwner, finished: dict[str, dict[str, Any]], verifier: Verifier | None
+    owner: DataOwner,
+    finished: dict[str, dict[str, Any]],
+    verifier: Verifier | None,
+    head: FrozenHead | None = None,
+    public: Split | None = None,
 ) -> dict[str, Any]:
     """Every party's FLOPs and CPU seconds: the owner's own meter, each trainer's from its
     (checked) ``finish`` reply. In-process also the verifier's CPU seconds and, apart as
     ``verifier_flops``, its FLOPs: it audits and trains nothing, so it is not in the
-    owner's share (over gRPC it runs in its own process and is not asked)."""
+    owner's share (over gRPC it runs in its own process and is not asked).
+
+    Release once: a head pretrained on public data (``head``) adds its pretraining FLOPs,
+    and the head's pass over the public split for the warm start (``public``), to whoever
+    ran them (``head.pretrain_by``): the owner, or the trainers, credited to t1, which
+    holds the public set (``compute.head_pretrain`` says which)."""
     reports = {"do": owner.compute.report()}
     reports.update({name: meta["compute"] for name, meta in finished.items()})
+    extra = _pretrain_flops(head, public)
+    if extra is not None:
+        runner, flops = extra
+        party = "do" if runner == "owner" else "t1"
+        reports[party] = {**reports[party], "flops": int(reports[party]["flops"]) + flops}
     summary = compute.summary(reports)
+    if extra is not None:
+        summary["head_pretrain"] = {"flops": extra[1], "runner": extra[0], "credited_to": party}
     if verifier is not None:
         summary["cpu_seconds"]["verifier"] = round(verifier.compute.cpu_seconds, 6)
         summary["verifier_flops"] = sum(verifier.compute.flops.values())
     return summary
+
+
+def _pretrain_flops(head: FrozenHead | None, public: Split | None) -> tuple[str, int] | None:
+    """(runner, FLOPs) of building a release-once head on public data and, with a warm
+    start, of its pass over the public split; None when nobody pretrained."""
+    info = head.privacy if head is not None else {}
+    runner, flops = info.get("pretrain_runner"), int(info.get("pretrain_flops") or 0)
+    if runner not in ("owner", "trainers"):
+        return None
+    if public is not None:
+        flops += len(public) * int(info.get("forward_flops_per_record") or 0)
+    return runner, flops
 
 
 def _warn_capacity(split: SplitModel, wm: WatermarkConfig, stage_steps: int) -> None:
@@ -353,13 +440,9 @@ def _local(
     continues from ``out_dir``: t1 keeps its cached releases, the verifier its ledger,
     key and secrets)."""
     transport = InProcessTransport()
-    cache = None
-    if releases_once(cfg):  # t1's cache, in its party directory (a fresh session: empty)
-        cache = ReleaseCache(RunDir(out_dir).party("t1") / RELEASES_DIR)
-        if resume:
-            cache.load()
-        else:
-            cache.clear()
+    cache = public = None
+    if releases_once(cfg):  # t1's caches, in its party directory (a fresh session: empty)
+        cache, public = release_caches(RunDir(out_dir).party("t1"), resume)
     trainers = [
         Trainer(
             i,
@@ -372,6 +455,7 @@ def _local(
             max_pending=pending_limit(cfg.micro_batches),
             device=devices.get(f"t{i}", "cpu"),
             releases=cache if i == 1 else None,
+            public=public if i == 1 else None,
         )
         for i, seg in enumerate(split.segments, start=1)
     ]
@@ -406,6 +490,7 @@ def _remote(
         "n_outputs": n_outputs,
         "chain": with_chain,
         "total_steps": optim.total_steps,  # the lr schedule's length
+        "phase_steps": optim.phase_steps,  # release once: the warm start's steps
     }
     setup = {p: trainer for p in parties if p != "verifier"}
     if with_chain:
@@ -470,6 +555,12 @@ def _watermark_summary(chain: OwnerChain, out_dir: Path, wm: WatermarkConfig) ->
         "anchored": report.anchored,
         "bers_checked": report.bers_checked,
     }
+
+
+def warm_epochs(cfg: RunConfig) -> int:
+    """Epochs of the chain's warm start on public data: release once with a head source
+    that brings public data (``public``), else none."""
+    return cfg.chain.warm_epochs if releases_once(cfg) and cfg.head.source == "public" else 0
 
 
 def _save_owner(

@@ -15,7 +15,7 @@ from clicooper.common.messages import Kind, Message, ProtocolError
 from clicooper.config import RunConfig
 from clicooper.models.assembly import preset_segment
 from clicooper.parties.recorder import Recorder
-from clicooper.parties.releases import RELEASES_DIR, ReleaseCache
+from clicooper.parties.releases import ReleaseCache, release_caches
 from clicooper.parties.trainer import Trainer, pending_limit
 from clicooper.parties.verifier import Verifier
 from clicooper.parties.watermarking import TrainerChain
@@ -101,20 +101,24 @@ class PartyHost(Party):
         cfg = self.cfg
         shape = tuple(int(v) for v in meta["image_shape"])
         segment = preset_segment(cfg, shape, int(meta["n_outputs"]), self.index)
-        total_steps = meta.get("total_steps", 1)
+        total_steps, phase_steps = meta.get("total_steps", 1), meta.get("phase_steps", 0)
         if not isinstance(total_steps, int) or not 1 <= total_steps <= MAX_STEP:
             raise ProtocolError(f"setup: total_steps must be an integer 1 .. {MAX_STEP}")
+        if not isinstance(phase_steps, int) or not 0 <= phase_steps <= total_steps:
+            raise ProtocolError("setup: phase_steps must be an integer 0 .. total_steps")
+        releases, public = self._release_caches(resume)
         trainer = Trainer(
             self.index,
             cfg.trainers,
             segment,
-            OptimSettings.from_config(cfg, total_steps),
+            OptimSettings.from_config(cfg, total_steps, phase_steps),
             self.out_dir,
             Recorder(cfg.record),
             gradient.for_trainer(cfg, self.index),
             max_pending=pending_limit(cfg.micro_batches),
             device=self.device,
-            releases=self._release_cache(resume),
+            releases=releases,
+            public=public,
         )
         if meta.get("chain"):
             party_dir = self.run_dir.party(self.name)
@@ -127,17 +131,17 @@ class PartyHost(Party):
         ckpt.attach_trainer(trainer, self._checkpoint_dir(resume))
         return trainer
 
-    def _release_cache(self, resume: bool) -> ReleaseCache | None:
-        """t1's cache of the owner's releases (release once): read back on a resume, so
-        the owner need not send any again; emptied for a new session."""
+    def _release_caches(self, resume: bool) -> tuple[ReleaseCache | None, ReleaseCache | None]:
+        """t1's caches of the owner's releases and the public set (release once): read back
+        on a resume, so the owner need not send any again; emptied for a new session."""
         if self.index != 1 or self.cfg.privacy.release != "once":
-            return None
-        cache = ReleaseCache(self.run_dir.party(self.name) / RELEASES_DIR)
+            return None, None
+        private, public = release_caches(self.run_dir.party(self.name), resume)
         if resume:
-            log.info("%s: %d release chunks read back from its cache", self.name, cache.load())
-        else:
-            cache.clear()
-        return cache
+            log.info(
+                "%s: %d release chunks read back from its cache", self.name, len(private.chunks)
+            )
+        return private, public
 
     def _verifier(self, resume: bool) -> Verifier:
         wm = self.cfg.watermark
