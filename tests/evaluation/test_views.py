@@ -22,7 +22,7 @@ from clicooper.evaluation.views import (
     view_of,
 )
 from clicooper.parties.trainer import Trainer
-from clicooper.runtime.session import Session, run
+from clicooper.runtime.session import Session, run, warm_epochs
 
 FORBIDDEN = {"owner", "session", "dataset", "head", "secret", "labels_secret", "data"}
 
@@ -180,7 +180,11 @@ def test_release_once_view_is_t1s_cache_on_disk(once) -> None:
     held = session.trainers[0].releases
     assert torch.equal(cache.ids, torch.arange(len(session.dataset.train)))
     assert torch.equal(cache.x, held.x)
-    view = view_of(session.trainers[0])
+    warm = warm_epochs(session_cfg(out))
+    view = view_of(session.trainers[0], warm + 1)
+    assert warm > 0 and view.epochs[0] == warm + 1  # the warm start's public epochs left out
+    with pytest.raises(RuntimeError, match="differ from its cached releases"):
+        check_recorded_releases(session, view_of(session.trainers[0]), cache, session_cfg(out))
     check_recorded_releases(session, view, cache, session_cfg(out))
     ids = release_targets(cache, 32, seed=0)
     assert len(ids.unique()) == 32 and torch.equal(ids, release_targets(cache, 32, seed=0))
@@ -198,7 +202,7 @@ def test_a_recorded_input_that_is_not_the_cached_release_is_caught(once) -> None
     from clicooper.evaluation.views import cached_releases
 
     session, out = once
-    view = view_of(session.trainers[0])
+    view = view_of(session.trainers[0], warm_epochs(session_cfg(out)) + 1)
     records = dict(view.records)
     records["activation"] = records["activation"].clone()
     records["activation"][3, 0] += 1e-3

@@ -46,7 +46,7 @@ from clicooper.evaluation.views import (
 from clicooper.heads.base import UnitNorm
 from clicooper.models.assembly import preset_factory
 from clicooper.models.presets import build_preset
-from clicooper.runtime.session import Session, run
+from clicooper.runtime.session import Session, run, warm_epochs
 
 Say = Callable[[str], None]
 TrainProgress = Callable[[int, str], AbstractContextManager[Any]]
@@ -128,7 +128,7 @@ def head_known(cfg: RunConfig) -> bool:
 
 def train(cfg: RunConfig, data: Dataset, out: Path, progress: TrainProgress | None) -> Session:
     """One run of the session in ``out`` with optional progress bars."""
-    ctx = progress(cfg.epochs, cfg.mode) if progress else nullcontext(None)
+    ctx = progress(cfg.epochs + warm_epochs(cfg), cfg.mode) if progress else nullcontext(None)
     with ctx as bar:
         return run(cfg, out, data=data, progress=bar, overwrite=True)
 
@@ -159,7 +159,7 @@ def attack_run(
     label = label or mode
     clear = mode == "vanilla"
     n_classes = data.num_classes
-    views = [view_of(t) for t in session.trainers]
+    views = [view_of(t, warm_epochs(cfg) + 1) for t in session.trainers]
     labels = _labels_of(session, views, cfg)
     head_factory, model_factory = architecture(session, cfg)
     exact = releases_once(cfg) and head_known(cfg)

@@ -56,9 +56,14 @@ class PartyView:
         return sorted(int(e) for e in torch.unique(self.records["epoch"]))
 
 
-def view_of(trainer: Any) -> PartyView:
-    """Snapshot of a finished trainer: its recorder's tensors and a deep copy of its segment."""
+def view_of(trainer: Any, first_epoch: int = 1) -> PartyView:
+    """Snapshot of a finished trainer: its recorder's tensors from ``first_epoch`` on and a
+    deep copy of its segment. Release once with a warm start: its first epochs carry the
+    public split, which the attacks on the owner's records leave out."""
     records = trainer.recorder.tensors()
+    if first_epoch > 1 and "epoch" in records:
+        keep = records["epoch"] >= first_epoch
+        records = {k: v[keep] for k, v in records.items()}
     if "activation" not in records:
         raise ValueError(f"{trainer.name} recorded nothing: run with record > 0")
     unexpected = set(records) - set(RECEIVED_KEYS)
