@@ -198,8 +198,8 @@ def test_cnn_light_cut_points_and_t1_standardises_its_input():
 
 def test_resnet_learns_small_rgb_data_with_the_owner_holding_only_the_stem(tmp_path):
     data = _synthetic(256, 128, 3, 32)
-    cfg = quick_config(
-        model="resnet", mode="vanilla", epochs=2, train_subset=None, test_subset=None
+    cfg = quick_config(  # lr 1e-3: what this was measured at (3e-3 gave exactly 0.5 once)
+        model="resnet", mode="vanilla", epochs=2, train_subset=None, test_subset=None, lr=1e-3
     )
     session = run(cfg, tmp_path / "r", data=data)
     assert session.results["accuracy"]["test"] > 0.5  # chance is 0.25
