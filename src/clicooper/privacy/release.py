@@ -28,6 +28,7 @@ from torch import nn
 from clicooper.config import ConfigError, RunConfig
 from clicooper.data import DataError, Dataset, Split
 from clicooper.data.base import shared_images
+from clicooper.heads.base import freeze
 from clicooper.models import SplitModel
 
 
@@ -107,12 +108,6 @@ def frozen_head(cfg: RunConfig, data: Dataset, split: SplitModel) -> FrozenHead:
         check_disjoint(head.fitted_on, data.train.x, f"head source {cfg.head.source!r}")
     freeze(head.module)
     return head
-
-
-def freeze(module: nn.Module) -> nn.Module:
-    """No parameter takes a gradient, and eval mode (dropout off, norm statistics fixed)."""
-    module.requires_grad_(False)
-    return module.eval()
 
 
 def check_disjoint(public: torch.Tensor, train: torch.Tensor, what: str) -> None:
