@@ -186,8 +186,19 @@ def test_concurrent_stream_cap_is_named(net, stalled) -> None:
             break
         seq += 1
         assert time.monotonic() < deadline, "a third stream was admitted beside two held ones"
+        # A stalled stream that arrived while a delivery of do's held the other slot was
+        # refused, rightly: open it again, so that two stalled streams end up held.
+        held = [s if not s.future.done() else _reopened(s, stalled, t2) for s in held]
         time.sleep(0.05)
     assert len(_pending(held)) == 2
+
+
+def _reopened(stream: Stalled, stalled, server: GrpcTransport) -> Stalled:
+    """A new stalled stream for one that the concurrency cap refused (any other end fails)."""
+    err = stream.error(0)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err
+    assert "at limits.max_concurrent_streams 2" in err.details()
+    return stalled("t3", server)
 
 
 # -- connections -------------------------------------------------------------------------
