@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from clicooper.attacks.inversion import aux_no_query, query_decoder, total_variation, unsplit
+from clicooper.attacks.inversion import (
+    aux_no_query,
+    query_decoder,
+    total_variation,
+    unsplit,
+    whitebox,
+)
 from clicooper.attacks.metrics import mean_image_baselines, ssim_batch
 
 
@@ -78,6 +84,19 @@ def test_unsplit_recovers_structure_through_a_conv_head(digits, heads, victim):
     s, s_noise = ssim_batch(recon, x).mean(), ssim_batch(noise, x).mean()
     print(f"unsplit conv head {s:.3f} uniform noise {s_noise:.3f}")
     assert s > s_noise + 0.2
+
+
+def test_whitebox_inverts_the_exact_head_and_noise_defeats_it(digits, heads, victim):
+    head, _ = victim(digits, heads["conv"], digits.y, 10, seed=0)
+    x = digits.x[digits.test][:128]
+    z = _acts(head, x)
+    recon = whitebox(head, z, (1, 8, 8), steps=300, seed=0)
+    assert recon.shape == x.shape and recon.min() >= 0 and recon.max() <= 1
+    noisy = z + 5 * z.std() * torch.randn(z.shape, generator=torch.Generator().manual_seed(0))
+    s_clean = ssim_batch(recon, x).mean()
+    s_noisy = ssim_batch(whitebox(head, noisy, (1, 8, 8), steps=300, seed=0), x).mean()
+    print(f"whitebox clean {s_clean:.3f} noisy {s_noisy:.3f}")
+    assert s_clean > 0.6 and s_noisy < s_clean - 0.3
 
 
 def test_unsplit_rejects_a_head_that_does_not_produce_the_activations(digits, heads):

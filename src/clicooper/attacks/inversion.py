@@ -4,6 +4,7 @@ Every attack returns reconstructions as a float tensor in [0, 1] with shape
 (n, *image_shape), ready for :func:`clicooper.attacks.metrics.ssim_batch`.
 
 - :func:`unsplit`: data-free; knows only the head's architecture (Erdogan et al. 2022).
+- :func:`whitebox`: data-free, holding the head itself (UnSplit's image step alone).
 - :func:`aux_no_query`: also holds unlabelled same-distribution images, but cannot
   query the data owner's head.
 - :func:`query_decoder`: black-box inverse network trained on (activation, image)
@@ -102,17 +103,54 @@ def unsplit(
         opt_x = torch.optim.Adam([u], lr=lr)
         opt_w = torch.optim.Adam(shadow.parameters(), lr=head_lr)
         for _ in range(rounds):
-            for _ in range(steps):
-                opt_x.zero_grad(set_to_none=True)
-                x = torch.sigmoid(u)
-                data = F.mse_loss(shadow(x), z) / energy
-                (data + tv_weight * total_variation(x)).backward()
-                opt_x.step()
+            _image_steps(shadow, u, opt_x, z, energy, tv_weight, steps)
             x = torch.sigmoid(u).detach()
             for _ in range(steps):
                 opt_w.zero_grad(set_to_none=True)
                 (F.mse_loss(shadow(x), z) / energy).backward()
                 opt_w.step()
+    return torch.sigmoid(u).detach()
+
+
+def _image_steps(
+    head: nn.Module,
+    u: Tensor,
+    opt: torch.optim.Optimizer,
+    z: Tensor,
+    energy: Tensor,
+    tv_weight: float,
+    steps: int,
+) -> None:
+    """``steps`` Adam steps on x = sigmoid(u): min_x |head(x) - z|^2 / energy + tv * TV(x)."""
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        x = torch.sigmoid(u)
+        (F.mse_loss(head(x), z) / energy + tv_weight * total_variation(x)).backward()
+        opt.step()
+
+
+def whitebox(
+    head: nn.Module,
+    observed: ArrayLike,
+    image_shape: tuple[int, ...],
+    steps: int,
+    lr: float = 0.05,
+    tv_weight: float = 0.1,
+    seed: int = 0,
+) -> Tensor:
+    """Data-free inversion through the exact head: UnSplit's image step without a shadow.
+
+    min_x |h(x) - z|^2 / |z|^2 + tv_weight * TV(x) by Adam over x = sigmoid(u), from grey
+    (u = 0), all rows of z as one batch; h stays fixed (eval mode). This is the data-free
+    attacker that holds h itself (a public head it pretrained, a seeded or fixed one), so
+    only the noise stands in its way.
+    """
+    z = as_float_tensor(observed, "observed")
+    energy = z.pow(2).mean().clamp_min(1e-12)
+    head = head.eval()
+    with seeded(seed):
+        u = torch.zeros(z.shape[0], *tuple(image_shape), requires_grad=True)
+        _image_steps(head, u, torch.optim.Adam([u], lr=lr), z, energy, tv_weight, steps)
     return torch.sigmoid(u).detach()
 
 

@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from clicooper.attacks import (
@@ -32,7 +31,7 @@ from clicooper.attacks.clustering import (
     structural_naming_accuracy,
 )
 from clicooper.attacks.extraction import last_linear, query_shadow_head
-from clicooper.attacks.inversion import aligned_autoencoder, decode, total_variation
+from clicooper.attacks.inversion import aligned_autoencoder, decode, whitebox
 from clicooper.evaluation.settings import EvalSettings
 from clicooper.evaluation.views import AuxData, PartyView
 from clicooper.privacy.activation import ActivationNoise
@@ -152,7 +151,7 @@ def inversion(
     ``aux.images`` with the noise on / off (query access); ``aligned`` is :func:`align`'s
     (encoder, decoder). ``exact_head``: ``head_factory`` gives the very head that produced
     ``z`` (release once with a head the trainers hold), so the data-free attacker inverts
-    it white-box (:func:`whitebox_inversion`) instead of fitting a shadow.
+    it white-box (:func:`clicooper.attacks.inversion.whitebox`) instead of fitting a shadow.
     """
     return {
         "data_free": data_free(head_factory, z, image_shape, s, exact_head),
@@ -176,40 +175,10 @@ def data_free(
     """UnSplit at the evaluation's budget; white-box inversion when the head is known."""
     if exact_head:
         steps = s.unsplit_rounds * s.unsplit_steps  # UnSplit's image steps, no shadow steps
-        return whitebox_inversion(head_factory(), z, image_shape, steps, seed=s.seed)
+        return whitebox(head_factory(), z, image_shape, steps, seed=s.seed)
     return unsplit(
         head_factory, z, image_shape, rounds=s.unsplit_rounds, steps=s.unsplit_steps, seed=s.seed
     )
-
-
-def whitebox_inversion(
-    head: nn.Module,
-    z: torch.Tensor,
-    image_shape: tuple[int, ...],
-    steps: int,
-    lr: float = 0.05,
-    tv_weight: float = 0.1,
-    seed: int = 0,
-) -> torch.Tensor:
-    """Data-free inversion through the exact head: UnSplit's image step without a shadow.
-
-    min_x |h(x) - z|^2 / |z|^2 + tv_weight * TV(x) by Adam over x = sigmoid(u), from grey
-    (u = 0), all rows of ``z`` as one batch; ``h`` stays fixed (eval mode). This is the
-    data-free attacker of a release-once T1 whose trainers pretrained the public head, or
-    rebuilt a seeded or fixed one: it holds h itself, so only the noise stands in its way.
-    """
-    head = head.eval()
-    energy = z.pow(2).mean().clamp_min(1e-12)
-    torch.manual_seed(seed)
-    u = torch.zeros(z.shape[0], *image_shape, requires_grad=True)
-    opt = torch.optim.Adam([u], lr=lr)
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        x = torch.sigmoid(u)
-        loss = F.mse_loss(head(x), z) / energy + tv_weight * total_variation(x)
-        loss.backward()
-        opt.step()
-    return torch.sigmoid(u).detach()
 
 
 def simulated_noise(clean: torch.Tensor, privacy: dict[str, Any], seed: int) -> torch.Tensor:
