@@ -1,0 +1,99 @@
+"""``clicooper node start`` and ``node status``: a long-running trainer or verifier node."""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from clicooper.cli.app import Opt, app, fail
+from clicooper.cli.progress import console
+
+node_app = typer.Typer(
+    no_args_is_help=True, help="Trainer and verifier nodes that serve many sessions at once."
+)
+app.add_typer(node_app, name="node")
+
+
+@node_app.command("start")
+def start(
+    role: Annotated[str, typer.Argument(help="trainer or verifier")],
+    listen: Annotated[str, Opt(help="HOST:PORT the node listens on")],
+    state: Annotated[Path, Opt(help="the node's state directory (sessions, node.sqlite)")],
+    certs: Annotated[Path, Opt(help="the node's own bundle (OUT/<name> of `certs init`)")],
+    capacity: Annotated[int, Opt(help="sessions the node serves at once")] = 4,
+    name: Annotated[
+        str | None, Opt(help="the node's name (its certificate's); default: the bundle's folder")
+    ] = None,
+    device: Annotated[str, Opt(help="device of every session: cpu, cuda[:N], mps")] = "cpu",
+    send_timeout: Annotated[float, Opt(help="seconds one delivery may take")] = 30.0,
+) -> None:
+    """Serve sessions until SIGTERM or Ctrl-C (active ones are served again on a restart)."""
+    from clicooper.node.server import Node
+
+    if role not in ("trainer", "verifier"):
+        fail(f"unknown role {role!r}: node start trainer or verifier")
+    if capacity < 1:
+        fail(f"--capacity must be at least 1, got {capacity}")
+    try:
+        node = Node(
+            role,
+            name or certs.name,
+            listen,
+            certs,
+            state,
+            capacity,
+            device=device,
+            send_timeout=send_timeout,
+        )
+    except (ValueError, OSError) as exc:
+        fail(str(exc).splitlines()[0])
+    import torch
+
+    torch.set_num_threads(1)
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # compiler stack: imported now
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {node.name} %(message)s")
+    signal.signal(signal.SIGTERM, lambda *_: node.request_stop())
+    try:
+        node.start()
+    except OSError as exc:
+        node.state.close()
+        fail(str(exc).splitlines()[0])
+    console.print(f"{node.name}: {role} node on {node.listen}, capacity {capacity}")
+    try:
+        node.wait()
+    except KeyboardInterrupt:
+        console.print("interrupted")
+    finally:
+        node.stop()
+
+
+@node_app.command("status")
+def status(
+    state: Annotated[Path, Opt(help="the node's state directory (--state of `node start`)")],
+    as_json: Annotated[bool, Opt("--json", help="one JSON object per line")] = False,
+) -> None:
+    """List the node's sessions and their state (read beside a running node)."""
+    from clicooper.node.state import SqliteState
+
+    try:
+        store = SqliteState(state, readonly=True)
+        sessions = [r.summary() for r in store.sessions()]
+        store.close()
+    except (ValueError, OSError) as exc:
+        fail(str(exc).splitlines()[0])
+    except Exception as exc:  # sqlite3.DatabaseError: not a node's state file
+        fail(f"{state} holds no readable node state: {' '.join(str(exc).split())}")
+    if as_json:
+        for entry in sessions:
+            print(json.dumps(entry))
+        return
+    if not sessions:
+        console.print(f"{state}: no sessions")
+    for s in sessions:
+        reason = f"  ({s['reason']})" if s["reason"] else ""
+        console.print(f"{s['session']}  {s['party']:<8} {s['state']:<9} {s['owner']}{reason}")
