@@ -58,13 +58,18 @@ class Admission:
         self.clock = clock
         self._lock = threading.Lock()
 
-    def reserve(self, owner: str, msg: Message) -> Record:
+    def reserve(
+        self, owner: str, msg: Message, validate: Callable[[Record], None] | None = None
+    ) -> Record:
         """Hold a slot for the session ``msg`` describes until its TTL passes.
 
         Idempotent for the same owner and party (a retried reserve); refused when the id
         was used before, when it is another owner's, or when the node is full.
+        ``validate`` refuses settings the node cannot serve (after the identity checks).
         """
         record = self._request(owner, msg)
+        if validate is not None:
+            validate(record)
         with self._lock:
             self._expire(record.created)
             known = self.state.get(record.session)

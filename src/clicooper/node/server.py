@@ -45,6 +45,7 @@ from clicooper.proto import SERVICE_NAME, Envelope
 from clicooper.runtime.certs import load_party_credentials, validate_party_name
 from clicooper.runtime.deploy.host import PartyHost, serve
 from clicooper.runtime.deploy.settings import SHARED
+from clicooper.runtime.transport.grpc import _check_address
 from clicooper.runtime.transport.grpc_server import (
     Receiver,
     Rejected,
@@ -98,7 +99,8 @@ class Node:
     ) -> None:
         if role not in SHARED:
             raise ValueError(f"unknown role {role!r}: a node is a trainer or a verifier")
-        self.role, self.name, self.listen = role, validate_party_name(name), listen
+        self.role, self.name = role, validate_party_name(name)
+        self.listen = _check_address(listen, "listen")
         self.certs_dir, self.state_dir = Path(certs_dir), Path(state_dir)
         self._credentials = load_party_credentials(self.certs_dir, name)
         self.limits = limits or TransportLimits()
@@ -261,8 +263,7 @@ class Node:
         op = msg.meta.get("op") if msg.kind == Kind.CONTROL else None
         try:
             if op == "reserve":
-                session_config(msg.meta.get("settings"), self.role, self.device)
-                record = self.admission.reserve(identity, msg)
+                record = self.admission.reserve(identity, msg, self._servable)
                 log.info(
                     "%s: reserved %s for %s as %s",
                     self.name,
@@ -284,6 +285,9 @@ class Node:
             raise Rejected(_CODES[exc.code], exc.reason) from None
 
     # -- sessions --------------------------------------------------------------
+
+    def _servable(self, record: SessionRecord) -> None:
+        session_config(record.settings, self.role, self.device)
 
     def _serve(self, record: SessionRecord) -> None:
         """Start serving an active session (a retried commit finds it served already)."""
