@@ -17,6 +17,10 @@ node_app = typer.Typer(
     no_args_is_help=True, help="Trainer and verifier nodes that serve many sessions at once."
 )
 app.add_typer(node_app, name="node")
+pool_app = typer.Typer(
+    no_args_is_help=True, help="A pool: trainer nodes and a verifier node under one CA."
+)
+app.add_typer(pool_app, name="pool")
 
 
 @node_app.command("start")
@@ -97,3 +101,53 @@ def status(
     for s in sessions:
         reason = f"  ({s['reason']})" if s["reason"] else ""
         console.print(f"{s['session']}  {s['party']:<8} {s['state']:<9} {s['owner']}{reason}")
+
+
+@pool_app.command("up")
+def pool_up(
+    trainers: Annotated[int, Opt(help="trainer nodes to start")],
+    dir: Annotated[Path, Opt(help="the pool's directory (certs, node states, logs, pool.toml)")],
+    capacity: Annotated[int, Opt(help="sessions each node serves at once")] = 4,
+) -> None:
+    """Start N trainer nodes and one verifier node on 127.0.0.1 with a fresh CA."""
+    from clicooper.node import pool
+
+    try:
+        started = pool.pool_up(dir, trainers, capacity)
+    except (ValueError, OSError, RuntimeError) as exc:
+        fail(str(exc).splitlines()[0])
+    for node in started.nodes.values():
+        console.print(f"  {node.name}: {node.role} on {node.address} (pid {node.pid})")
+    console.print(f"pool file: {dir / pool.POOL_FILE}  (`clicooper run --pool` it)")
+
+
+@pool_app.command("status")
+def pool_status(
+    pool_dir: Annotated[Path, typer.Argument(help="the pool's directory (or its pool.toml)")],
+) -> None:
+    """Every node of the pool, whether it runs, and its sessions."""
+    from clicooper.node.pool import Pool
+
+    try:
+        loaded = Pool.load(pool_dir)
+    except ValueError as exc:
+        fail(str(exc).splitlines()[0])
+    for node in loaded.nodes.values():
+        running = "running" if node.running() else "stopped"
+        console.print(f"{node.name}  {node.role:<8} {node.address}  {running} (pid {node.pid})")
+        for s in node.sessions():
+            console.print(f"    {s['session']}  {s['party']:<8} {s['state']:<9} {s['owner']}")
+
+
+@pool_app.command("down")
+def pool_down(
+    pool_dir: Annotated[Path, typer.Argument(help="the pool's directory (or its pool.toml)")],
+) -> None:
+    """Stop every node process that `pool up` started."""
+    from clicooper.node import pool
+
+    try:
+        stopped = pool.pool_down(pool.Pool.load(pool_dir))
+    except ValueError as exc:
+        fail(str(exc).splitlines()[0])
+    console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")

@@ -30,10 +30,21 @@ def launching() -> bool:
 
 
 def session_runner(
-    cfg: RunConfig, peers: Path | None, certs: Path | None, resume: bool = False
+    cfg: RunConfig,
+    peers: Path | None,
+    certs: Path | None,
+    resume: bool = False,
+    pool: Path | None = None,
 ) -> Callable[..., Any]:
-    """What ``clicooper run`` calls: in-process, over gRPC to served parties, or a launch
-    (``resume``: continue an in-process run, or a launched one under ``launch``)."""
+    """What ``clicooper run`` calls: in-process, over gRPC to served parties, on a pool's
+    nodes, or a launch (``resume``: continue an in-process run, or a launched one under
+    ``launch``)."""
+    if pool is not None:
+        if peers or certs or resume:
+            fail("--pool takes neither --peers, --certs nor --resume")
+        from clicooper.node.pool import pool_run
+
+        return functools.partial(pool_run, pool)
     timeouts = LAUNCH_TIMEOUTS.get()
     if timeouts is not None:
         return functools.partial(launch, resume=resume, **timeouts)

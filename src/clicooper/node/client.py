@@ -41,7 +41,7 @@ class NodeAddress:
     address: str
 
 
-class AdmissionRefused(Exception):
+class AdmissionRefused(ValueError):
     """The session was admitted on no node (every reservation made was aborted)."""
 
 
