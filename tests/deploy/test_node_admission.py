@@ -204,3 +204,17 @@ def test_a_malformed_reservation_is_refused_and_holds_nothing(pool, change, mess
     with pytest.raises(ProtocolError, match=f"INVALID_ARGUMENT: .*{re.escape(message)}"):
         bob.request(node, "reserve", **meta)
     assert pool.nodes["trainer-1"].state.sessions() == []
+
+
+def test_a_session_whose_owner_is_gone_is_ended_and_its_slot_freed(pool):
+    """Committed, then never a message (the owner died): after --session-idle the node
+    aborts the session and stops serving it, so its capacity is not lost for good."""
+    pool.nodes["trainer-1"].stop()
+    node = pool.start_node("trainer-1", session_idle_s=0.5)
+    cfg = quick_config(**VANILLA, trainers=1)
+    session = pool.admit("alice", cfg, trainers=["trainer-1"])
+    assert node.state.get(session).state == ACTIVE
+    wait_for(lambda: node.state.get(session).state == ABORTED, 10, "the idle timeout")
+    assert node.state.get(session).reason == "no message for 0.5 s: its owner is gone"
+    wait_for(lambda: session not in node._served, 10, "the session to stop")
+    pool.admit("bob", cfg, trainers=["trainer-1"])  # capacity 1: the slot is free again

@@ -35,6 +35,9 @@ def start(
     ] = None,
     device: Annotated[str, Opt(help="device of every session: cpu, cuda[:N], mps")] = "cpu",
     send_timeout: Annotated[float, Opt(help="seconds one delivery may take")] = 30.0,
+    session_idle: Annotated[
+        float, Opt(help="seconds without a message after which a session's owner is gone")
+    ] = 900.0,
 ) -> None:
     """Serve sessions until SIGTERM or Ctrl-C (active ones are served again on a restart)."""
     from clicooper.node.server import Node
@@ -53,6 +56,7 @@ def start(
             capacity,
             device=device,
             send_timeout=send_timeout,
+            session_idle_s=session_idle,
         )
     except (ValueError, OSError) as exc:
         fail(str(exc).splitlines()[0])

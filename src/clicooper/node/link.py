@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from pathlib import Path
 
 from clicooper.common.messages import Message
@@ -47,6 +48,7 @@ class SessionTransport(EpochTransport):
             peer_identities=dict(record.identities),
         )
         self.receiver: Receiver | None = None
+        self.last_message = time.monotonic()  # when the party last took a message
         self._lock = threading.Lock()
 
     def rekey(self, epoch: int | None) -> None:
@@ -67,9 +69,11 @@ class SessionTransport(EpochTransport):
         if receiver is None or party != self.name:
             raise TimeoutError(f"{party} is not served by this session transport")
         try:
-            return receiver.inbox.get(timeout=timeout)
+            msg = receiver.inbox.get(timeout=timeout)
         except queue.Empty:
             raise TimeoutError(f"{party} received no message within {timeout} s") from None
+        self.last_message = time.monotonic()
+        return msg
 
     def close(self) -> None:
         with self._lock:

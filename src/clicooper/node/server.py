@@ -25,6 +25,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -96,6 +97,7 @@ class Node:
         limits: TransportLimits | None = None,
         device: str = "cpu",
         send_timeout: float = 30.0,
+        session_idle_s: float = 900.0,
     ) -> None:
         if role not in SHARED:
             raise ValueError(f"unknown role {role!r}: a node is a trainer or a verifier")
@@ -105,6 +107,9 @@ class Node:
         self._credentials = load_party_credentials(self.certs_dir, name)
         self.limits = limits or TransportLimits()
         self.device, self.send_timeout = device, send_timeout
+        if not session_idle_s > 0:
+            raise ValueError(f"session_idle_s must be positive, got {session_idle_s}")
+        self.session_idle_s = session_idle_s
         self.state = state or SqliteState(self.state_dir)
         self.admission = Admission(self.state, name, role, capacity)
         self.server_limits = _node_limits(self.limits, capacity)
@@ -342,9 +347,27 @@ class Node:
                 served.thread.join(timeout=30)
 
     def _expire(self) -> None:
+        """Lapse reservations past their TTL, and end sessions whose owner went silent."""
         while not self._stop.wait(0.25):
             for session in self.admission.expire():
                 log.info("%s: reservation of %s expired", self.name, session)
+            self._end_idle()
+
+    def _end_idle(self) -> None:
+        """An active session that took no message for ``session_idle_s`` has lost its owner
+        (it died, or it never came after its commit): it is aborted, its slot freed."""
+        now = time.monotonic()
+        with self._lock:
+            idle = [
+                s
+                for s in self._served.values()
+                if now - s.transport.last_message > self.session_idle_s
+            ]
+        for served in idle:
+            reason = f"no message for {self.session_idle_s:g} s: its owner is gone"
+            if self.admission.end(served.record.session, False, reason):
+                log.warning("%s: session %s %s", self.name, served.record.session, reason)
+            served.stop.set()
 
 
 def session_config(settings: Any, role: str, device: str) -> RunConfig:
