@@ -9,14 +9,16 @@ import signal
 import subprocess
 
 import pytest
-from conftest import alive, cli, env
+from conftest import alive, checkpoint_at_least, cli, env, wait_for
 from typer.testing import CliRunner
 
 from clicooper.cli.main import app
 from clicooper.node.pool import Pool
 
-RUN = ["--dataset", "digits", "--model", "mlp", "--trainers", "2", "--epochs", "1",
-       "--train-subset", "160", "--test-subset", "100", "--batch-size", "16"]  # fmt: skip
+RUN = ["--dataset", "digits", "--model", "mlp", "--trainers", "2", "--epochs", "2",
+       "--train-subset", "160", "--test-subset", "100", "--batch-size", "16",
+       "--checkpoint-steps", "3"]  # fmt: skip
+STEPS = 2 * 160 // 16
 # Small clicooper runs whose ledger verifies (conftest.WM), as a config file
 CONFIG = """
 [watermark]
@@ -53,7 +55,15 @@ def _cli(*args):
     return _Result(CliRunner().invoke(app, list(args), env={"COLUMNS": "200"}))
 
 
-def test_two_owners_run_at_once_on_a_pool_and_down_stops_every_node(pool_dir, tmp_path):
+def _sessions_past(node_state, step):
+    """Whether two sessions on the node have checkpointed ``step``."""
+    dirs = list((node_state / "sessions").glob("*/checkpoints/t*"))
+    return len(dirs) == 2 and all(checkpoint_at_least(d, step)() for d in dirs)
+
+
+def test_two_owners_on_a_pool_survive_a_killed_node_and_down_stops_every_node(pool_dir, tmp_path):
+    """pool up; two owners run at once; trainer-1 gets kill -9 mid-epoch and `pool restart`:
+    both sessions resume and finish, both ledgers verify; pool down leaves no process."""
     up = _cli("pool", "up", "--trainers", "2", "--dir", str(pool_dir), "--capacity", "2")
     assert up.returncode == 0, up.stdout + up.stderr
     pool = Pool.load(pool_dir / "pool.toml")
@@ -82,13 +92,22 @@ def test_two_owners_run_at_once_on_a_pool_and_down_stops_every_node(pool_dir, tm
         )
         for seed, name in enumerate(("alice", "bob"))
     }
+    killed = pool.nodes["trainer-1"]
+    wait_for(lambda: _sessions_past(killed.state, 3), 240, "both sessions' first checkpoints")
+    os.kill(killed.pid, signal.SIGKILL)
+    wait_for(lambda: not alive(killed.pid), 10, "trainer-1 to die")
+    restart = _cli("pool", "restart", str(pool_dir), "trainer-1")
+    assert restart.returncode == 0, restart.stdout
+    pool = Pool.load(pool_dir)
+    assert pool.nodes["trainer-1"].pid != killed.pid and pool.nodes["trainer-1"].running()
     outputs = {name: proc.communicate(timeout=300)[0] for name, proc in owners.items()}
     anchors = {}
     for name, proc in owners.items():
         assert proc.returncode == 0, outputs[name]
         results = json.loads((tmp_path / name / "results.json").read_text())
         assert results["watermark"]["verified"], results["watermark"]
-        assert results["transport"]["steps_applied"] == {"t1": 10, "t2": 10}
+        assert results["transport"]["steps_applied"] == {"t1": STEPS, "t2": STEPS}
+        assert results["transport"]["recoveries"], f"{name} did not notice the failure"
         assert set(results["transport"]["pool"]["chain"]) == {"t1", "t2", "verifier"}
         anchors[name] = results["watermark"]["anchor"]
         check = _cli("verify", str(tmp_path / name), "--anchor", anchors[name])

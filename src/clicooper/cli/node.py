@@ -155,3 +155,18 @@ def pool_down(
     except ValueError as exc:
         fail(str(exc).splitlines()[0])
     console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+
+
+@pool_app.command("restart")
+def pool_restart(
+    pool_dir: Annotated[Path, typer.Argument(help="the pool's directory (or its pool.toml)")],
+    name: Annotated[str, typer.Argument(help="the node to start again, e.g. trainer-1")],
+) -> None:
+    """Start a node that died again, on its own state: it serves its active sessions again."""
+    from clicooper.node import pool
+
+    try:
+        node = pool.restart_node(pool.Pool.load(pool_dir), name)
+    except (ValueError, OSError, RuntimeError) as exc:
+        fail(str(exc).splitlines()[0])
+    console.print(f"  {node.name}: {node.role} on {node.address} (pid {node.pid})")

@@ -138,7 +138,8 @@ def pool_up(root: Path, trainers: int, capacity: int = 4) -> Pool:
     root = Path(root)
     if (root / POOL_FILE).exists():
         raise ValueError(
-            f"{root} holds a pool already ({POOL_FILE}): `pool down` it or choose another --dir"
+            f"{root} holds a pool already ({POOL_FILE}): choose another --dir (a pool that is "
+            "down may be deleted)"
         )
     names = [f"trainer-{i}" for i in range(1, trainers + 1)] + [VERIFIER]
     private_dir(root)
@@ -149,14 +150,8 @@ def pool_up(root: Path, trainers: int, capacity: int = 4) -> Pool:
     try:
         for name, port in zip(names, ports, strict=True):
             role = "verifier" if name == VERIFIER else "trainer"
-            state = root / "nodes" / name
-            argv = [
-                sys.executable, "-m", "clicooper.cli", "node", "start", role,
-                "--listen", f"127.0.0.1:{port}", "--state", str(state),
-                "--certs", str(root / "certs" / name), "--capacity", str(capacity),
-            ]  # fmt: skip
-            proc = spawn(argv, logs / f"{name}.log")
-            started[name] = PoolNode(name, role, f"127.0.0.1:{port}", capacity, state, proc.pid)
+            node = PoolNode(name, role, f"127.0.0.1:{port}", capacity, root / "nodes" / name, 0)
+            started[name] = _start(root, node)
         for node in started.values():
             _wait_listening(node, logs / f"{node.name}.log")
     except BaseException:
@@ -165,6 +160,32 @@ def pool_up(root: Path, trainers: int, capacity: int = 4) -> Pool:
     pool = Pool(root, started)
     pool.write()
     return pool
+
+
+def restart_node(pool: Pool, name: str) -> PoolNode:
+    """Start node ``name`` of ``pool`` again (after it died) with the same state, address
+    and certificate; ``pool.toml`` records its new process."""
+    node = pool.nodes.get(name)
+    if node is None:
+        raise ValueError(f"the pool has no node {name!r}: it has {', '.join(pool.nodes)}")
+    if node.running():
+        raise ValueError(f"{name} is running (pid {node.pid}): `pool down` stops it")
+    node = _start(pool.root, node)
+    _wait_listening(node, pool.root / "logs" / f"{name}.log")
+    restarted = Pool(pool.root, {**pool.nodes, name: node})
+    restarted.write()
+    return node
+
+
+def _start(root: Path, node: PoolNode) -> PoolNode:
+    """``node``'s process (``clicooper node start``); the node with its pid."""
+    argv = [
+        sys.executable, "-m", "clicooper.cli", "node", "start", node.role,
+        "--listen", node.address, "--state", str(node.state),
+        "--certs", str(root / "certs" / node.name), "--capacity", str(node.capacity),
+    ]  # fmt: skip
+    proc = spawn(argv, root / "logs" / f"{node.name}.log")
+    return PoolNode(node.name, node.role, node.address, node.capacity, node.state, proc.pid)
 
 
 def pool_down(pool: Pool, grace: float = 10.0) -> list[str]:
