@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,17 +103,16 @@ def admit(
         for node in chain.values():
             owner.request(node, "commit", timeout, session=session)
     except (ProtocolError, ConnectionError) as exc:
-        for node in done:
-            with contextlib.suppress(ProtocolError, ConnectionError):
-                owner.request(node, "abort", timeout, session=session)
+        abort(owner, session, done, timeout)
         raise AdmissionRefused(f"session {session} was not admitted: {exc}") from None
 
 
-def abort(owner: Owner, session: str, chain: dict[str, NodeAddress]) -> None:
-    """Abort ``session`` on every node of ``chain`` (best effort)."""
-    for node in chain.values():
+def abort(owner: Owner, session: str, nodes: Iterable[NodeAddress], timeout: float = 10.0) -> None:
+    """Abort ``session`` on each of ``nodes`` (best effort: a node that cannot be reached
+    lets the reservation lapse, or the session go idle, by itself)."""
+    for node in nodes:
         with contextlib.suppress(ProtocolError, ConnectionError):
-            owner.request(node, "abort", session=session)
+            owner.request(node, "abort", timeout, session=session)
 
 
 def node_deployment(

@@ -31,7 +31,14 @@ from typing import Any
 
 from clicooper.common.files import private_dir, write_file
 from clicooper.config import RunConfig
-from clicooper.node.client import NodeAddress, Owner, admit, local_collector, node_deployment
+from clicooper.node.client import (
+    NodeAddress,
+    Owner,
+    abort,
+    admit,
+    local_collector,
+    node_deployment,
+)
 from clicooper.node.state import HOLDING, SqliteState
 from clicooper.runtime.certs import create_certificates, issue_bundle
 from clicooper.runtime.deploy.launcher import free_ports, prepare_launch_dir, spawn
@@ -216,7 +223,11 @@ def pool_run(
     deployment = node_deployment(
         owner, session, addresses, collect=local_collector(states, session)
     )
-    result = run(cfg, out_dir, deployment=deployment, **run_args)
+    try:
+        result = run(cfg, out_dir, deployment=deployment, **run_args)
+    except BaseException:  # bad data, a failed chain, Ctrl-C: the nodes let the session go
+        abort(owner, session, addresses.values())
+        raise
     result.results["transport"]["pool"] = {
         "session": session,
         "owner": name,
