@@ -71,6 +71,11 @@ def test_two_owners_on_a_pool_survive_a_killed_node_and_down_stops_every_node(po
     config.write_text(CONFIG)
     assert sorted(pool.nodes) == ["trainer-1", "trainer-2", "verifier-1"]
     assert all(n.running() for n in pool.nodes.values())
+    # bob's bundle is issued by the pool's operator; alice's run issues its own
+    issued = _cli("certs", "issue", "--ca", str(pool_dir / "certs" / "ca"), "--party", "bob",
+                  "--out", str(tmp_path / "bobs"))  # fmt: skip
+    assert issued.returncode == 0, issued.stdout
+    own = {"alice": [], "bob": ["--certs", str(tmp_path / "bobs" / "bob")]}
     owners = {
         name: subprocess.Popen(
             cli(
@@ -84,6 +89,7 @@ def test_two_owners_on_a_pool_survive_a_killed_node_and_down_stops_every_node(po
                 str(seed),
                 "--out",
                 str(tmp_path / name),
+                *own[name],
             ),  # fmt: skip
             env=env(),
             stdout=subprocess.PIPE,
@@ -112,9 +118,12 @@ def test_two_owners_on_a_pool_survive_a_killed_node_and_down_stops_every_node(po
         anchors[name] = results["watermark"]["anchor"]
         check = _cli("verify", str(tmp_path / name), "--anchor", anchors[name])
         assert check.returncode == 0, check.stdout + check.stderr
-        # the owner's own certificate, issued by the pool's CA for this run
         owner = results["transport"]["pool"]["owner"]
-        assert (tmp_path / name / "certs" / owner / f"{owner}.pem").is_file()
+        if name == "bob":
+            assert owner == "bob"
+        else:  # the owner's own certificate, issued by the pool's CA for this run
+            assert owner.startswith("owner-")
+            assert (tmp_path / name / "certs" / owner / f"{owner}.pem").is_file()
     assert anchors["alice"] != anchors["bob"]  # one verifier node, a key per session
     status = _cli("pool", "status", str(pool_dir))
     assert status.returncode == 0, status.stderr

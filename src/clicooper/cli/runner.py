@@ -39,12 +39,12 @@ def session_runner(
     """What ``clicooper run`` calls: in-process, over gRPC to served parties, on a pool's
     nodes, or a launch (``resume``: continue an in-process run, or a launched one under
     ``launch``)."""
-    if pool is not None:
-        if peers or certs or resume:
-            fail("--pool takes neither --peers, --certs nor --resume")
+    if pool is not None:  # --certs: the owner's own bundle from the pool's operator
+        if peers or resume:
+            fail("--pool takes neither --peers nor --resume")
         from clicooper.node.pool import pool_run
 
-        return functools.partial(pool_run, pool)
+        return functools.partial(pool_run, pool, owner_certs=certs)
     timeouts = LAUNCH_TIMEOUTS.get()
     if timeouts is not None:
         return functools.partial(launch, resume=resume, **timeouts)

@@ -117,7 +117,9 @@ def run(
     ] = None,
     transport: Annotated[str | None, Opt(help="inprocess or grpc (with --peers, --certs)")] = None,
     peers: Annotated[Path | None, Opt(help="peers file of served parties (grpc)")] = None,
-    certs: Annotated[Path | None, Opt(help="the data owner's own bundle, OUT/do (grpc)")] = None,
+    certs: Annotated[
+        Path | None, Opt(help="the data owner's own bundle, OUT/do (grpc; with --pool: its own)")
+    ] = None,
     pool: Annotated[
         Path | None, Opt(help="run on the nodes of this pool (POOL/pool.toml of `pool up`)")
     ] = None,

@@ -40,7 +40,7 @@ from clicooper.node.client import (
     node_deployment,
 )
 from clicooper.node.state import HOLDING, SqliteState
-from clicooper.runtime.certs import create_certificates, issue_bundle
+from clicooper.runtime.certs import create_certificates, issue_bundle, load_party_credentials
 from clicooper.runtime.deploy.launcher import free_ports, prepare_launch_dir, spawn
 from clicooper.runtime.deploy.settings import party_settings
 from clicooper.runtime.rundirs import RunDir
@@ -201,20 +201,34 @@ def pool_down(pool: Pool, grace: float = 10.0) -> list[str]:
 
 
 def pool_run(
-    pool_file: Path, cfg: RunConfig, out_dir: Path | str, overwrite: bool = False, **run_args: Any
+    pool_file: Path,
+    cfg: RunConfig,
+    out_dir: Path | str,
+    overwrite: bool = False,
+    owner_certs: Path | None = None,
+    **run_args: Any,
 ) -> Any:
-    """One owner's session on the pool; the run directory is a launched run's."""
+    """One owner's session on the pool; the run directory is a launched run's.
+
+    ``owner_certs``: the owner's own bundle, issued by the pool's operator (``certs issue
+    --ca POOL/certs/ca``); the owner's name is its folder's. Without it a bundle is issued
+    here from the pool's CA key, which only an owner that may read that key can do (a
+    pool on one machine under one user): each run then has an owner name of its own.
+    """
     from clicooper.runtime.session import run
 
     pool = Pool.load(pool_file)
     out_dir = Path(out_dir)
     cfg = cfg.model_copy(update={"transport": "grpc"})
     chain = pick_chain(pool, cfg)
+    if owner_certs is not None:  # refused before anything is written: not its own bundle
+        load_party_credentials(Path(owner_certs), Path(owner_certs).name)
     prepare_launch_dir(out_dir, overwrite)
-    name = f"owner-{secrets.token_hex(6)}"
-    certs = private_dir(RunDir(out_dir).certs)
-    issue_bundle(pool.ca, name, certs)
-    owner = Owner(name, certs / name, f"127.0.0.1:{free_ports(1)[0]}")
+    if owner_certs is None:
+        name = f"owner-{secrets.token_hex(6)}"
+        owner_certs = issue_bundle(pool.ca, name, private_dir(RunDir(out_dir).certs))
+    name = Path(owner_certs).name
+    owner = Owner(name, Path(owner_certs), f"127.0.0.1:{free_ports(1)[0]}")
     session = secrets.token_hex(8)
     addresses = {party: NodeAddress(n.name, n.address) for party, n in chain.items()}
     settings = {p: party_settings(cfg, "verifier" if p == "verifier" else "trainer") for p in chain}

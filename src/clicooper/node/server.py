@@ -117,6 +117,7 @@ class Node:
         self._served: dict[str, _Served] = {}
         self._admits: OrderedDict[str, None] = OrderedDict()
         self._lock = threading.Lock()
+        self._serving = threading.Lock()
         self._stop = threading.Event()
         self._server: grpc.Server | None = None
         self._threads: list[threading.Thread] = []
@@ -160,10 +161,11 @@ class Node:
         self._threads.append(expiry)
         for record in self.state.sessions():
             if record.state == ACTIVE:
-                log.info(
-                    "%s: serving session %s again (%s)", self.name, record.session, record.party
-                )
-                self._serve(record)
+                log.info("%s: serving %s again (%s)", self.name, record.session, record.party)
+                try:
+                    self._serve(record)
+                except AdmissionError as exc:  # that session is aborted; the others go on
+                    log.error("%s: %s", self.name, exc.reason)
         log.info("%s: %s node listening on %s", self.name, self.role, self.listen)
         return self
 
@@ -296,9 +298,11 @@ class Node:
 
     def _serve(self, record: SessionRecord) -> None:
         """Start serving an active session (a retried commit finds it served already)."""
-        with self._lock:
-            if record.session in self._served:
-                return
+        with self._serving:  # two commits of one session at once: one host
+            if record.session not in self._served:
+                self._start_host(record)
+
+    def _start_host(self, record: SessionRecord) -> None:
         try:
             cfg = session_config(record.settings, self.role, self.device)
             directory = private_dir(private_dir(self.state_dir / SESSIONS_DIR) / record.session)
