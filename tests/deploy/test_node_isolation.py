@@ -97,7 +97,7 @@ def test_a_chain_neighbour_reaches_only_the_sessions_it_is_in(pool):
 
 def test_an_owner_cannot_stop_or_take_another_owners_session_by_admission(pool):
     bob, node = pool.owners["bob"], pool.address("trainer-1")
-    for op in ("abort", "commit"):
+    for op in ("abort", "commit", "rejoin"):
         with pytest.raises(ProtocolError, match=f"holds no session '{pool.alice}' of bob"):
             bob.request(node, op, session=pool.alice)
     with pytest.raises(AdmissionRefused, match=f"session id {pool.alice} is taken"):
@@ -128,6 +128,8 @@ def test_a_session_id_is_never_used_twice(pool):
     assert code == grpc.StatusCode.PERMISSION_DENIED  # nothing serves it any more
     with pytest.raises(AdmissionRefused, match="a session id is used once"):
         pool.admit("alice", cfg, session=session, trainers=["trainer-2"])
+    with pytest.raises(ProtocolError, match="cannot be rejoined: aborted: aborted by its owner"):
+        pool.owners["alice"].request(pool.address("trainer-2"), "rejoin", session=session)
 
 
 def test_a_certificate_of_another_ca_is_refused(pool, tmp_path):

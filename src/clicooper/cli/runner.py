@@ -49,7 +49,7 @@ def session_runner(
     if timeouts is not None:
         return functools.partial(launch, resume=resume, **timeouts)
     if resume:
-        return functools.partial(run, resume=True)
+        return _resume
     if cfg.transport == "inprocess":
         if peers or certs:
             fail("--peers and --certs need --transport grpc")
@@ -61,3 +61,13 @@ def session_runner(
     except (ValueError, OSError) as exc:
         fail(str(exc).splitlines()[0])
     return functools.partial(run, deployment=deployment)
+
+
+def _resume(cfg: RunConfig, out_dir: Path, **kwargs: Any) -> Any:
+    """``run --resume``: an in-process run, or a ``run --pool`` run on its pool's nodes."""
+    from clicooper.node.pool import pool_resume
+    from clicooper.runtime.resume import POOL_MARK
+
+    if (Path(out_dir) / POOL_MARK).is_file():
+        return pool_resume(cfg, out_dir, **kwargs)
+    return run(cfg, out_dir, resume=True, **kwargs)

@@ -101,6 +101,17 @@ class Admission:
                 )
             return self.state.get(session)  # type: ignore[return-value]
 
+    def rejoin(self, owner: str, session: str) -> Record:
+        """The owner's active session, which its restarted owner process continues."""
+        with self._lock:
+            record = self._mine(owner, session)
+            if record.state != ACTIVE:
+                why = f"{record.state}: {record.reason}" if record.reason else record.state
+                raise AdmissionError(
+                    CONFLICT, f"session {session} on {self.name} cannot be rejoined: {why}"
+                )
+            return record
+
     def abort(self, owner: str, session: str, reason: str = "aborted by its owner") -> Record:
         """End the owner's session, reserved or active; its state before (a no-op once ended)."""
         with self._lock:

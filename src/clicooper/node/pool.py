@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clicooper.common.files import private_dir, write_file
+from clicooper.common.files import ensure_dir, private_dir, write_file
+from clicooper.common.messages import ProtocolError
 from clicooper.config import RunConfig
 from clicooper.node.client import (
     NodeAddress,
@@ -43,6 +44,7 @@ from clicooper.node.state import HOLDING, SqliteState
 from clicooper.runtime.certs import create_certificates, issue_bundle, load_party_credentials
 from clicooper.runtime.deploy.launcher import free_ports, prepare_launch_dir, spawn
 from clicooper.runtime.deploy.settings import party_settings
+from clicooper.runtime.resume import POOL_MARK
 from clicooper.runtime.rundirs import RunDir
 
 POOL_FILE = "pool.toml"
@@ -65,6 +67,10 @@ class PoolNode:
     def running(self) -> bool:
         """Whether the process ``up`` started for this node is still this node's."""
         return _is_node_process(self.pid, self.state)
+
+    def available(self) -> bool:
+        """Running, or not one of ``pool up``'s processes (pid 0: started by other means)."""
+        return self.pid == 0 or self.running()
 
     def sessions(self) -> list[dict[str, Any]]:
         try:
@@ -215,8 +221,6 @@ def pool_run(
     here from the pool's CA key, which only an owner that may read that key can do (a
     pool on one machine under one user): each run then has an owner name of its own.
     """
-    from clicooper.runtime.session import run
-
     pool = Pool.load(pool_file)
     out_dir = Path(out_dir)
     cfg = cfg.model_copy(update={"transport": "grpc"})
@@ -233,19 +237,60 @@ def pool_run(
     addresses = {party: NodeAddress(n.name, n.address) for party, n in chain.items()}
     settings = {p: party_settings(cfg, "verifier" if p == "verifier" else "trainer") for p in chain}
     admit(owner, session, addresses, settings)
-    states = {party: n.state for party, n in chain.items()}
+    mark = {
+        "pool": str(Path(pool_file).resolve()),
+        "session": session,
+        "owner": name,
+        "owner_certs": str(Path(owner_certs).resolve()),
+        "owner_address": owner.address,
+        "chain": {p: {"name": n.name, "address": n.address, "state": str(n.state)}
+                  for p, n in chain.items()},
+    }  # fmt: skip
+    ensure_dir(RunDir(out_dir).deploy)
+    write_file(out_dir / POOL_MARK, json.dumps(mark, indent=2).encode(), 0o644)
+    return _run_session(cfg, out_dir, mark, resume=False, **run_args)
+
+
+def pool_resume(cfg: RunConfig, out_dir: Path | str, **run_args: Any) -> Any:
+    """Continue the ``run --pool`` run in ``out_dir`` whose owner process died, on its
+    session's nodes: each serves the session again from its checkpoints (``rejoin``), and
+    the run goes on from the last step every party checkpointed."""
+    out_dir = Path(out_dir)
+    mark = json.loads((out_dir / POOL_MARK).read_text())
+    owner = Owner(mark["owner"], Path(mark["owner_certs"]), mark["owner_address"])
+    for party, node in mark["chain"].items():
+        try:
+            owner.request(NodeAddress(node["name"], node["address"]), "rejoin", 60.0,
+                          session=mark["session"])  # fmt: skip
+        except (ProtocolError, ConnectionError) as exc:
+            raise ValueError(f"{out_dir} cannot be resumed: {party}: {exc}") from None
+    run_args.pop("overwrite", None)
+    return _run_session(cfg, out_dir, mark, resume=True, **run_args)
+
+
+def _run_session(
+    cfg: RunConfig, out_dir: Path, mark: dict[str, Any], resume: bool, **run_args: Any
+) -> Any:
+    """Run (or resume) the admitted session of ``mark`` and record the pool in results.json;
+    on a failure the nodes are told to let the session go."""
+    from clicooper.runtime.session import run
+
+    session = mark["session"]
+    owner = Owner(mark["owner"], Path(mark["owner_certs"]), mark["owner_address"])
+    addresses = {p: NodeAddress(n["name"], n["address"]) for p, n in mark["chain"].items()}
+    states = {p: Path(n["state"]) for p, n in mark["chain"].items()}
     deployment = node_deployment(
         owner, session, addresses, collect=local_collector(states, session)
     )
     try:
-        result = run(cfg, out_dir, deployment=deployment, **run_args)
+        result = run(cfg, out_dir, deployment=deployment, resume=resume, **run_args)
     except BaseException:  # bad data, a failed chain, Ctrl-C: the nodes let the session go
         abort(owner, session, addresses.values())
         raise
     result.results["transport"]["pool"] = {
         "session": session,
-        "owner": name,
-        "chain": {party: n.name for party, n in chain.items()},
+        "owner": owner.name,
+        "chain": {party: n.name for party, n in addresses.items()},
     }
     RunDir(out_dir).results.write_text(json.dumps(result.results, indent=2))
     return result
@@ -253,7 +298,7 @@ def pool_run(
 
 def pick_chain(pool: Pool, cfg: RunConfig) -> dict[str, PoolNode]:
     """t1 .. tn on the least busy running trainers (fewest sessions held), and the verifier."""
-    trainers = [n for n in pool.trainers() if n.running()]
+    trainers = [n for n in pool.trainers() if n.available()]
     if len(trainers) < cfg.trainers:
         raise ValueError(
             f"the run needs {cfg.trainers} trainers and the pool has {len(trainers)} running: "
@@ -264,7 +309,7 @@ def pick_chain(pool: Pool, cfg: RunConfig) -> dict[str, PoolNode]:
     chain = {f"t{i}": n for i, n in enumerate(trainers[: cfg.trainers], start=1)}
     if cfg.mode == "clicooper" and cfg.watermark.enabled:
         verifier = pool.nodes.get(VERIFIER)
-        if verifier is None or not verifier.running():
+        if verifier is None or not verifier.available():
             raise ValueError(f"the pool's verifier node is not running (see {pool.root}/logs)")
         chain["verifier"] = verifier
     return chain

@@ -2,7 +2,7 @@
 
 Every delivered stream is read once by the node and routed by its session id:
 
-* ``admit.<nonce>``: an admission request (reserve, commit or abort; see
+* ``admit.<nonce>``: an admission request (reserve, commit, rejoin or abort; see
   :mod:`.admission`), a CONTROL message from ``do`` bound to the sender's certificate.
   It is answered in the call's status: OK, or a refusal whose text says why. Each
   nonce is used once (a replay is refused; the requests are idempotent besides).
@@ -79,6 +79,7 @@ class _Served:
     host: PartyHost
     stop: threading.Event
     thread: threading.Thread | None = None
+    restarting: bool = False
 
 
 class Node:
@@ -280,13 +281,16 @@ class Node:
                 )
             elif op == "commit":
                 self._serve(self.admission.commit(identity, msg.meta.get("session")))
+            elif op == "rejoin":
+                self._restart(self.admission.rejoin(identity, msg.meta.get("session")))
+                log.info("%s: %s rejoined by its owner", self.name, msg.meta.get("session"))
             elif op == "abort":
                 record = self.admission.abort(identity, msg.meta.get("session"))
                 self._end(record.session)
                 log.info("%s: %s aborted by its owner", self.name, record.session)
             else:
                 raise AdmissionError(
-                    INVALID, f"admission takes reserve, commit or abort, not {op!r}"
+                    INVALID, f"admission takes reserve, commit, rejoin or abort, not {op!r}"
                 )
         except AdmissionError as exc:
             raise Rejected(_CODES[exc.code], exc.reason) from None
@@ -301,6 +305,19 @@ class Node:
         with self._serving:  # two commits of one session at once: one host
             if record.session not in self._served:
                 self._start_host(record)
+
+    def _restart(self, record: SessionRecord) -> None:
+        """Serve an active session afresh, from its checkpoints, in the join epoch (its
+        owner process died and a new one continues the run, as after a node restart)."""
+        with self._serving:
+            with self._lock:
+                served = self._served.get(record.session)
+            if served is not None:
+                served.restarting = True
+                served.stop.set()
+                if served.thread is not None:
+                    served.thread.join(timeout=60)
+            self._start_host(record)
 
     def _start_host(self, record: SessionRecord) -> None:
         try:
@@ -335,9 +352,10 @@ class Node:
             log.error("%s: session %s failed: %s", self.name, session, reason, exc_info=True)
         finally:
             with self._lock:
-                self._served.pop(session, None)
-        if self._stop.is_set():
-            return  # the node is stopping: the session stays active, to be served again
+                if self._served.get(session) is served:
+                    del self._served[session]
+        if self._stop.is_set() or served.restarting:
+            return  # the node is stopping, or serving it afresh: the session stays active
         finished = not reason and not served.stop.is_set()
         if self.admission.end(session, finished, reason):
             log.info("%s: session %s %s", self.name, session, "finished" if finished else "ended")
