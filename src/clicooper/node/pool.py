@@ -22,6 +22,7 @@ import os
 import secrets
 import signal
 import socket
+import subprocess
 import sys
 import time
 import tomllib
@@ -160,13 +161,14 @@ def pool_up(root: Path, trainers: int, capacity: int = 4) -> Pool:
     logs = private_dir(root / "logs")
     ports = free_ports(len(names))
     started: dict[str, PoolNode] = {}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for name, port in zip(names, ports, strict=True):
             role = "verifier" if name == VERIFIER else "trainer"
             node = PoolNode(name, role, f"127.0.0.1:{port}", capacity, root / "nodes" / name, 0)
-            started[name] = _start(root, node)
+            started[name], procs[name] = _start(root, node)
         for node in started.values():
-            _wait_listening(node, logs / f"{node.name}.log")
+            _wait_listening(node, procs[node.name], logs / f"{node.name}.log")
     except BaseException:
         _stop(list(started.values()))
         raise
@@ -183,22 +185,23 @@ def restart_node(pool: Pool, name: str) -> PoolNode:
         raise ValueError(f"the pool has no node {name!r}: it has {', '.join(pool.nodes)}")
     if node.running():
         raise ValueError(f"{name} is running (pid {node.pid}): `pool down` stops it")
-    node = _start(pool.root, node)
-    _wait_listening(node, pool.root / "logs" / f"{name}.log")
+    node, proc = _start(pool.root, node)
+    _wait_listening(node, proc, pool.root / "logs" / f"{name}.log")
     restarted = Pool(pool.root, {**pool.nodes, name: node})
     restarted.write()
     return node
 
 
-def _start(root: Path, node: PoolNode) -> PoolNode:
-    """``node``'s process (``clicooper node start``); the node with its pid."""
+def _start(root: Path, node: PoolNode) -> tuple[PoolNode, subprocess.Popen[bytes]]:
+    """``node``'s process (``clicooper node start``); the node with its pid, and it."""
     argv = [
         sys.executable, "-m", "clicooper.cli", "node", "start", node.role,
         "--listen", node.address, "--state", str(node.state),
         "--certs", str(root / "certs" / node.name), "--capacity", str(node.capacity),
     ]  # fmt: skip
     proc = spawn(argv, root / "logs" / f"{node.name}.log")
-    return PoolNode(node.name, node.role, node.address, node.capacity, node.state, proc.pid)
+    started = PoolNode(node.name, node.role, node.address, node.capacity, node.state, proc.pid)
+    return started, proc
 
 
 def pool_down(pool: Pool, grace: float = 10.0) -> list[str]:
@@ -315,11 +318,11 @@ def pick_chain(pool: Pool, cfg: RunConfig) -> dict[str, PoolNode]:
     return chain
 
 
-def _wait_listening(node: PoolNode, log: Path) -> None:
+def _wait_listening(node: PoolNode, proc: subprocess.Popen[bytes], log: Path) -> None:
     host, port = node.address.rsplit(":", 1)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
-        if not node.running():
+        if proc.poll() is not None:
             tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
             raise RuntimeError(f"{node.name} exited at start: {' '.join(tail)} (log: {log})")
         with contextlib.suppress(OSError), socket.create_connection((host, int(port)), 0.5):
