@@ -20,6 +20,19 @@ from clicooper.runtime.deploy.launcher import free_ports
 from clicooper.runtime.deploy.settings import party_settings
 from clicooper.runtime.session import run
 
+# Small clicooper runs whose ledger verifies (conftest.WM), as a config file
+CONFIG = """
+[watermark]
+strength = 0.01
+bits = 128
+
+[labels]
+mode = "keyed"
+
+[privacy]
+noise_multiplier = 0.1
+"""
+
 
 class LocalPool:
     """Trainer nodes ``trainer-1`` .. and ``verifier-1``, and owners, under one CA."""

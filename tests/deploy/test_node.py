@@ -15,6 +15,7 @@ from cc_helpers import quick_config
 from conftest import WM
 from nodes import LocalPool
 
+from clicooper.models.assembly import preset_split
 from clicooper.node.state import FINISHED, SqliteState
 from clicooper.runtime.session import run
 from clicooper.runtime.verification import verify_run
@@ -79,3 +80,24 @@ def test_a_session_on_nodes_trains_as_it_does_in_process(pool, tmp_path, digits)
     for a, b in zip(local.model.parameters(), served.model.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-5)
     assert served.results["accuracy"] == local.results["accuracy"]
+
+
+def test_sessions_set_up_at_once_get_the_weights_of_their_seeds():
+    """A node builds the segments of several sessions in threads of one process; each must
+    get exactly the weights its seed gives (the owner relies on it, as in-process)."""
+    cfgs = [quick_config(model="cnn", seed=seed) for seed in range(8)]
+    expected = [preset_split(cfg, (1, 8, 8), 10) for cfg in cfgs]
+    barrier, built = threading.Barrier(len(cfgs)), {}
+
+    def build(i):
+        barrier.wait()
+        built[i] = preset_split(cfgs[i], (1, 8, 8), 10)
+
+    threads = [threading.Thread(target=build, args=(i,)) for i in range(len(cfgs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, split in enumerate(expected):
+        for a, b in zip(split.full().parameters(), built[i].full().parameters(), strict=True):
+            assert torch.equal(a, b), f"seed {i}"

@@ -17,8 +17,7 @@ import threading
 import pytest
 from cc_helpers import quick_config
 from conftest import WM, checkpoint_at_least, cli, ledger_steps, wait_for
-from nodes import LocalPool
-from test_pool import CONFIG
+from nodes import CONFIG, LocalPool
 from typer.testing import CliRunner
 
 from clicooper.cli.main import app

@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 from conftest import alive, checkpoint_at_least, cli, env, wait_for
+from nodes import CONFIG
 from typer.testing import CliRunner
 
 from clicooper.cli.main import app
@@ -19,18 +20,6 @@ RUN = ["--dataset", "digits", "--model", "mlp", "--trainers", "2", "--epochs", "
        "--train-subset", "160", "--test-subset", "100", "--batch-size", "16",
        "--checkpoint-steps", "3"]  # fmt: skip
 STEPS = 2 * 160 // 16
-# Small clicooper runs whose ledger verifies (conftest.WM), as a config file
-CONFIG = """
-[watermark]
-strength = 0.01
-bits = 128
-
-[labels]
-mode = "keyed"
-
-[privacy]
-noise_multiplier = 0.1
-"""
 
 
 @pytest.fixture
