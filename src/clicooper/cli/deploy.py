@@ -139,7 +139,7 @@ def _launch(
     )
     transport = None if flags.get("resume") else "grpc"  # a resumed run has its own
     try:
-        cli_train.run(**flags, transport=transport, peers=None, certs=None)
+        cli_train.run(**flags, transport=transport, peers=None, certs=None, pool=None)
     except KeyboardInterrupt:
         console.print("interrupted: every party process was stopped")
         raise typer.Exit(130) from None
@@ -164,7 +164,7 @@ def _launch_signature() -> inspect.Signature:
     params = [
         p.replace(annotation=hints[p.name])
         for p in inspect.signature(cli_train.run).parameters.values()
-        if p.name not in ("transport", "peers", "certs")
+        if p.name not in ("transport", "peers", "certs", "pool")
     ]
     for name, default, what in (
         ("send_timeout", 30.0, "seconds one delivery may take"),

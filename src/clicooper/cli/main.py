@@ -254,3 +254,4 @@ def _refusal(report: VerifyReport, secrets: Path) -> str | None:
 # the deployment and evaluation commands, registered after verify and claim
 from clicooper.cli import deploy as _deploy  # noqa: E402,F401
 from clicooper.cli import evaluate as _evaluate  # noqa: E402,F401
+from clicooper.cli import node as _node  # noqa: E402,F401

@@ -30,15 +30,26 @@ def launching() -> bool:
 
 
 def session_runner(
-    cfg: RunConfig, peers: Path | None, certs: Path | None, resume: bool = False
+    cfg: RunConfig,
+    peers: Path | None,
+    certs: Path | None,
+    resume: bool = False,
+    pool: Path | None = None,
 ) -> Callable[..., Any]:
-    """What ``clicooper run`` calls: in-process, over gRPC to served parties, or a launch
-    (``resume``: continue an in-process run, or a launched one under ``launch``)."""
+    """What ``clicooper run`` calls: in-process, over gRPC to served parties, on a pool's
+    nodes, or a launch (``resume``: continue an in-process run, or a launched one under
+    ``launch``)."""
+    if pool is not None:  # --certs: the owner's own bundle from the pool's operator
+        if peers or resume:
+            fail("--pool takes neither --peers nor --resume")
+        from clicooper.node.pool import pool_run
+
+        return functools.partial(pool_run, pool, owner_certs=certs)
     timeouts = LAUNCH_TIMEOUTS.get()
     if timeouts is not None:
         return functools.partial(launch, resume=resume, **timeouts)
     if resume:
-        return functools.partial(run, resume=True)
+        return _resume
     if cfg.transport == "inprocess":
         if peers or certs:
             fail("--peers and --certs need --transport grpc")
@@ -50,3 +61,13 @@ def session_runner(
     except (ValueError, OSError) as exc:
         fail(str(exc).splitlines()[0])
     return functools.partial(run, deployment=deployment)
+
+
+def _resume(cfg: RunConfig, out_dir: Path, **kwargs: Any) -> Any:
+    """``run --resume``: an in-process run, or a ``run --pool`` run on its pool's nodes."""
+    from clicooper.node.pool import pool_resume
+    from clicooper.runtime.resume import POOL_MARK
+
+    if (Path(out_dir) / POOL_MARK).is_file():
+        return pool_resume(cfg, out_dir, **kwargs)
+    return run(cfg, out_dir, resume=True, **kwargs)

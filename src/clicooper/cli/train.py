@@ -117,7 +117,12 @@ def run(
     ] = None,
     transport: Annotated[str | None, Opt(help="inprocess or grpc (with --peers, --certs)")] = None,
     peers: Annotated[Path | None, Opt(help="peers file of served parties (grpc)")] = None,
-    certs: Annotated[Path | None, Opt(help="the data owner's own bundle, OUT/do (grpc)")] = None,
+    certs: Annotated[
+        Path | None, Opt(help="the data owner's own bundle, OUT/do (grpc; with --pool: its own)")
+    ] = None,
+    pool: Annotated[
+        Path | None, Opt(help="run on the nodes of this pool (POOL/pool.toml of `pool up`)")
+    ] = None,
 ) -> None:
     """Train with every party in this process (the embedded default)."""
     given = [name for name, value in locals().items() if value is not None and value is not False]
@@ -139,7 +144,7 @@ def run(
             f"dataset: {cfg.dataset} ({how}); model {cfg.model}, {cfg.epochs} epochs, "
             f"batch size {batch}"
         )
-        runner = session_runner(cfg, peers, certs, resume is not None)
+        runner = session_runner(cfg, peers, certs, resume is not None, pool)
         out = new_run_dir(RUNS_ROOT, cfg.mode) if out is None else out
         console.print(f"run directory: {out}")
         with training_progress(cfg.epochs + warm_start_epochs(cfg), cfg.mode) as progress:

@@ -7,6 +7,7 @@ from the same weights.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
@@ -17,12 +18,17 @@ from clicooper.models.presets import DEFAULT_CUT, build_preset
 from clicooper.models.split import SplitModel, split_blocks
 
 ModelFactory = Callable[[int], SplitModel]  # n_outputs -> head and segments
+#: Seeding and building use torch's one global generator: a node sets up the trainers of
+#: several sessions in threads of one process, and two builds at once would interleave
+#: their draws (neither would get the weights its seed gives).
+_BUILD = threading.Lock()
 
 
 def preset_split(cfg: RunConfig, image_shape: tuple[int, int, int], n_outputs: int) -> SplitModel:
     """The preset model seeded with ``cfg.seed``: every process builds the same weights."""
-    torch.manual_seed(cfg.seed)
-    blocks = build_preset(cfg.model, image_shape, n_outputs, cfg.trainers)
+    with _BUILD:
+        torch.manual_seed(cfg.seed)
+        blocks = build_preset(cfg.model, image_shape, n_outputs, cfg.trainers)
     return split_blocks(blocks, cfg.cut or DEFAULT_CUT[cfg.model], cfg.trainers)
 
 

@@ -36,6 +36,8 @@ def save_run_config(out_dir: Path, cfg: RunConfig) -> None:
 
 #: What marks a run ``clicooper launch`` started (its peers file, next to the certificates).
 LAUNCH_MARK = RunDir(Path()).deploy / "peers.toml"
+#: What marks a run on a pool's nodes (``run --pool``: its session, owner and chain).
+POOL_MARK = RunDir(Path()).deploy / "pool.json"
 
 
 def resumable_config(out_dir: Path, launched: bool = False) -> RunConfig:
@@ -71,7 +73,10 @@ def resumable_config(out_dir: Path, launched: bool = False) -> RunConfig:
 def _check_kind(out_dir: Path, cfg: RunConfig, launched: bool) -> None:
     """``clicooper run --resume`` continues in-process runs, ``launch --resume`` launched
     ones; a run over gRPC with parties served by hand is resumed by neither (its parties'
-    directories are on other machines)."""
+    directories are on other machines). ``run --resume`` continues a ``run --pool`` run
+    on its pool's nodes too."""
+    if cfg.transport == "grpc" and (out_dir / POOL_MARK).is_file():
+        return
     was_launched = cfg.transport == "grpc" and (out_dir / LAUNCH_MARK).is_file()
     if launched and not was_launched:
         if cfg.transport == "inprocess":

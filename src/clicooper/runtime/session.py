@@ -292,6 +292,8 @@ def _run_split(
         owner.releases += 1  # the test pass released noisy activations too
     finished = {name: owner.control(name, "finish").meta for name in owner.trainers}
     bytes_sent = remote.close() if remote else transport.bytes_sent
+    if remote is not None and remote.deployment.collect is not None:
+        remote.deployment.collect(out_dir)  # nodes: their ledger and segments, here
     if verifier is not None:
         verifier.close()
     _save_owner(owner_dir, owner, labels, cfg.record)

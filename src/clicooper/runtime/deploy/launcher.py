@@ -214,18 +214,7 @@ class Launcher:
             self._spawn(child)
 
     def _spawn(self, child: Child) -> None:
-        env = dict(os.environ)
-        src = str(_SOURCE_ROOT)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-        with open(child.log_path, "ab") as log_file:
-            child.proc = subprocess.Popen(
-                child.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,  # its own process group, stopped as a whole
-            )
+        child.proc = spawn(child.argv, child.log_path)
         self._write_pids()
 
     def _write_pids(self) -> None:
@@ -279,6 +268,23 @@ class Launcher:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+    """Start ``argv`` in its own process group (stopped as a whole), output to ``log_path``,
+    with this source tree first on its PYTHONPATH."""
+    env = dict(os.environ)
+    src = str(_SOURCE_ROOT)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    with open(log_path, "ab") as log_file:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
 
 
 def _is_child_of(pid: int, launcher: object) -> bool:

@@ -21,6 +21,9 @@ class Deployment:
     data owner waits for an answer before it treats a party as failed;
     ``resume_timeout`` is how long it waits for a lost party to come back.
     ``supervise`` is called while waiting (``launch`` restarts dead children there).
+    On nodes (:mod:`clicooper.node`) the parties are not named after their certificates:
+    ``identity`` is the owner's certificate name and ``identities`` each party's; and
+    ``collect`` brings the parties' artifacts into the run directory once they are done.
     """
 
     peers: dict[str, str]
@@ -31,6 +34,9 @@ class Deployment:
     resume_timeout: float = 300.0
     supervise: Callable[[], None] | None = None
     watch: Callable[[], None] | None = None
+    identity: str | None = None
+    identities: dict[str, str] | None = None
+    collect: Callable[[Path], None] | None = None
 
     @classmethod
     def from_file(cls, peers_file: Path, certs_dir: Path, **timeouts: float) -> Deployment:

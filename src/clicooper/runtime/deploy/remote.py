@@ -35,7 +35,15 @@ class Remote:
         if missing:
             raise ValueError(f"the peers file has no address for {', '.join(missing)}")
         self.transport = EpochTransport(
-            "do", d.peers, d.certs_dir, d.session, d.send_timeout, d.step_timeout, self.limits
+            "do",
+            d.peers,
+            d.certs_dir,
+            d.session,
+            d.send_timeout,
+            d.step_timeout,
+            self.limits,
+            identity=d.identity,
+            peer_identities=d.identities,
         )
         self.transport.watch = d.watch
         self.transport.probe = list(self.parties)

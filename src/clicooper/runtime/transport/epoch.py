@@ -34,12 +34,15 @@ class EpochTransport(Transport):
         send_timeout: float = 30.0,
         recv_timeout: float | None = None,
         limits: TransportLimits | None = None,
+        identity: str | None = None,
+        peer_identities: dict[str, str] | None = None,
     ) -> None:
         if name not in peers:
             raise ValueError(f"the peers file has no address for {name}: add `{name} = host:port`")
         self.name, self.peers, self.certs_dir = name, peers, Path(certs_dir)
         self.session, self.send_timeout, self.recv_timeout = session, send_timeout, recv_timeout
         self.limits = limits
+        self.identity, self.peer_identities = identity, peer_identities  # see GrpcTransport
         self.epoch: int | None = None
         self.inner: GrpcTransport | None = None
         self.watch: Callable[[], None] | None = None
@@ -68,6 +71,8 @@ class EpochTransport(Transport):
             session_id,
             send_timeout=send_timeout,
             limits=self.limits,
+            identity=self.identity,
+            peer_identities=self.peer_identities,
         )
 
     @property

@@ -95,6 +95,8 @@ class GrpcTransport(Transport):
         envelope_bytes: int = DEFAULT_ENVELOPE_BYTES,
         send_timeout: float = 30.0,
         limits: TransportLimits | None = None,
+        identity: str | None = None,
+        peer_identities: dict[str, str] | None = None,
     ) -> None:
         self.name = validate_party_name(name)
         self.listen = _check_address(listen, "listen")
@@ -109,8 +111,14 @@ class GrpcTransport(Transport):
         self.envelope_bytes = envelope_bytes
         self.send_timeout = send_timeout
         self.bytes_sent = 0  # serialized envelope bytes, like InProcessTransport's count
-        self._credentials = load_party_credentials(Path(certs_dir), name)
-        self._receiver = Receiver(name, session_id, self.limits)
+        # identity: the certificate this party holds when it is not named after its role
+        # (a node serving many sessions); peer_identities: each peer's certificate name
+        # when it differs from the party name (see Receiver). Default: the party names.
+        self.identity = validate_party_name(identity or name)
+        peer_identities = peer_identities or {}
+        self.peer_identities = {p: validate_party_name(c) for p, c in peer_identities.items()}
+        self._credentials = load_party_credentials(Path(certs_dir), self.identity)
+        self._receiver = Receiver(name, session_id, self.limits, self.peer_identities or None)
         self._links: dict[str, _Link] = {}
         self._lock = threading.Lock()
         self._server: grpc.Server | None = None
@@ -285,7 +293,10 @@ class GrpcTransport(Transport):
                         f"{self.name} has no address for peer {peer!r}: add it to peers"
                     )
                 channel = open_channel(
-                    self.peers[peer], peer, self._credentials, self.envelope_bytes
+                    self.peers[peer],
+                    self.peer_identities.get(peer, peer),
+                    self._credentials,
+                    self.envelope_bytes,
                 )
                 self._links[peer] = _Link(channel)
             return self._links[peer]

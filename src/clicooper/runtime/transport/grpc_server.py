@@ -395,10 +395,19 @@ class Streams:
 class Receiver:
     """Validates delivered streams for party ``name`` and queues accepted messages."""
 
-    def __init__(self, name: str, session_id: str, limits: TransportLimits) -> None:
+    def __init__(
+        self,
+        name: str,
+        session_id: str,
+        limits: TransportLimits,
+        identities: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.session_id = session_id
         self.limits = limits
+        # identities: the certificate name each sender must hold (a node's peers are not
+        # named after their roles); None: the sender's name itself
+        self.identities = identities
         self.inbox = Inbox(name, limits)
         self.streams = Streams(name, limits)
         self._last_seq: dict[str, int] = {}
@@ -489,7 +498,8 @@ class Receiver:
     def _check_header(self, header: _Header, peer: str) -> tuple[_Header, dict[str, Any]]:
         """Identity, route, session, kind, meta, framing and inbox room; cheap checks first."""
         denied = grpc.StatusCode.PERMISSION_DENIED
-        if header.sender != peer:
+        identity = header.sender if self.identities is None else self.identities.get(header.sender)
+        if identity != peer:
             _reject(
                 denied, f"sender {_show(header.sender)} does not match TLS identity {_show(peer)}"
             )
@@ -523,6 +533,16 @@ class Receiver:
                 grpc.StatusCode.ABORTED,
                 f"{what} seq {header.seq} from {header.sender!r}: expected {expected}",
             )
+
+
+def peer_name(context: grpc.ServicerContext) -> str:
+    """The Common Name of the verified TLS client certificate (Rejected without one)."""
+    return _peer_name(context)
+
+
+def parse_envelope(raw: bytes) -> Envelope:
+    """One envelope from the wire (Rejected as malformed protobuf otherwise)."""
+    return _parse(raw)
 
 
 def _peer_name(context: grpc.ServicerContext) -> str:

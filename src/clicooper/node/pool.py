@@ -1,0 +1,371 @@
+"""A pool: trainer nodes and a verifier node under one CA (``clicooper pool``, ``run --pool``).
+
+``pool up`` makes a fresh CA (its key stays in ``POOL/certs/ca``: owners' certificates
+are issued from it), one bundle per node, starts every node as its own long-running
+process on 127.0.0.1 (``clicooper node start``, state in ``POOL/nodes/<node>``, log in
+``POOL/logs/<node>.log``) and writes ``POOL/pool.toml``: every node's role, address,
+capacity, state directory and process id. ``pool down`` stops exactly those processes;
+``pool status`` shows each node and its sessions.
+
+``run --pool POOL/pool.toml`` runs one owner's session on the pool
+(:func:`pool_run`): the owner gets a certificate of its own from the pool's CA (in the
+run directory, ``certs/<owner>``), the chain is the least busy trainers, the session is
+admitted on every node of the chain or on none, and once it is over the nodes' ledger
+and segments are brought into the run directory, which is then a launched run's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clicooper.common.files import ensure_dir, private_dir, write_file
+from clicooper.common.messages import ProtocolError
+from clicooper.config import RunConfig
+from clicooper.node.client import (
+    NodeAddress,
+    Owner,
+    abort,
+    admit,
+    local_collector,
+    node_deployment,
+)
+from clicooper.node.state import HOLDING, SqliteState
+from clicooper.runtime.certs import create_certificates, issue_bundle, load_party_credentials
+from clicooper.runtime.deploy.launcher import free_ports, prepare_launch_dir, spawn
+from clicooper.runtime.deploy.settings import party_settings
+from clicooper.runtime.resume import POOL_MARK
+from clicooper.runtime.rundirs import RunDir
+
+POOL_FILE = "pool.toml"
+VERIFIER = "verifier-1"
+#: Seconds ``pool up`` waits for a node to listen.
+START_TIMEOUT = 120.0
+
+
+@dataclass(frozen=True)
+class PoolNode:
+    """One node of a pool, as ``pool.toml`` records it (paths relative to the pool)."""
+
+    name: str
+    role: str
+    address: str
+    capacity: int
+    state: Path
+    pid: int
+
+    def running(self) -> bool:
+        """Whether the process ``up`` started for this node is still this node's."""
+        return _is_node_process(self.pid, self.state)
+
+    def available(self) -> bool:
+        """Running, or not one of ``pool up``'s processes (pid 0: started by other means)."""
+        return self.pid == 0 or self.running()
+
+    def sessions(self) -> list[dict[str, Any]]:
+        try:
+            store = SqliteState(self.state, readonly=True)
+        except ValueError:
+            return []
+        try:
+            return [r.summary() for r in store.sessions()]
+        finally:
+            store.close()
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A pool's directory and its nodes."""
+
+    root: Path
+    nodes: dict[str, PoolNode]
+
+    @property
+    def ca(self) -> Path:
+        return self.root / "certs" / "ca"
+
+    def trainers(self) -> list[PoolNode]:
+        return [n for n in self.nodes.values() if n.role == "trainer"]
+
+    @classmethod
+    def load(cls, path: Path) -> Pool:
+        """The pool of ``path`` (its directory or its pool.toml); ValueError if it is none."""
+        path = Path(path)
+        file = path / POOL_FILE if path.is_dir() else path
+        try:
+            doc = tomllib.loads(file.read_text())
+        except FileNotFoundError:
+            raise ValueError(
+                f"{file} does not exist: start a pool with `clicooper pool up`"
+            ) from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{file} is not a pool file: {exc}") from None
+        root = file.parent
+        try:
+            nodes = {
+                name: PoolNode(
+                    name,
+                    n["role"],
+                    n["address"],
+                    int(n["capacity"]),
+                    root / n["state"],
+                    int(n["pid"]),
+                )  # fmt: skip
+                for name, n in doc["nodes"].items()
+            }
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise ValueError(f"{file} is not a pool file: [nodes.<name>] tables expected") from None
+        return cls(root, nodes)
+
+    def write(self) -> Path:
+        lines = ["# written by `clicooper pool up`; `clicooper pool down` stops these processes"]
+        for n in self.nodes.values():
+            lines += [
+                "",
+                f"[nodes.{n.name}]",
+                f"role = {json.dumps(n.role)}",
+                f"address = {json.dumps(n.address)}",
+                f"capacity = {n.capacity}",
+                f"state = {json.dumps(str(n.state.relative_to(self.root)))}",
+                f"pid = {n.pid}",
+            ]
+        return write_file(self.root / POOL_FILE, ("\n".join(lines) + "\n").encode(), 0o644)
+
+
+def pool_up(root: Path, trainers: int, capacity: int = 4) -> Pool:
+    """Start ``trainers`` trainer nodes and one verifier node on 127.0.0.1 (fresh CA)."""
+    if not 1 <= trainers <= 16:
+        raise ValueError(f"--trainers must be 1 .. 16, got {trainers}")
+    if capacity < 1:
+        raise ValueError(f"--capacity must be at least 1, got {capacity}")
+    root = Path(root)
+    if (root / POOL_FILE).exists():
+        raise ValueError(
+            f"{root} holds a pool already ({POOL_FILE}): choose another --dir (a pool that is "
+            "down may be deleted)"
+        )
+    names = [f"trainer-{i}" for i in range(1, trainers + 1)] + [VERIFIER]
+    private_dir(root)
+    create_certificates(names, root / "certs")
+    logs = private_dir(root / "logs")
+    ports = free_ports(len(names))
+    started: dict[str, PoolNode] = {}
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        for name, port in zip(names, ports, strict=True):
+            role = "verifier" if name == VERIFIER else "trainer"
+            node = PoolNode(name, role, f"127.0.0.1:{port}", capacity, root / "nodes" / name, 0)
+            started[name], procs[name] = _start(root, node)
+        for node in started.values():
+            _wait_listening(node, procs[node.name], logs / f"{node.name}.log")
+    except BaseException:
+        _stop(list(started.values()))
+        raise
+    pool = Pool(root, started)
+    pool.write()
+    return pool
+
+
+def restart_node(pool: Pool, name: str) -> PoolNode:
+    """Start node ``name`` of ``pool`` again (after it died) with the same state, address
+    and certificate; ``pool.toml`` records its new process."""
+    node = pool.nodes.get(name)
+    if node is None:
+        raise ValueError(f"the pool has no node {name!r}: it has {', '.join(pool.nodes)}")
+    if node.running():
+        raise ValueError(f"{name} is running (pid {node.pid}): `pool down` stops it")
+    node, proc = _start(pool.root, node)
+    _wait_listening(node, proc, pool.root / "logs" / f"{name}.log")
+    restarted = Pool(pool.root, {**pool.nodes, name: node})
+    restarted.write()
+    return node
+
+
+def _start(root: Path, node: PoolNode) -> tuple[PoolNode, subprocess.Popen[bytes]]:
+    """``node``'s process (``clicooper node start``); the node with its pid, and it."""
+    argv = [
+        sys.executable, "-m", "clicooper.cli", "node", "start", node.role,
+        "--listen", node.address, "--state", str(node.state),
+        "--certs", str(root / "certs" / node.name), "--capacity", str(node.capacity),
+    ]  # fmt: skip
+    proc = spawn(argv, root / "logs" / f"{node.name}.log")
+    started = PoolNode(node.name, node.role, node.address, node.capacity, node.state, proc.pid)
+    return started, proc
+
+
+def pool_down(pool: Pool, grace: float = 10.0) -> list[str]:
+    """Stop every node process of ``pool`` (SIGTERM, then SIGKILL); the nodes stopped."""
+    return _stop(list(pool.nodes.values()), grace)
+
+
+def pool_run(
+    pool_file: Path,
+    cfg: RunConfig,
+    out_dir: Path | str,
+    overwrite: bool = False,
+    owner_certs: Path | None = None,
+    **run_args: Any,
+) -> Any:
+    """One owner's session on the pool; the run directory is a launched run's.
+
+    ``owner_certs``: the owner's own bundle, issued by the pool's operator (``certs issue
+    --ca POOL/certs/ca``); the owner's name is its folder's. Without it a bundle is issued
+    here from the pool's CA key, which only an owner that may read that key can do (a
+    pool on one machine under one user): each run then has an owner name of its own.
+    """
+    pool = Pool.load(pool_file)
+    out_dir = Path(out_dir)
+    cfg = cfg.model_copy(update={"transport": "grpc"})
+    chain = pick_chain(pool, cfg)
+    if owner_certs is not None:  # refused before anything is written: not its own bundle
+        load_party_credentials(Path(owner_certs), Path(owner_certs).name)
+    prepare_launch_dir(out_dir, overwrite)
+    if owner_certs is None:
+        name = f"owner-{secrets.token_hex(6)}"
+        owner_certs = issue_bundle(pool.ca, name, private_dir(RunDir(out_dir).certs))
+    name = Path(owner_certs).name
+    owner = Owner(name, Path(owner_certs), f"127.0.0.1:{free_ports(1)[0]}")
+    session = secrets.token_hex(8)
+    addresses = {party: NodeAddress(n.name, n.address) for party, n in chain.items()}
+    settings = {p: party_settings(cfg, "verifier" if p == "verifier" else "trainer") for p in chain}
+    admit(owner, session, addresses, settings)
+    mark = {
+        "pool": str(Path(pool_file).resolve()),
+        "session": session,
+        "owner": name,
+        "owner_certs": str(Path(owner_certs).resolve()),
+        "owner_address": owner.address,
+        "chain": {p: {"name": n.name, "address": n.address, "state": str(n.state)}
+                  for p, n in chain.items()},
+    }  # fmt: skip
+    ensure_dir(RunDir(out_dir).deploy)
+    write_file(out_dir / POOL_MARK, json.dumps(mark, indent=2).encode(), 0o644)
+    return _run_session(cfg, out_dir, mark, resume=False, **run_args)
+
+
+def pool_resume(cfg: RunConfig, out_dir: Path | str, **run_args: Any) -> Any:
+    """Continue the ``run --pool`` run in ``out_dir`` whose owner process died, on its
+    session's nodes: each serves the session again from its checkpoints (``rejoin``), and
+    the run goes on from the last step every party checkpointed."""
+    out_dir = Path(out_dir)
+    mark = json.loads((out_dir / POOL_MARK).read_text())
+    owner = Owner(mark["owner"], Path(mark["owner_certs"]), mark["owner_address"])
+    for party, node in mark["chain"].items():
+        try:
+            owner.request(NodeAddress(node["name"], node["address"]), "rejoin", 60.0,
+                          session=mark["session"])  # fmt: skip
+        except (ProtocolError, ConnectionError) as exc:
+            raise ValueError(f"{out_dir} cannot be resumed: {party}: {exc}") from None
+    run_args.pop("overwrite", None)
+    return _run_session(cfg, out_dir, mark, resume=True, **run_args)
+
+
+def _run_session(
+    cfg: RunConfig, out_dir: Path, mark: dict[str, Any], resume: bool, **run_args: Any
+) -> Any:
+    """Run (or resume) the admitted session of ``mark`` and record the pool in results.json;
+    on a failure the nodes are told to let the session go."""
+    from clicooper.runtime.session import run
+
+    session = mark["session"]
+    owner = Owner(mark["owner"], Path(mark["owner_certs"]), mark["owner_address"])
+    addresses = {p: NodeAddress(n["name"], n["address"]) for p, n in mark["chain"].items()}
+    states = {p: Path(n["state"]) for p, n in mark["chain"].items()}
+    deployment = node_deployment(
+        owner, session, addresses, collect=local_collector(states, session)
+    )
+    try:
+        result = run(cfg, out_dir, deployment=deployment, resume=resume, **run_args)
+    except BaseException:  # bad data, a failed chain, Ctrl-C: the nodes let the session go
+        abort(owner, session, addresses.values())
+        raise
+    result.results["transport"]["pool"] = {
+        "session": session,
+        "owner": owner.name,
+        "chain": {party: n.name for party, n in addresses.items()},
+    }
+    RunDir(out_dir).results.write_text(json.dumps(result.results, indent=2))
+    return result
+
+
+def pick_chain(pool: Pool, cfg: RunConfig) -> dict[str, PoolNode]:
+    """t1 .. tn on the least busy running trainers (fewest sessions held), and the verifier."""
+    trainers = [n for n in pool.trainers() if n.available()]
+    if len(trainers) < cfg.trainers:
+        raise ValueError(
+            f"the run needs {cfg.trainers} trainers and the pool has {len(trainers)} running: "
+            "pass --trainers or start a larger pool"
+        )
+    busy = {n.name: sum(s["state"] in HOLDING for s in n.sessions()) for n in trainers}
+    trainers.sort(key=lambda n: (busy[n.name] / n.capacity, secrets.randbelow(1 << 16)))
+    chain = {f"t{i}": n for i, n in enumerate(trainers[: cfg.trainers], start=1)}
+    if cfg.mode == "clicooper" and cfg.watermark.enabled:
+        verifier = pool.nodes.get(VERIFIER)
+        if verifier is None or not verifier.available():
+            raise ValueError(f"the pool's verifier node is not running (see {pool.root}/logs)")
+        chain["verifier"] = verifier
+    return chain
+
+
+def _wait_listening(node: PoolNode, proc: subprocess.Popen[bytes], log: Path) -> None:
+    host, port = node.address.rsplit(":", 1)
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace").strip().splitlines()[-1:] if log.exists() else []
+            raise RuntimeError(f"{node.name} exited at start: {' '.join(tail)} (log: {log})")
+        with contextlib.suppress(OSError), socket.create_connection((host, int(port)), 0.5):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{node.name} did not listen on {node.address} within {START_TIMEOUT} s")
+
+
+def _stop(nodes: list[PoolNode], grace: float = 10.0) -> list[str]:
+    alive = [n for n in nodes if n.running()]
+    stopped = [n.name for n in alive]
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        for node in alive:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(node.pid, sig)
+        deadline = time.monotonic() + wait
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.1)
+            alive = [n for n in alive if _exists(n.pid)]  # an exiting one has no cmdline
+        if not alive:
+            break
+    for node in nodes:  # reap our own children (pool up's error path)
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(node.pid, os.WNOHANG)
+    return stopped
+
+
+def _exists(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _is_node_process(pid: int, state: Path) -> bool:
+    """Whether ``pid`` is a live ``clicooper node start ... --state STATE`` (Linux /proc):
+    a pid reused by anything else is never signalled."""
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+        status = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    if status == "Z" or "node" not in args or "start" not in args or "--state" not in args:
+        return False
+    return args[args.index("--state") + 1] == str(state)
