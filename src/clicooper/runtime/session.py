@@ -253,6 +253,7 @@ def _run_split(
         release=release,
         public=public_release,
         public_targets=public_targets,
+        adaptive=transport.concurrent and not cfg.record,  # recorded rows need the fixed split
     )
     chain = None
     if with_chain:
