@@ -29,6 +29,7 @@ def _run(micros: MicroBatches, steps: int, seconds: dict[int, float]) -> list[in
 def test_fixed_count_without_a_concurrent_transport() -> None:
     micros = MicroBatches(4, adaptive=False)
     assert _run(micros, 50, {4: 9.0, 1: 1.0}) == [4] * 50
+    assert micros.used == {4: 50}
     assert _run(MicroBatches(1, adaptive=True), 20, {1: 1.0}) == [1] * 20
 
 

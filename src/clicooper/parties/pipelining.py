@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import statistics
-from collections import deque
+from collections import Counter, deque
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +52,18 @@ class MicroBatches:
         self._times: dict[int, list[float]] = {}
         self._left = 0  # steps at ``chosen`` before the next probe
         self._current: tuple[int, bool] | None = None
+        self.used: Counter[int] = Counter()  # steps begun at each count
         if self.adaptive:
             self._plan.extend([(configured, False)] * WARMUP_STEPS)
             self._plan_probe()
 
     def next(self) -> int:
         """The count of the step about to start."""
+        count = self._next()
+        self.used[count] += 1
+        return count
+
+    def _next(self) -> int:
         if not self.adaptive:
             return self.configured
         if not self._plan and self._left <= 0:

@@ -309,6 +309,8 @@ def _run_split(
             "name": cfg.transport,
             "bytes_sent": bytes_sent,
             "steps": owner.step,
+            # steps begun at each micro-batch count (over gRPC the owner times them)
+            "micro_batches": {str(n): steps for n, steps in sorted(owner.micros.used.items())},
             "steps_applied": {name: meta["steps_applied"] for name, meta in finished.items()},
             "recoveries": driver.recoveries,
         },
