@@ -114,10 +114,11 @@ def main() -> None:
                 accuracy[name].append(acc := results["accuracy"]["test"])
                 verified = results["watermark"].get("verified")
                 own = timing["train_cpu_seconds"] / timing["train_seconds"]
+                used = results["transport"].get("micro_batches", {})  # steps per count
                 print(
                     f"  {name:52s} {seconds[name][-1]:7.2f} s  owner cpu {100 * own:3.0f}%  "
                     f"{per_sample[name]:7.0f} bytes/sample  test accuracy {acc:.4f}  "
-                    f"ledger verified {verified}",
+                    f"ledger verified {verified}  steps per micro-batch count {used}",
                     flush=True,
                 )
     # Ratios within each round (its three runs ran back to back under the same load), then
