@@ -50,6 +50,11 @@ def test_same_seed_same_training_in_process_and_over_grpc_with_pipelining(inproc
     out, session = over_grpc
     assert session.results["transport"]["name"] == "grpc"
     assert session.results["transport"]["steps_applied"] == {"t1": 20, "t2": 20, "t3": 20}
+    # over gRPC the owner timed 4 micro-batches against 1 (parties.pipelining), in-process
+    # every step has the configured count
+    used = session.results["transport"]["micro_batches"]
+    assert set(used) == {"1", "4"} and sum(used.values()) == 20
+    assert inprocess.results["transport"]["micro_batches"] == {"1": 20}
     for a, b in zip(_params(inprocess), _params(session), strict=True):
         assert torch.allclose(a, b, atol=1e-5)
     assert abs(inprocess.results["accuracy"]["test"] - session.results["accuracy"]["test"]) < 0.005

@@ -93,7 +93,8 @@ def run(
     train_subset: Annotated[int | None, Opt(help="train on a seeded subset")] = None,
     test_subset: Annotated[int | None, Opt()] = None,
     micro_batches: Annotated[
-        int | None, Opt(help="micro-batches in flight along the chain")
+        int | None,
+        Opt(help="micro-batches in flight along the chain (over gRPC: kept where faster)"),
     ] = None,
     record: Annotated[int | None, Opt(help="samples per epoch each party records")] = None,
     watermark: Annotated[

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Collection
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ from clicooper.common.checks import (
 )
 from clicooper.common.messages import Kind, Message, ProtocolError
 from clicooper.data.base import Split
+from clicooper.parties.pipelining import MicroBatches
 from clicooper.parties.releases import MAX_CHUNKS, OwnerRelease
 from clicooper.privacy.activation import ActivationNoise
 from clicooper.privacy.labels import LabelObfuscator
@@ -84,13 +86,16 @@ class DataOwner:
         release: OwnerRelease | None = None,
         public: OwnerRelease | None = None,
         public_targets: torch.Tensor | None = None,
+        adaptive: bool = False,
     ) -> None:
         """``lr``: the optimizer settings (a float: Adam at that constant rate); ``device``:
         where the head computes (data, noise and messages stay on the CPU); ``release``:
         release once, with this frozen head's single release (the head is
         ``release.head``); None: the head trains and is released every epoch.
         ``public``: release once's public set (the public split's clean activations, for
-        the chain's warm start), with ``public_targets``, its records' pseudo-labels."""
+        the chain's warm start), with ``public_targets``, its records' pseudo-labels.
+        ``adaptive``: each step's micro-batch count is measured, ``micro_batches`` or 1
+        (:class:`~clicooper.parties.pipelining.MicroBatches`); False: ``micro_batches``."""
         self.transport = transport
         self.device = torch.device(device)
         self.head = head.to(self.device)
@@ -105,6 +110,7 @@ class DataOwner:
         )
         self.noise, self.labels = noise, labels
         self.micro_batches = micro_batches
+        self.micros = MicroBatches(micro_batches, adaptive)
         self.noise_at_inference = noise_at_inference
         self.step = 0
         self.releases = 0  # noisy releases of each training sample so far
@@ -123,15 +129,19 @@ class DataOwner:
     def warm_batch(self, public: Split, ids: torch.Tensor, epoch: int) -> tuple[float, int]:
         """One warm-start step on public records ``ids`` (their clean activations at t1,
         release once): (mean loss, correctly predicted samples)."""
+        start = time.perf_counter()
         loss, pseudo_logits = self.cached_step(public.y[ids], ids, epoch, public=True)
+        self.micros.done(time.perf_counter() - start)
         return loss, int((self.to_true(pseudo_logits).argmax(1) == public.y[ids]).sum())
 
     def train_batch(self, data: Split, ids: torch.Tensor, epoch: int) -> tuple[float, int]:
         """One training step on samples ``ids``: (mean loss, correctly predicted samples)."""
+        start = time.perf_counter()
         if self.release is not None:
             loss, pseudo_logits = self.cached_step(data.y[ids], ids, epoch)
         else:
             loss, pseudo_logits = self.train_step(data.x[ids], data.y[ids], ids, epoch)
+        self.micros.done(time.perf_counter() - start)
         return loss, int((self.to_true(pseudo_logits).argmax(1) == data.y[ids]).sum())
 
     def release_next(self) -> None:
@@ -174,7 +184,7 @@ class DataOwner:
         if self.releasing is not None:
             raise ProtocolError("release once: training before every record was released")
         self._log_step(ids, epoch)
-        micros = self.micro_batches
+        micros = self.micros.next()
         if public:
             targets = self.public_targets[ids] if self.labels else y
         else:
@@ -187,7 +197,7 @@ class DataOwner:
                 meta["set"] = "public"
             to = self.trainers[0]
             msg = Message(Kind.FORWARD, self.step, self.name, to, {"ids": part}, meta)
-            sent.append(self.transport.send_later(msg))
+            sent.append(self._forward(msg, last=micro == micros - 1))
         for delivery in sent:
             delivery.result()  # a failed delivery raises here, as send() would
         sizes = [len(part) for part in parts]
@@ -218,11 +228,12 @@ class DataOwner:
         self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, epoch: int
     ) -> tuple[float, torch.Tensor]:
         """:meth:`_train_step`, its FLOPs counted once per batch shape (runtime.compute)."""
-        with self.compute.count(("step", tuple(x.shape), self.micro_batches)):
-            return self._train_step(x, y, ids, epoch)
+        micros = self.micros.next()
+        with self.compute.count(("step", tuple(x.shape), micros)):
+            return self._train_step(x, y, ids, epoch, micros)
 
     def _train_step(
-        self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, epoch: int
+        self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, epoch: int, micros: int
     ) -> tuple[float, torch.Tensor]:
         """Forward through the chain, backward into the head, step; (loss, pseudo-logits).
 
@@ -233,7 +244,6 @@ class DataOwner:
         """
         self._log_step(ids, epoch)
         targets = self.labels.encode(y, ids) if self.labels else y
-        micros = self.micro_batches
         sent = [self._send_labels(targets, micros)]  # deliveries overlap the head's passes
         protected: list[torch.Tensor] = []
         noise: tuple[torch.Tensor, ...] = ()
@@ -248,13 +258,10 @@ class DataOwner:
             if noise:  # encoding copies: without noise no tensor of its own is needed
                 released = released + noise[micro]
             meta = {"micro": micro, "micros": micros, "weight": len(yc) / len(y), "epoch": epoch}
-            sent.append(
-                self.transport.send_later(
-                    Message(
-                        Kind.FORWARD, self.step, self.name, self.trainers[0], {"x": released}, meta
-                    )
-                )
+            msg = Message(
+                Kind.FORWARD, self.step, self.name, self.trainers[0], {"x": released}, meta
             )
+            sent.append(self._forward(msg, last=micro == micros - 1))
         for delivery in sent:
             delivery.result()  # a failed delivery raises here, as send() would
         logits, losses = self._collect([len(p) for p in protected], protected)
@@ -263,6 +270,17 @@ class DataOwner:
         self.optimizer.zero_grad(set_to_none=True)
         loss = sum(l_ * len(p) for l_, p in zip(losses, protected, strict=True)) / len(y)
         return float(loss), torch.cat(logits)
+
+    def _forward(self, msg: Message, last: bool) -> Future[None]:
+        """Send a micro-batch to t1: the last one from this thread (nothing is left to
+        overlap with its delivery, and a hand-off to a sender thread costs a wake-up on
+        the critical path), the others in the background while the head computes."""
+        if not last:
+            return self.transport.send_later(msg)
+        done: Future[None] = Future()
+        self.transport.send(msg)  # raises like a failed delivery's result()
+        done.set_result(None)
+        return done
 
     def _collect(
         self, sizes: list[int], protected: list[torch.Tensor] | None = None

@@ -262,17 +262,15 @@ class Trainer(Party):
             )
         if self.gradient_noise is not None:  # after the record: Tn's own gradient is clean
             x.grad = self.gradient_noise(x.grad, len(y) / weight)
-        self.send(
-            Message(
-                Kind.LOSS,
-                msg.step,
-                self.name,
-                "do",
-                {"logits": logits.detach()},
-                {"loss": value, "micro": key[1]},
-            )
+        loss_msg = Message(
+            Kind.LOSS,
+            msg.step,
+            self.name,
+            "do",
+            {"logits": logits.detach()},
+            {"loss": value, "micro": key[1]},
         )
-        self._send_back(msg.step, {**msg.meta, "loss": value}, x)
+        self._send_back(msg.step, {**msg.meta, "loss": value}, x, loss_msg)
 
     def _on_backward(self, msg: Message) -> None:
         require_sender(msg, {self.next} if self.next else set(), "gradients", self.name)
@@ -322,8 +320,22 @@ class Trainer(Party):
             return None
         return self.regulariser(self.segment)
 
-    def _send_back(self, step: int, meta: dict[str, Any], x: torch.Tensor) -> None:
-        """Step after the batch's last micro-batch; pass the gradient (and loss) back."""
+    def _send_back(
+        self, step: int, meta: dict[str, Any], x: torch.Tensor, loss_msg: Message | None = None
+    ) -> None:
+        """Pass the gradient (and loss) back, then the last trainer's LOSS to the owner; step
+        after the batch's last micro-batch.
+
+        The gradient leaves first: the rest of the chain waits on it, while the owner needs
+        the LOSS only with the gradient that comes back later; the optimizer step (which
+        leaves ``x.grad`` as it is) then runs while the chain works on. Messages are handled
+        one at a time, so the step is applied before this trainer takes any later message.
+        """
+        # release once: the owner's head takes no gradient, t1 only says the step is done
+        back = {} if self.releases is not None else {"g": x.grad}
+        self.send(Message(Kind.BACKWARD, step, self.name, self.prev, back, meta))
+        if loss_msg is not None:
+            self.send(loss_msg)
         applied = int(meta["micro"]) == int(meta["micros"]) - 1
         if applied:
             self.optimizer.step()
@@ -333,9 +345,6 @@ class Trainer(Party):
         loss = meta.get("loss")
         for observe in self.loss_observers:
             observe(float(loss) if loss is not None else None, applied)
-        # release once: the owner's head takes no gradient, t1 only says the step is done
-        back = {} if self.releases is not None else {"g": x.grad}
-        self.send(Message(Kind.BACKWARD, step, self.name, self.prev, back, meta))
 
     # -- inference and control --------------------------------------------------
 

@@ -253,6 +253,7 @@ def _run_split(
         release=release,
         public=public_release,
         public_targets=public_targets,
+        adaptive=transport.concurrent and not cfg.record,  # recorded rows need the fixed split
     )
     chain = None
     if with_chain:
@@ -310,6 +311,8 @@ def _run_split(
             "name": cfg.transport,
             "bytes_sent": bytes_sent,
             "steps": owner.step,
+            # steps begun at each micro-batch count (over gRPC the owner times them)
+            "micro_batches": {str(n): steps for n, steps in sorted(owner.micros.used.items())},
             "steps_applied": {name: meta["steps_applied"] for name, meta in finished.items()},
             "recoveries": driver.recoveries,
         },

@@ -36,6 +36,10 @@ class Transport(ABC):
     deserialised at the receiver (the boundary is real even in-process).
     """
 
+    #: Whether the parties compute at once (their own processes), so that work in
+    #: flight overlaps: what pipelining needs (:mod:`clicooper.parties.pipelining`).
+    concurrent: bool = False
+
     @abstractmethod
     def send(self, msg: Message) -> None:
         """Queue ``msg`` for ``msg.receiver``."""

@@ -25,6 +25,8 @@ PROBE_AFTER = 3.0
 class EpochTransport(Transport):
     """A :class:`GrpcTransport` that can be replaced by one for another epoch (same address)."""
 
+    concurrent = True
+
     def __init__(
         self,
         name: str,

@@ -82,6 +82,8 @@ class GrpcTransport(Transport):
     still starting.
     """
 
+    concurrent = True
+
     def __init__(
         self,
         name: str,
