@@ -137,7 +137,7 @@ def run(
         batch = cfg.effective_batch_size(len(data.train))
         console.print(
             f"dataset: {cfg.dataset} ({how}); model {cfg.model}, {cfg.epochs} epochs, "
-            f"batch size {batch}"
+            f"batch size {batch}, lr {cfg.lr:g}"
         )
         runner = session_runner(cfg, peers, certs, resume is not None)
         out = new_run_dir(RUNS_ROOT, cfg.mode) if out is None else out
