@@ -116,9 +116,9 @@ class HeadConfig(_Strict):
     @field_validator("source")
     @classmethod
     def _known_source(cls, value: str) -> str:
-        from clicooper.privacy.release import head_source
+        from clicooper.heads import get_source
 
-        head_source(value)  # one line naming the registered sources
+        get_source(value)  # one line naming the registered sources
         return value
 
 

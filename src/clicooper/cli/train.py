@@ -12,7 +12,6 @@ from clicooper.cli.progress import console, summary_table, training_progress
 from clicooper.cli.runner import launching, session_runner
 from clicooper.config import RunConfig
 from clicooper.data import DataError
-from clicooper.privacy.release import head_source as check_head_source
 from clicooper.runtime.device import party_devices
 from clicooper.runtime.resume import resumable_config
 from clicooper.runtime.rundirs import RUNS_ROOT, new_run_dir, point_latest
@@ -131,8 +130,6 @@ def run(
     fresh = out is None
     try:
         party_devices(cfg, local_parties(cfg))  # an unusable device: one line, before the data
-        if cfg.privacy.release == "once":  # an unknown head source fails before anything runs
-            check_head_source(cfg.head.source)
         data = resolve_dataset(cfg, None)
         batch = cfg.effective_batch_size(len(data.train))
         console.print(
