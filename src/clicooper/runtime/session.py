@@ -317,6 +317,8 @@ def _run_split(
     }
     if release is not None:
         results["readouts"] = _readouts(owner, release, data, history, warm)
+    if public_release is not None:  # the warm start's clean public set: sends, not releases
+        results["privacy"]["public_set"] = public_release.summary()
     if chain:  # per trainer and stage: how many bits the stage-end seal had to deepen
         sealed = {name: list(meta.get("sealed_bits", [])) for name, meta in finished.items()}
         results["watermark"]["sealed_bits"] = sealed
