@@ -139,6 +139,9 @@ class ChainConfig(_Strict):
     """
 
     warm_epochs: int = Field(20, ge=0, le=1000)
+    # every epoch on the releases also passes over the public set once, its batches spread
+    # among the releases' (replay; the public split, warm start or not, is at t1 then)
+    replay: bool = False
     denoise: Literal["post-mean", "none"] = "none"
     release_lr_factor: float = Field(0.01, gt=0, le=1)
 

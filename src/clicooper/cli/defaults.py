@@ -48,6 +48,7 @@ RUN_FLAG_KEYS: dict[str, str] = {
     "head_source": "head.source",
     "warm_epochs": "chain.warm_epochs",
     "denoise": "chain.denoise",
+    "replay": "chain.replay",
     "release_lr_factor": "chain.release_lr_factor",
     "noise_at_inference": "privacy.noise_at_inference",
     "gradient_noise": "privacy.gradient_noise_multiplier",

@@ -74,6 +74,10 @@ def run(
         str | None,
         Opt(help="release once: post-mean (t1 trains on class-posterior means) or none"),
     ] = None,
+    replay: Annotated[
+        bool | None,
+        Opt("--replay/--no-replay", help="release once: the public set in every epoch too"),
+    ] = None,
     release_lr_factor: Annotated[
         float | None, Opt(help="release once: lr multiplier after the warm start")
     ] = None,
