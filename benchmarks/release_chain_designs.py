@@ -54,6 +54,7 @@ class Design:
     clean_scale: bool = False  # releases standardised with the clean activations' scale
     freeze_t1: bool = False  # only the last trainer learns from the releases
     extra_noise: float = 0.0  # fresh noise per epoch, in units of the release noise std
+    reset: bool = False  # a fresh optimizer state for the releases (Adam's moments restart)
 
 
 DESIGNS = {
@@ -68,6 +69,10 @@ DESIGNS = {
     "batch1024-0.1": Design(batch=1024, lr_factor=0.1),
     "freeze-t1": Design(freeze_t1=True),
     "extra-noise-replay": Design(extra_noise=0.5, replay=1.0),
+    "reset": Design(reset=True),
+    "reset-replay": Design(reset=True, replay=1.0),
+    "reset-replay-0.1": Design(reset=True, replay=1.0, lr_factor=0.1),
+    "reset-0.1": Design(reset=True, lr_factor=0.1),
 }
 
 
@@ -177,7 +182,8 @@ def train_design(args, acts, state, design: Design, scale: float) -> list[float]
     model = chain_model(args, scale)
     model.load_state_dict(state[0])
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    opt.load_state_dict(copy.deepcopy(state[1]))
+    if not design.reset:  # else Adam starts afresh: its moments scaled to the releases
+        opt.load_state_dict(copy.deepcopy(state[1]))
     for group in opt.param_groups:
         group["lr"] = 1e-3 * design.lr_factor
     if design.freeze_t1:

@@ -290,3 +290,27 @@ def test_replay_spreads_the_public_set_over_every_epoch_on_the_releases(tmp_path
     assert privacy["public_set"]["releases_per_record"]["max"] == 1  # sent once, reused
     assert len(sess.results["history"]) == 3
     assert planned == [sess.results["transport"]["steps"]]  # the lr schedule's length
+
+
+def test_a_fresh_optimizer_drops_the_warm_starts_moments_at_the_switch_only():
+    """``chain.fresh_optimizer``: the trainer's Adam state is dropped once, right after the
+    warm start's last step, so the releases' first step starts from moments of its own."""
+    from clicooper.parties import Trainer
+
+    cfg = quick_config(**{**CHAIN, "chain.fresh_optimizer": True})
+    seg = torch.nn.Linear(3, 2)
+    trainer = Trainer(2, 2, seg, OptimSettings.from_config(cfg, 10, 4))
+    assert trainer.reset_after == 4
+    kept = []
+    for _ in range(6):
+        seg.weight.grad, seg.bias.grad = torch.ones(2, 3), torch.ones(2)
+        trainer._apply()
+        kept.append(
+            int(trainer.optimizer.state[seg.weight]["step"]) if trainer.optimizer.state else 0
+        )
+    assert kept == [1, 2, 3, 0, 1, 2]  # dropped after step 4, then counting afresh
+    plain = quick_config(**CHAIN)
+    assert (
+        Trainer(2, 2, torch.nn.Linear(3, 2), OptimSettings.from_config(plain, 10, 4)).reset_after
+        == 0
+    )

@@ -142,6 +142,9 @@ class ChainConfig(_Strict):
     # every epoch on the releases also passes over the public set once, its batches spread
     # among the releases' (replay; the public split, warm start or not, is at t1 then)
     replay: bool = False
+    # every trainer's optimizer state (Adam's moments) starts afresh when the warm start
+    # ends (clicooper.runtime.optim.phase_reset_step says why)
+    fresh_optimizer: bool = False
     denoise: Literal["post-mean", "none"] = "none"
     release_lr_factor: float = Field(0.01, gt=0, le=1)
 

@@ -49,6 +49,7 @@ RUN_FLAG_KEYS: dict[str, str] = {
     "warm_epochs": "chain.warm_epochs",
     "denoise": "chain.denoise",
     "replay": "chain.replay",
+    "fresh_optimizer": "chain.fresh_optimizer",
     "release_lr_factor": "chain.release_lr_factor",
     "noise_at_inference": "privacy.noise_at_inference",
     "gradient_noise": "privacy.gradient_noise_multiplier",

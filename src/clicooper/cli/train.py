@@ -78,6 +78,13 @@ def run(
         bool | None,
         Opt("--replay/--no-replay", help="release once: the public set in every epoch too"),
     ] = None,
+    fresh_optimizer: Annotated[
+        bool | None,
+        Opt(
+            "--fresh-optimizer/--no-fresh-optimizer",
+            help="release once: optimizer state restarts when the warm start ends",
+        ),
+    ] = None,
     release_lr_factor: Annotated[
         float | None, Opt(help="release once: lr multiplier after the warm start")
     ] = None,

@@ -36,7 +36,7 @@ from clicooper.parties.recorder import Recorder
 from clicooper.parties.releases import ReleaseCache
 from clicooper.privacy.gradient import GradientNoise
 from clicooper.runtime.compute import ComputeMeter
-from clicooper.runtime.optim import OptimSettings, make_optimizer
+from clicooper.runtime.optim import OptimSettings, make_optimizer, phase_reset_step
 from clicooper.runtime.rundirs import RunDir
 from clicooper.runtime.transport.base import Party
 from clicooper.watermark.chain import save_segment
@@ -95,6 +95,7 @@ class Trainer(Party):
         self.device = torch.device(device)
         self.segment = segment.to(self.device)
         self.optimizer, self.scheduler = make_optimizer(segment.parameters(), lr, self.name)
+        self.reset_after = phase_reset_step(lr)  # the optimizer starts afresh after this step
         self.out_dir = out_dir
         self.recorder = recorder or Recorder(0)
         self.gradient_noise = gradient_noise
@@ -326,16 +327,23 @@ class Trainer(Party):
         """Step after the batch's last micro-batch; pass the gradient (and loss) back."""
         applied = int(meta["micro"]) == int(meta["micros"]) - 1
         if applied:
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.steps_applied += 1
+            self._apply()
         loss = meta.get("loss")
         for observe in self.loss_observers:
             observe(float(loss) if loss is not None else None, applied)
         # release once: the owner's head takes no gradient, t1 only says the step is done
         back = {} if self.releases is not None else {"g": x.grad}
         self.send(Message(Kind.BACKWARD, step, self.name, self.prev, back, meta))
+
+    def _apply(self) -> None:
+        """The optimizer step of the gradients accumulated; after a release-once warm
+        start's last step, with a fresh optimizer, the optimizer's state is dropped."""
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_applied += 1
+        if self.reset_after and self.scheduler.last_epoch == self.reset_after:
+            self.optimizer.state.clear()  # the releases' steps: moments of their own
 
     # -- inference and control --------------------------------------------------
 
