@@ -202,7 +202,12 @@ class Trainer(Party):
         if self.releases is None:
             return msg.tensor("x").to(self.device).requires_grad_(True)
         x = self._cache(msg).training_rows(msg.tensor("ids")).to(self.device)
-        return x.requires_grad_(self.recorder.wants(int(msg.meta["epoch"])))
+        return x.requires_grad_(self._recording(msg))
+
+    def _recording(self, msg: Message) -> bool:
+        """Whether this step's tensors are recorded: the owner's records only, never the
+        public set's (release once's warm start and replay), which are not the owner's."""
+        return self.recorder.wants(int(msg.meta["epoch"])) and msg.meta.get("set") != "public"
 
     def _cache(self, msg: Message) -> ReleaseCache:
         """The cache a message's ``set`` names: the private releases (the default) or the
@@ -252,7 +257,7 @@ class Trainer(Party):
             total.backward()
         self._regularise(msg.meta)
         value = loss.item()
-        if self.recorder.wants(int(msg.meta["epoch"])):
+        if self._recording(msg):
             self.recorder.add(
                 int(msg.meta["epoch"]),
                 msg.step,
@@ -291,7 +296,7 @@ class Trainer(Party):
         with self.compute.count(("backward", tuple(out.shape))):
             out.backward(grad)
         self._regularise(msg.meta)
-        if self.recorder.wants(int(msg.meta["epoch"])):
+        if self._recording(msg):
             self.recorder.add(
                 int(msg.meta["epoch"]), msg.step, key[1], activation=x, gradient=x.grad
             )
