@@ -36,9 +36,10 @@ def _cached_ids(run_dir: Path) -> torch.Tensor:
 
 
 def test_t1_killed_mid_training_resumes_from_its_cached_releases(tmp_path, procs, cli_inprocess):
-    """The public head source with a 2-epoch warm start: the first 80 of the 480 images
-    are public, so 400 records are released; t1 is killed in the epochs on the releases.
-    Neither set is sent again, and the warm start is not trained again."""
+    """The public head source with a 2-epoch warm start (and the public set replayed in
+    every later epoch): the first 80 of the 480 images are public, so 400 records are
+    released; t1 is killed in the epochs on the releases. Neither set is sent again, and
+    the warm start is not trained again."""
     out = tmp_path / "run"
     (tmp_path / "wm.toml").write_text("[watermark]\nstrength = 0.01\n")
     flags = [*FLAGS, "--noise-multiplier", "0.5", "--checkpoint-steps", "5"]
@@ -47,7 +48,7 @@ def test_t1_killed_mid_training_resumes_from_its_cached_releases(tmp_path, procs
     argv = cli("launch", *flags, "--config", str(tmp_path / "wm.toml"), "--out", str(out))
     launcher = procs.start(argv, tmp_path / "launch.log")
     warm_steps, records = 2 * 80 // 16, 400
-    steps = warm_steps + 2 * records // 16  # 10 on the public set, then 25 per epoch
+    steps = warm_steps + 2 * (records // 16 + 80 // 16)  # 10, then 25 + 5 (replay) per epoch
     ready = [checkpoint_at_least(out / "checkpoints" / p, warm_steps + 10) for p in ("t1", "t2")]
     wait_for(lambda: all(check() for check in ready), 120, "training past the warm start")
     first = pids(out)["t1"]
