@@ -34,7 +34,8 @@ a restarted t1 that kept its cache is sent nothing and no record is released twi
 With a warm start (``warm_epochs`` over ``public``, the public split whose clean
 activations t1 caches as the public set) the first ``warm_epochs`` epochs train the
 chain on the public set, the rest on the releases; their history entries say
-``"phase": "public"``.
+``"phase": "public"``. With ``replay`` every later epoch has the public set's batches
+among the releases' too.
 """
 
 from __future__ import annotations
