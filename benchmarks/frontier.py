@@ -90,6 +90,7 @@ def point(label: str, data: Dataset, args: argparse.Namespace, **overrides: Any)
         "owner_share": results["compute"]["owner_share"],
         "verified": results["watermark"].get("verified"),
         "seconds": round(time.time() - start, 1),
+        "history": [round(h["test_accuracy"], 4) for h in results["history"]],
         **{
             name: readouts[name]["test"]
             for name in ("ncm", "logistic", "public_only")

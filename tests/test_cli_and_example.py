@@ -58,7 +58,7 @@ def test_run_writes_results_and_exits_zero(tmp_path):
     assert f"{compute['owner_share']:.1%}" in proc.stderr
     assert "owner share of training FLOPs" in proc.stderr and "t2: FLOPs, CPU s" in proc.stderr
     # what the run uses, printed before it trains: 300 samples -> the small-data batch
-    assert "model mlp, 1 epochs, batch size 32" in proc.stderr
+    assert "model mlp, 1 epochs, batch size 32, lr 0.003" in proc.stderr
 
 
 def test_config_file_and_flags_merge(tmp_path):

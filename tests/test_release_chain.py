@@ -34,6 +34,7 @@ CHAIN = {
     "head.pretrain_epochs": 2,
     "chain.warm_epochs": WARM,
     "chain.denoise": "post-mean",
+    "chain.replay": False,  # the warm start alone here (replay: its own test below)
     "privacy.target_epsilon": 8.0,
 }
 
@@ -249,3 +250,68 @@ def test_the_owner_release_sends_labels_and_its_noise_std():
     assert "y" not in tensors and meta["set"] == "public"
     with torch.no_grad():
         assert torch.equal(tensors["x"], noise.clip(head(public.x[tensors["ids"]])))
+
+
+def test_replay_spreads_the_public_set_over_every_epoch_on_the_releases(tmp_path, digits):
+    """``chain.replay``: each epoch on the releases also passes over the whole public set,
+    its batches spread among the releases' (the epoch ends on a public batch); nothing is
+    released again and the optimizer's schedule counts the extra steps."""
+    settings = {**CHAIN, "chain.warm_epochs": 1, "chain.denoise": "none", "chain.replay": True}
+    cfg = quick_config(epochs=2, batch_size=BATCH, **settings, **{"watermark.enabled": False})
+    spies: list[SpyTransport] = []
+
+    def make() -> SpyTransport:
+        spies.append(SpyTransport())
+        return spies[-1]
+
+    planned: list[int] = []
+    real = OptimSettings.from_config
+
+    def from_config(cfg, total_steps, phase_steps=0):
+        planned.append(total_steps)
+        return real(cfg, total_steps, phase_steps)
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(session_mod, "InProcessTransport", make)
+        monkeypatch.setattr(session_mod.OptimSettings, "from_config", from_config)
+        sess = session_mod.run(cfg, tmp_path / "run", data=digits.limit(400, 200, seed=0))
+    forwards = [m for m in spies[0].delivered["t1"] if m.kind == Kind.FORWARD]
+    public_steps, release_steps = math.ceil(PUBLIC / BATCH), math.ceil((400 - PUBLIC) / BATCH)
+    assert sess.results["transport"]["steps"] == public_steps + 2 * (release_steps + public_steps)
+    for epoch in (2, 3):  # the epochs after the one warm-start epoch
+        sets = [m.meta.get("set") == "public" for m in forwards if m.meta["epoch"] == epoch]
+        assert sets.count(True) == public_steps and sets.count(False) == release_steps
+        assert sets[-1] and not sets[0]  # spread among the releases, not bunched up front
+        assert not any(a and b for a, b in zip(sets, sets[1:], strict=False))
+        ids = [m.tensors["ids"] for m in forwards if m.meta["epoch"] == epoch]
+        public_ids = torch.cat([i for i, p in zip(ids, sets, strict=True) if p])
+        assert torch.equal(public_ids.sort().values, torch.arange(PUBLIC))
+    privacy = sess.results["privacy"]
+    assert privacy["releases_per_record"] == {"min": 1, "max": 1, "records": 400 - PUBLIC}
+    assert privacy["public_set"]["releases_per_record"]["max"] == 1  # sent once, reused
+    assert len(sess.results["history"]) == 3
+    assert planned == [sess.results["transport"]["steps"]]  # the lr schedule's length
+
+
+def test_a_fresh_optimizer_drops_the_warm_starts_moments_at_the_switch_only():
+    """``chain.fresh_optimizer``: the trainer's Adam state is dropped once, right after the
+    warm start's last step, so the releases' first step starts from moments of its own."""
+    from clicooper.parties import Trainer
+
+    cfg = quick_config(**{**CHAIN, "chain.fresh_optimizer": True})
+    seg = torch.nn.Linear(3, 2)
+    trainer = Trainer(2, 2, seg, OptimSettings.from_config(cfg, 10, 4))
+    assert trainer.reset_after == 4
+    kept = []
+    for _ in range(6):
+        seg.weight.grad, seg.bias.grad = torch.ones(2, 3), torch.ones(2)
+        trainer._apply()
+        kept.append(
+            int(trainer.optimizer.state[seg.weight]["step"]) if trainer.optimizer.state else 0
+        )
+    assert kept == [1, 2, 3, 0, 1, 2]  # dropped after step 4, then counting afresh
+    plain = quick_config(**CHAIN)
+    assert (
+        Trainer(2, 2, torch.nn.Linear(3, 2), OptimSettings.from_config(plain, 10, 4)).reset_after
+        == 0
+    )

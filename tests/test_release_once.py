@@ -7,6 +7,7 @@ the counts below are what t1 really received.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import stat
@@ -16,10 +17,11 @@ import torch
 from cc_helpers import SpyTransport, quick_config
 from safetensors.torch import load_file
 
+from clicooper import heads
 from clicooper.common.checks import Unauthorized
 from clicooper.common.messages import Kind, Message, ProtocolError
 from clicooper.config import ConfigError, RunConfig
-from clicooper.data import DataError
+from clicooper.data import DataError, Split
 from clicooper.models.assembly import preset_split
 from clicooper.parties import DataOwner, Trainer
 from clicooper.parties.releases import OwnerRelease, ReleaseCache, rows_per_chunk
@@ -95,7 +97,8 @@ def test_each_training_record_is_released_exactly_once_over_a_multi_epoch_run(on
 def test_the_head_is_frozen_and_the_owner_gets_no_gradient(once_run, small_digits):
     cfg, sess, delivered, _ = once_run
     owner = sess.owner
-    initial = preset_split(cfg, small_digits.image_shape, 40).head.state_dict()
+    fresh_head = preset_split(cfg, small_digits.image_shape, 40).head
+    initial = heads.build_head(cfg, small_digits, fresh_head).module.state_dict()  # as built
     assert all(torch.equal(v, initial[k]) for k, v in owner.head.state_dict().items())
     assert not any(p.requires_grad for p in owner.head.parameters())
     assert not owner.head.training and owner.optimizer is None
@@ -158,7 +161,7 @@ def test_epsilon_is_one_release_for_the_whole_run(once_run):
         "head source",
     ):
         assert phrase in words
-    assert privacy["head"]["source"] == "random" and privacy["head"]["epsilon"] is None
+    assert privacy["head"]["source"] == "random" and privacy["head"]["privacy"]["epsilon"] is None
     assert json.loads((out / "results.json").read_text())["privacy"] == privacy
 
 
@@ -405,11 +408,25 @@ def test_cli_unknown_release_mode_fails_with_one_line(tmp_path, cli_inprocess):
     assert code == 2 and "privacy.release" in err and _one_error_line(err)
 
 
+class _Source:
+    """A head source registered for a test: ``build`` is its behaviour."""
+
+    def __init__(self, name, build):
+        self.name, self.build = name, build
+
+
+def _head_with_public(cfg, data, split_head, public_x):
+    """The preset's head as built by ``random``, claiming it was fitted on ``public_x``."""
+    built = heads.get_source("random").build(cfg, data, split_head)
+    public = Split(public_x, torch.zeros(len(public_x), dtype=torch.int64))
+    return dataclasses.replace(built, source="test", public_split=public, public={"n": 1})
+
+
 def test_a_head_source_that_cannot_be_had_fails_with_one_line(tmp_path, cli_inprocess, monkeypatch):
-    def missing(cfg, data, split):
+    def missing(cfg, data, split_head):
         raise DataError(f"no public data at {tmp_path / 'nope'}: give an existing path")
 
-    monkeypatch.setitem(release.HEAD_SOURCES, "public-path", missing)
+    monkeypatch.setitem(heads.HEAD_SOURCES, "public-path", _Source("public-path", missing))
     out = tmp_path / "run"
     code, err, _ = cli_inprocess(
         "run",
@@ -427,23 +444,37 @@ def test_a_head_source_that_cannot_be_had_fails_with_one_line(tmp_path, cli_inpr
 
 
 def test_a_head_fitted_on_training_images_is_refused(tmp_path, cli_inprocess, monkeypatch, digits):
-    def overlapping(cfg, data, split):  # a "public" split that holds three training images
-        return release.FrozenHead(split.head, {"source": "leaky"}, data.train.x[[0, 5, 9]])
+    """Whatever a source does, build_head checks its public data against the training set."""
 
-    def disjoint(cfg, data, split):
-        return release.FrozenHead(split.head, {"source": "clean"}, data.train.x[:50] + 1e-3)
+    def overlapping(cfg, data, split_head):  # a "public" split that holds three training images
+        return _head_with_public(cfg, data, split_head, data.train.x[[0, 5, 9]])
 
-    monkeypatch.setitem(release.HEAD_SOURCES, "leaky", overlapping)
-    monkeypatch.setitem(release.HEAD_SOURCES, "clean", disjoint)
+    def disjoint(cfg, data, split_head):
+        return _head_with_public(cfg, data, split_head, data.train.x[:50] + 1e-3)
+
+    monkeypatch.setitem(heads.HEAD_SOURCES, "leaky", _Source("leaky", overlapping))
+    monkeypatch.setitem(heads.HEAD_SOURCES, "clean", _Source("clean", disjoint))
     args = ["run", "--dataset", "digits", "--release", "once", "--train-subset", "200"]
     code, err, _ = cli_inprocess(*args, "--head-source", "leaky", "--out", str(tmp_path / "a"))
-    assert code == 2 and "3 image(s) of the training set" in err
+    assert code == 2 and "shares 3 image(s) byte for byte" in err
     assert _one_error_line(err) and not (tmp_path / "a").exists()
     cfg = quick_config(**{**ONCE, "head.source": "clean"})
     head = release.frozen_head(cfg, digits, preset_split(cfg, digits.image_shape, 10))
-    assert head.privacy == {"source": "clean"} and not head.module.training
-    with pytest.raises(DataError, match="byte for byte"):
-        release.check_disjoint(digits.train.x[-2:], digits.train.x, "public split")
+    assert head.privacy["source"] == "test" and not head.module.training
+    assert len(head.public) == 50
+
+
+def test_one_registry_one_error_for_an_unknown_head_source(tmp_path, cli_inprocess):
+    """The config, ``run`` and ``evaluate`` all look sources up in heads.HEAD_SOURCES."""
+    assert not hasattr(release, "HEAD_SOURCES") and not hasattr(release, "head_source")
+    with pytest.raises(ConfigError, match="unknown head source 'nope': use one of public"):
+        RunConfig.load(**{"head.source": "nope"})
+    for argv in (
+        ["run", "--dataset", "digits", "--release", "once", "--head-source", "nope"],
+        ["evaluate", "--once-head-source", "nope"],
+    ):
+        code, err, _ = cli_inprocess(*argv, "--out", str(tmp_path / "r"))
+        assert code == 2 and "unknown head source 'nope'" in err and _one_error_line(err)
 
 
 # -- recovery: a release is never rolled back ---------------------------------------------------

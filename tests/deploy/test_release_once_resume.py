@@ -36,35 +36,50 @@ def _cached_ids(run_dir: Path) -> torch.Tensor:
 
 
 def test_t1_killed_mid_training_resumes_from_its_cached_releases(tmp_path, procs, cli_inprocess):
+    """The public head source with a 2-epoch warm start (and the public set replayed in
+    every later epoch): the first 80 of the 480 images are public, so 400 records are
+    released; t1 is killed in the epochs on the releases. Neither set is sent again, and
+    the warm start is not trained again."""
     out = tmp_path / "run"
     (tmp_path / "wm.toml").write_text("[watermark]\nstrength = 0.01\n")
     flags = [*FLAGS, "--noise-multiplier", "0.5", "--checkpoint-steps", "5"]
+    flags += ["--head-source", "public", "--warm-epochs", "2"]  # the later flag wins
     flags += ["--send-timeout", "3", "--step-timeout", "30"]
     argv = cli("launch", *flags, "--config", str(tmp_path / "wm.toml"), "--out", str(out))
     launcher = procs.start(argv, tmp_path / "launch.log")
-    ready = [checkpoint_at_least(out / "checkpoints" / p, 10) for p in ("t1", "t2")]
-    wait_for(lambda: all(check() for check in ready), 120, "training past step 10")
+    warm_steps, records = 2 * 80 // 16, 400
+    steps = warm_steps + 2 * (records // 16 + 80 // 16)  # 10, then 25 + 5 (replay) per epoch
+    ready = [checkpoint_at_least(out / "checkpoints" / p, warm_steps + 10) for p in ("t1", "t2")]
+    wait_for(lambda: all(check() for check in ready), 120, "training past the warm start")
     first = pids(out)["t1"]
-    os.kill(first, signal.SIGKILL)  # mid-epoch 1, long after the release phase
+    os.kill(first, signal.SIGKILL)  # in the first epoch on the releases
     assert launcher.wait(timeout=150) == 0, (tmp_path / "launch.log").read_text()[-3000:]
 
     assert pids(out)["t1"] != first and not alive(first)
     results = json.loads((out / "results.json").read_text())
     transport = results["transport"]
     assert transport["restarts"]["t1"] == 1 and len(transport["recoveries"]) == 1
-    assert transport["steps"] == STEPS and transport["steps_applied"] == {"t1": STEPS, "t2": STEPS}
+    # the recovery rolled back to a checkpoint after the warm start: no public step twice
+    assert transport["recoveries"][0]["resumed_from_step"] >= warm_steps
+    assert transport["steps"] == steps and transport["steps_applied"] == {"t1": steps, "t2": steps}
     t1_log = (out / "logs" / "t1.log").read_text()
-    assert "t1: set up (resumed)" in t1_log and "1 release chunks read back" in t1_log
+    assert "t1: set up (resumed)" in t1_log
+    assert "1 release chunks and 1 public chunks read back" in t1_log
     # the owner released each record once, and did not send any again after the restart
     privacy = results["privacy"]
     assert privacy["release"] == "once" and privacy["resent_chunks"] == 0
-    assert privacy["releases_per_record"] == {"min": 1, "max": 1, "records": 480}
+    assert privacy["releases_per_record"] == {"min": 1, "max": 1, "records": records}
+    public = privacy["public_set"]  # the public set, likewise sent once, never again
+    assert public["resent_chunks"] == 0
+    assert public["releases_per_record"] == {"min": 1, "max": 1, "records": 80}
     counts = load_file(str(out / "owner" / "releases.safetensors"))["counts"]
-    assert torch.equal(counts, torch.ones(480, dtype=torch.int32))
-    assert torch.equal(_cached_ids(out).sort().values, torch.arange(480))
+    assert torch.equal(counts, torch.ones(records, dtype=torch.int32))
+    assert torch.equal(_cached_ids(out).sort().values, torch.arange(records))
     one = accounting.epsilon(0.5, 1, 1e-5)
     assert privacy["epsilon"] == one and privacy["releases"] == 1
-    assert [h["epsilon"] for h in _history(out)] == [one, one]  # unchanged by the recovery
+    history = _history(out)
+    assert len(history) == 2 + 2  # two warm-start epochs, then two on the releases
+    assert [h["epsilon"] for h in history[2:]] == [one, one]  # unchanged by the recovery
     assert results["watermark"]["verified"]
     code, err, text = cli_inprocess("verify", str(out))
     assert code == 0 and "chain holds" in err + text

@@ -182,9 +182,11 @@ def test_release_once_view_is_t1s_cache_on_disk(once) -> None:
     assert torch.equal(cache.x, held.x)
     warm = warm_epochs(session_cfg(out))
     view = view_of(session.trainers[0], warm + 1)
-    assert warm > 0 and view.epochs[0] == warm + 1  # the warm start's public epochs left out
-    with pytest.raises(RuntimeError, match="differ from its cached releases"):
-        check_recorded_releases(session, view_of(session.trainers[0]), cache, session_cfg(out))
+    assert warm > 0 and view.epochs[0] == warm + 1
+    # the public set's steps (warm start, replay) are not recorded: not the owner's records
+    assert view_of(session.trainers[0]).epochs == view.epochs
+    assert session_cfg(out).chain.replay  # public steps among the recorded epochs' too
+    check_recorded_releases(session, view_of(session.trainers[0]), cache, session_cfg(out))
     check_recorded_releases(session, view, cache, session_cfg(out))
     ids = release_targets(cache, 32, seed=0)
     assert len(ids.unique()) == 32 and torch.equal(ids, release_targets(cache, 32, seed=0))

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from clicooper.config import SMALL_DATA_DEFAULTS, RunConfig
+from clicooper.config import DEFAULT_LR, SMALL_DATA_DEFAULTS, RunConfig
 
 RUN_FLAG_KEYS: dict[str, str] = {
     "dataset": "dataset",
@@ -48,6 +48,8 @@ RUN_FLAG_KEYS: dict[str, str] = {
     "head_source": "head.source",
     "warm_epochs": "chain.warm_epochs",
     "denoise": "chain.denoise",
+    "replay": "chain.replay",
+    "fresh_optimizer": "chain.fresh_optimizer",
     "release_lr_factor": "chain.release_lr_factor",
     "noise_at_inference": "privacy.noise_at_inference",
     "gradient_noise": "privacy.gradient_noise_multiplier",
@@ -88,6 +90,8 @@ def effective_default(key: str) -> str:
     value = model.model_fields[leaf].default
     if key == "dataset":
         return "auto: fashion-mnist when installed, else digits"
+    if key == "lr":
+        return "; ".join(f"{release}: {lr:g}" for release, lr in DEFAULT_LR.items())
     text = _NONE_MEANS.get(key, "none") if value is None else _show(value)
     small = [f"{name}: {d[key]}" for name, d in SMALL_DATA_DEFAULTS.items() if key in d]
     return "; ".join([text, *small])

@@ -139,9 +139,8 @@ def _once_options(
     columns: str, head_source: str | None, target_epsilon: float, sweep: str | None
 ) -> dict[str, Any]:
     """The release-once column's settings from the flags; exit 2 on a bad one."""
-    from clicooper.config import ConfigError
     from clicooper.evaluation.settings import COLUMNS
-    from clicooper.privacy.release import head_source as lookup
+    from clicooper.heads import HeadSourceError, get_source
 
     names = [c.strip() for c in columns.split(",") if c.strip()]
     unknown = [c for c in names if c not in COLUMNS]
@@ -151,8 +150,8 @@ def _once_options(
         fail(f"--once-target-epsilon must be a positive number, got {target_epsilon}")
     if head_source is not None:
         try:
-            lookup(head_source)
-        except ConfigError as exc:
+            get_source(head_source)
+        except HeadSourceError as exc:
             fail(str(exc))
     out: dict[str, Any] = {
         "columns": tuple(names),

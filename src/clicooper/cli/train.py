@@ -12,7 +12,6 @@ from clicooper.cli.progress import console, summary_table, training_progress
 from clicooper.cli.runner import launching, session_runner
 from clicooper.config import RunConfig
 from clicooper.data import DataError
-from clicooper.privacy.release import head_source as check_head_source
 from clicooper.runtime.device import party_devices
 from clicooper.runtime.resume import resumable_config
 from clicooper.runtime.rundirs import RUNS_ROOT, new_run_dir, point_latest
@@ -74,6 +73,17 @@ def run(
     denoise: Annotated[
         str | None,
         Opt(help="release once: post-mean (t1 trains on class-posterior means) or none"),
+    ] = None,
+    replay: Annotated[
+        bool | None,
+        Opt("--replay/--no-replay", help="release once: the public set in every epoch too"),
+    ] = None,
+    fresh_optimizer: Annotated[
+        bool | None,
+        Opt(
+            "--fresh-optimizer/--no-fresh-optimizer",
+            help="release once: optimizer state restarts when the warm start ends",
+        ),
     ] = None,
     release_lr_factor: Annotated[
         float | None, Opt(help="release once: lr multiplier after the warm start")
@@ -137,13 +147,11 @@ def run(
     fresh = out is None
     try:
         party_devices(cfg, local_parties(cfg))  # an unusable device: one line, before the data
-        if cfg.privacy.release == "once":  # an unknown head source fails before anything runs
-            check_head_source(cfg.head.source)
         data = resolve_dataset(cfg, None)
         batch = cfg.effective_batch_size(len(data.train))
         console.print(
             f"dataset: {cfg.dataset} ({how}); model {cfg.model}, {cfg.epochs} epochs, "
-            f"batch size {batch}"
+            f"batch size {batch}, lr {cfg.lr:g}"
         )
         runner = session_runner(cfg, peers, certs, resume is not None, pool)
         out = new_run_dir(RUNS_ROOT, cfg.mode) if out is None else out

@@ -26,7 +26,7 @@ from torch import nn
 
 from clicooper.attacks.metrics import mean_image_baselines, reconstruction_scores
 from clicooper.attacks.watermark_removal import Lab, robustness
-from clicooper.config import RunConfig
+from clicooper.config import RunConfig, default_lr
 from clicooper.data import Dataset, default_dataset, load_dataset
 from clicooper.evaluation import adapters
 from clicooper.evaluation.settings import COLUMNS, EvalSettings
@@ -76,7 +76,8 @@ def mode_config(
     cfg: RunConfig, s: EvalSettings, mode: str, head: dict[str, Any] | None = None, **privacy: Any
 ) -> RunConfig:
     """The shared config of every run, in ``mode`` (subsets already applied to the data);
-    ``head`` and ``privacy`` override those sections."""
+    ``head`` and ``privacy`` override those sections. A config at its release mode's default
+    lr takes the column's release mode's (:data:`clicooper.config.DEFAULT_LR`)."""
     raw = cfg.model_dump()
     raw.update(
         mode=mode,
@@ -87,6 +88,8 @@ def mode_config(
         train_subset=None,
         test_subset=None,
     )
+    if raw["lr"] == default_lr(cfg.privacy.release):  # the mode's default: the column's own
+        del raw["lr"]
     raw["privacy"].update(privacy)
     raw["head"].update(head or {})
     return RunConfig.model_validate(raw)

@@ -50,9 +50,17 @@ def get_source(name: str) -> HeadSource:
 
 def build_head(cfg: RunConfig, data: Dataset, split_head: nn.Module) -> FrozenHead:
     """The frozen head ``cfg.head.source`` gives for ``data`` (``split_head``: the preset's
-    untrained head, trained in place by the sources that train). Raises DataError when
-    the source cannot be had (no public data, a missing path, an overlap)."""
-    return get_source(cfg.head.source).build(cfg, data, split_head)
+    untrained head, trained in place by the sources that train). Raises HeadSourceError
+    for an unknown source and DataError when the source cannot be had (no public data, a
+    missing path) or its public data shares an image with the private training split:
+    every source's public data is checked here, byte for byte, whoever registered it."""
+    built = get_source(cfg.head.source).build(cfg, data, split_head)
+    if built.public_split is not None:
+        where = (built.public or {}).get("path") or (built.public or {}).get("indices", "")
+        check_disjoint(
+            built.public_split.x, built.data.train.x, f"of head source {built.source!r} {where}"
+        )
+    return built
 
 
 __all__ = [

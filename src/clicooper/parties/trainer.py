@@ -36,7 +36,7 @@ from clicooper.parties.recorder import Recorder
 from clicooper.parties.releases import ReleaseCache
 from clicooper.privacy.gradient import GradientNoise
 from clicooper.runtime.compute import ComputeMeter
-from clicooper.runtime.optim import OptimSettings, make_optimizer
+from clicooper.runtime.optim import OptimSettings, make_optimizer, phase_reset_step
 from clicooper.runtime.rundirs import RunDir
 from clicooper.runtime.transport.base import Party
 from clicooper.watermark.chain import save_segment
@@ -95,6 +95,7 @@ class Trainer(Party):
         self.device = torch.device(device)
         self.segment = segment.to(self.device)
         self.optimizer, self.scheduler = make_optimizer(segment.parameters(), lr, self.name)
+        self.reset_after = phase_reset_step(lr)  # the optimizer starts afresh after this step
         self.out_dir = out_dir
         self.recorder = recorder or Recorder(0)
         self.gradient_noise = gradient_noise
@@ -201,7 +202,12 @@ class Trainer(Party):
         if self.releases is None:
             return msg.tensor("x").to(self.device).requires_grad_(True)
         x = self._cache(msg).training_rows(msg.tensor("ids")).to(self.device)
-        return x.requires_grad_(self.recorder.wants(int(msg.meta["epoch"])))
+        return x.requires_grad_(self._recording(msg))
+
+    def _recording(self, msg: Message) -> bool:
+        """Whether this step's tensors are recorded: the owner's records only, never the
+        public set's (release once's warm start and replay), which are not the owner's."""
+        return self.recorder.wants(int(msg.meta["epoch"])) and msg.meta.get("set") != "public"
 
     def _cache(self, msg: Message) -> ReleaseCache:
         """The cache a message's ``set`` names: the private releases (the default) or the
@@ -251,7 +257,7 @@ class Trainer(Party):
             total.backward()
         self._regularise(msg.meta)
         value = loss.item()
-        if self.recorder.wants(int(msg.meta["epoch"])):
+        if self._recording(msg):
             self.recorder.add(
                 int(msg.meta["epoch"]),
                 msg.step,
@@ -288,7 +294,7 @@ class Trainer(Party):
         with self.compute.count(("backward", tuple(out.shape))):
             out.backward(grad)
         self._regularise(msg.meta)
-        if self.recorder.wants(int(msg.meta["epoch"])):
+        if self._recording(msg):
             self.recorder.add(
                 int(msg.meta["epoch"]), msg.step, key[1], activation=x, gradient=x.grad
             )
@@ -338,13 +344,20 @@ class Trainer(Party):
             self.send(loss_msg)
         applied = int(meta["micro"]) == int(meta["micros"]) - 1
         if applied:
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.steps_applied += 1
+            self._apply()
         loss = meta.get("loss")
         for observe in self.loss_observers:
             observe(float(loss) if loss is not None else None, applied)
+
+    def _apply(self) -> None:
+        """The optimizer step of the gradients accumulated; after a release-once warm
+        start's last step, with a fresh optimizer, the optimizer's state is dropped."""
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps_applied += 1
+        if self.reset_after and self.scheduler.last_epoch == self.reset_after:
+            self.optimizer.state.clear()  # the releases' steps: moments of their own
 
     # -- inference and control --------------------------------------------------
 

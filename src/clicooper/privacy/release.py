@@ -10,24 +10,22 @@ is that of a single Gaussian (or Laplace) mechanism with ratio ``m / 2``, given 
 head. The head's own cost is its source's: a fixed head that touched no data costs
 nothing; a head fitted on data costs what that fitting costs, reported apart.
 
-The hook is :func:`frozen_head`: it looks the configured ``[head] source`` up in
-:data:`HEAD_SOURCES`, builds the head, checks any data the head was fitted on against
-the training set (:func:`check_disjoint`) and freezes it. More sources register in
-:data:`HEAD_SOURCES`; each returns a :class:`FrozenHead` saying what it cost.
+The hook is :func:`frozen_head`: the configured ``[head] source`` is built by its
+:data:`clicooper.heads.HEAD_SOURCES` entry (the one registry, whose
+:func:`~clicooper.heads.build_head` also checks any public data the head was fitted on
+disjoint from the training set), and frozen. Each source states what it cost.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import nn
 
-from clicooper.config import ConfigError, RunConfig
-from clicooper.data import DataError, Dataset, Split
-from clicooper.data.base import shared_images
+from clicooper.config import RunConfig
+from clicooper.data import Dataset, Split
+from clicooper.heads import build_head
 from clicooper.heads.base import freeze
 from clicooper.models import SplitModel
 
@@ -36,92 +34,26 @@ from clicooper.models import SplitModel
 class FrozenHead:
     """A head for release-once, with what obtaining it cost in privacy.
 
-    ``privacy`` is reported as results.json ``privacy.head`` (``source``, ``epsilon``,
-    ``data`` and a ``note`` at least). ``fitted_on``: images the head was fitted on
-    (a public split), which :func:`frozen_head` checks disjoint from the training set.
+    ``privacy`` is reported as results.json ``privacy.head``: the source's
+    :meth:`clicooper.heads.FrozenHead.results` (its privacy cost and pretraining FLOPs).
     """
 
     module: nn.Module
     privacy: dict[str, Any]
-    fitted_on: torch.Tensor | None = field(default=None, repr=False)
     data: Dataset | None = field(default=None, repr=False)  # the private data, when it shrank
     #: the public data the head was pretrained on (the chain's warm start), when there is one
     public: Split | None = field(default=None, repr=False)
 
 
-HeadSource = Callable[[RunConfig, Dataset, SplitModel], FrozenHead]
-
-RANDOM_NOTE = (
-    "the preset's head as initialised from the run's seed, then frozen: a fixed random "
-    "feature map that touches no data, so it costs no privacy (the seed is shared with the "
-    "trainers, which can rebuild it)"
-)
-
-
-def _random_head(cfg: RunConfig, data: Dataset, split: SplitModel) -> FrozenHead:
-    """The preset's freshly initialised head (a fixed random projection, cf. LightSplit)."""
-    return FrozenHead(
-        split.head, {"source": "random", "epsilon": None, "data": "none", "note": RANDOM_NOTE}
-    )
-
-
-def _library_source(name: str) -> HeadSource:
-    """A source of :mod:`clicooper.heads`, its summary as the head's privacy entry and the
-    private data it leaves (a public split is carved off the training split)."""
-
-    def build(cfg: RunConfig, data: Dataset, split: SplitModel) -> FrozenHead:
-        from clicooper import heads
-
-        built = heads.get_source(name).build(cfg, data, split.head)
-        return FrozenHead(built.module, built.results(), data=built.data, public=built.public_split)
-
-    return build
-
-
-#: Head sources by ``[head] source`` name: "random" is the preset's head as initialised,
-#: the others are :data:`clicooper.heads.HEAD_SOURCES`.
-HEAD_SOURCES: dict[str, HeadSource] = {
-    "random": _random_head,
-    **{name: _library_source(name) for name in ("public", "scattering", "dpsgd")},
-}
-
-
-def head_source(name: str) -> HeadSource:
-    """The source registered as ``name``; a one-line :class:`ConfigError` otherwise."""
-    try:
-        return HEAD_SOURCES[name]
-    except KeyError:
-        raise ConfigError(
-            f"unknown head source {name!r} (head.source): choose one of "
-            f"{', '.join(sorted(HEAD_SOURCES))}"
-        ) from None
-
-
 def frozen_head(cfg: RunConfig, data: Dataset, split: SplitModel) -> FrozenHead:
     """The frozen head of a release-once run: built by its source, checked, frozen.
 
-    ConfigError or DataError (one line) when the source cannot be had or was fitted
-    on images of the training set.
+    :class:`~clicooper.heads.HeadSourceError` (an unknown source) or DataError (the source
+    cannot be had, or was fitted on images of the training set), one line each.
     """
-    head = head_source(cfg.head.source)(cfg, data, split)
-    if head.fitted_on is not None:
-        check_disjoint(head.fitted_on, data.train.x, f"head source {cfg.head.source!r}")
-    freeze(head.module)
-    return head
-
-
-def check_disjoint(public: torch.Tensor, train: torch.Tensor, what: str) -> None:
-    """DataError unless no image of ``public`` equals one of ``train`` byte for byte.
-
-    Images of another shape never match; compare the same preprocessing (a run's images
-    are float32, as :func:`~clicooper.data.base.shared_images` compares them).
-    """
-    shared = shared_images(public, train)
-    if shared:
-        raise DataError(
-            f"{what} was fitted on {shared} image(s) of the training set (byte for byte): "
-            "a public split must be disjoint from the training data; choose another split"
-        )
+    built = build_head(cfg, data, split.head)
+    freeze(built.module)
+    return FrozenHead(built.module, built.results(), data=built.data, public=built.public_split)
 
 
 def once_scope(noise_at_inference: bool) -> str:

@@ -34,7 +34,8 @@ a restarted t1 that kept its cache is sent nothing and no record is released twi
 With a warm start (``warm_epochs`` over ``public``, the public split whose clean
 activations t1 caches as the public set) the first ``warm_epochs`` epochs train the
 chain on the public set, the rest on the releases; their history entries say
-``"phase": "public"``.
+``"phase": "public"``. With ``replay`` every later epoch has the public set's batches
+among the releases' too.
 """
 
 from __future__ import annotations
@@ -106,13 +107,16 @@ class Driver:
         resume: bool = False,
         public: Split | None = None,
         warm_epochs: int = 0,
+        replay: bool = False,
     ) -> None:
         """``resume``: continue from the parties' last common checkpoint (a new process
         continuing a run that died, see :mod:`clicooper.runtime.resume`). ``public`` and
         ``warm_epochs``: release once's warm start, ``warm_epochs`` epochs on the public
-        set before the ``epochs`` epochs on the releases (``epochs`` counts both)."""
-        if warm_epochs and public is None:
-            raise ValueError("a warm start needs the public split")
+        set before the ``epochs`` epochs on the releases (``epochs`` counts both).
+        ``replay``: every epoch on the releases also passes over the public set once, its
+        batches spread evenly among the releases' (:meth:`_batches`)."""
+        if (warm_epochs or replay) and public is None:
+            raise ValueError("a warm start or a replay needs the public split")
         self.owner, self.chain, self.data = owner, chain, data
         self.resume = resume
         self.epochs, self.batch_size, self.seed = epochs, batch_size, seed
@@ -124,14 +128,17 @@ class Driver:
         self.on_epoch = on_epoch  # called with the whole history as each epoch ends
         self.pos = Position()
         self.public, self.warm_epochs = public, warm_epochs
+        self.replay = replay
+        self.public_steps = math.ceil(len(public) / batch_size) if public is not None else 0
+        self.warm_steps = self.public_steps if warm_epochs else 0
         self.steps_per_epoch = math.ceil(len(data.train) / batch_size)
-        self.warm_steps = math.ceil(len(public) / batch_size) if warm_epochs else 0
+        self.steps_per_epoch += self.public_steps if replay else 0
         self.train_seconds = 0.0
         self.train_cpu_seconds = 0.0  # this process only: all parties when in-process
         self.recoveries: list[dict[str, Any]] = []
         self._pending: bool | None = None  # a stage close to finish after a restore (its `more`)
         self._done: dict[str, dict[str, Any]] | None = None  # records already in the ledger
-        self._epoch_batches: tuple[int, tuple[torch.Tensor, ...]] = (0, ())
+        self._epoch_batches: tuple[int, list[tuple[bool, torch.Tensor]]] = (0, [])
         self._attempts = 0  # recoveries started, including ones that failed
 
     # -- the loop -----------------------------------------------------------------------
@@ -202,11 +209,13 @@ class Driver:
     def _step(self) -> None:
         owner, epoch = self.owner, self.pos.epochs_done + 1
         batch = owner.step - self.steps_until(epoch - 1)
-        ids = self._batches(epoch)[batch]
+        public, ids = self._batches(epoch)[batch]
         owner.train_mode()
         warm = epoch <= self.warm_epochs
-        step = owner.warm_batch if warm else owner.train_batch
-        loss, right = step(self._split(epoch), ids, epoch)
+        if public:
+            loss, right = owner.warm_batch(self.public, ids, epoch)
+        else:
+            loss, right = owner.train_batch(self.data.train, ids, epoch)
         self.pos.loss_sum += loss * len(ids)
         self.pos.correct += right
         if self.progress:
@@ -218,12 +227,22 @@ class Driver:
         elif self.checkpoint_steps and owner.step % self.checkpoint_steps == 0:
             self._checkpoint(pending=False)
 
-    def _batches(self, epoch: int) -> tuple[torch.Tensor, ...]:
-        """The batches of ``epoch``, drawn once an epoch: the same permutation that
-        :func:`epoch_batches` gives, without its ~0.7 ms (60k samples) at every step."""
+    def _batches(self, epoch: int) -> list[tuple[bool, torch.Tensor]]:
+        """The batches of ``epoch`` as ``(public, ids)``, drawn once an epoch: the same
+        permutation that :func:`epoch_batches` gives, without its ~0.7 ms (60k samples) at
+        every step. With ``replay`` an epoch on the releases has the public set's batches
+        of that epoch too, public batch j after the releases' batch ceil((j+1) R / P) - 1
+        (R release batches, P public ones): spread evenly, the last batch a public one."""
         if self._epoch_batches[0] != epoch:
+            warm = epoch <= self.warm_epochs
             order = epoch_batches(len(self._split(epoch)), epoch, self.batch_size, self.seed)
-            self._epoch_batches = (epoch, order)
+            batches = [(warm, ids) for ids in order]
+            if self.replay and not warm:
+                public = epoch_batches(len(self.public), epoch, self.batch_size, self.seed)
+                at = [math.ceil((j + 1) * len(order) / len(public)) for j in range(len(public))]
+                for j in reversed(range(len(public))):
+                    batches.insert(at[j], (True, public[j]))
+            self._epoch_batches = (epoch, batches)
         return self._epoch_batches[1]
 
     def _end_epoch(self) -> None:
@@ -236,7 +255,7 @@ class Driver:
         self.train_seconds += time.perf_counter() - start
         self.train_cpu_seconds += time.process_time() - cpu
         test_accuracy = self.owner.accuracy(self.data.test)
-        n = len(self._split(epoch))
+        n = sum(len(ids) for _, ids in self._batches(epoch))
         if self.owner.noise is not None and self.owner.release is None:
             self.owner.releases += 1  # every epoch released every record again
         entry = {

@@ -47,6 +47,9 @@ class OptimSettings:
     # factor is multiplied by ``phase_factor`` (chain.release_lr_factor)
     phase_steps: int = 0
     phase_factor: float = 1.0
+    # and the optimizer's state (Adam's moments) is dropped at that switch
+    # (chain.fresh_optimizer): see :func:`phase_reset_step`
+    phase_reset: bool = False
 
     @classmethod
     def from_config(cls, cfg: RunConfig, total_steps: int, phase_steps: int = 0) -> OptimSettings:
@@ -55,6 +58,7 @@ class OptimSettings:
         return cls(
             phase_steps=max(0, int(phase_steps)),
             phase_factor=cfg.chain.release_lr_factor if phase_steps else 1.0,
+            phase_reset=cfg.chain.fresh_optimizer and phase_steps > 0,
             optimizer=cfg.optimizer,
             lr=cfg.lr,
             lr_per_party=dict(cfg.lr_per_party),
@@ -75,6 +79,21 @@ class OptimSettings:
 def run_steps(cfg: RunConfig, n_train: int) -> int:
     """Optimizer steps of the whole run: epochs x batches per epoch."""
     return cfg.epochs * math.ceil(n_train / cfg.effective_batch_size(n_train))
+
+
+def phase_reset_step(settings: OptimSettings | float) -> int:
+    """The step after which a party drops its optimizer's state (0: never): the last step
+    of a release-once warm start, with ``phase_reset``.
+
+    Why: Adam divides each step by the root of its running mean of squared gradients,
+    which after the warm start is that of the clean public activations' gradients; the
+    noisy releases' gradients are far larger, and until the mean (time constant 1/(1 -
+    beta2) = 1,000 steps) catches up, every step is that many times the lr. A fresh state
+    starts the releases' steps at the lr (bias-corrected moments of their own gradients).
+    """
+    if isinstance(settings, OptimSettings) and settings.phase_reset:
+        return settings.phase_steps
+    return 0
 
 
 def make_optimizer(

@@ -221,9 +221,12 @@ def _run_split(
     if with_chain:
         _warn_capacity(split, wm, wm.stage_steps or -(-len(data.train) // cfg.batch_size))
     warm = warm_epochs(cfg) if head is not None and head.public is not None else 0
-    public = head.public if warm else None
-    warm_steps = warm * -(-len(public) // cfg.batch_size) if public is not None else 0
-    optim = OptimSettings.from_config(cfg, run_steps(cfg, len(data.train)) + warm_steps, warm_steps)
+    replay = cfg.chain.replay and head is not None and head.public is not None
+    public = head.public if warm or replay else None
+    public_steps = -(-len(public) // cfg.batch_size) if public is not None else 0
+    warm_steps = warm * public_steps
+    total_steps = run_steps(cfg, len(data.train)) + warm_steps + replay * cfg.epochs * public_steps
+    optim = OptimSettings.from_config(cfg, total_steps, warm_steps)
     remote, trainers, verifier = None, [], None
     if cfg.transport == "grpc":
         remote = _remote(
@@ -280,6 +283,7 @@ def _run_split(
         resume=resume,
         public=public,
         warm_epochs=warm,
+        replay=replay,
     )
     driver.epochs += warm
     with owner.compute.active():  # in-process, the other parties' handlers pause it
@@ -322,6 +326,8 @@ def _run_split(
     }
     if release is not None:
         results["readouts"] = _readouts(owner, release, data, history, warm)
+    if public_release is not None:  # the warm start's clean public set: sends, not releases
+        results["privacy"]["public_set"] = public_release.summary()
     if chain:  # per trainer and stage: how many bits the stage-end seal had to deepen
         sealed = {name: list(meta.get("sealed_bits", [])) for name, meta in finished.items()}
         results["watermark"]["sealed_bits"] = sealed

@@ -139,7 +139,10 @@ class PartyHost(Party):
         private, public = release_caches(self.run_dir.party(self.name), resume)
         if resume:
             log.info(
-                "%s: %d release chunks read back from its cache", self.name, len(private.chunks)
+                "%s: %d release chunks and %d public chunks read back from its cache",
+                self.name,
+                len(private.chunks),
+                len(public.chunks),
             )
         return private, public
 

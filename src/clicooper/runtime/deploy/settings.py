@@ -30,6 +30,7 @@ SHARED = {
         "micro_batches",
         "privacy",
         "watermark",
+        "chain",  # release once: the lr factor, replay and optimizer reset of the chain
     ),
     "verifier": ("watermark",),
 }
