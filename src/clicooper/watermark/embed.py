@@ -74,8 +74,9 @@ tensor that is not a linear layer's weight). Measured on a trained Fashion-MNIST
 four draws, validation accuracy lost in points): ``"weights"`` B 256: 0.38, -0.06,
 0.42, -0.38, B 128: -0.17, 0.20, 0.07, 0.00; ``"inputs"`` ridge 0.01 B 256: 0.01,
 0.02, 0.02, 0.00, B 128: -0.01, 0.02, 0.01, -0.01 (ridge 0.1: up to 0.05; ridge 1:
-0.08 to 0.15). Fine-tuning moves ``W`` by ``g h^T``, within the span of the inputs, so
-it barely touches a mark placed across it.
+0.08 to 0.15). Fine-tuning moves ``W`` by ``g h^T``, within the span of the inputs; on
+that chain every claim held after the evaluation's fine-tuning, pruning and overwriting
+at B 128 (worst BER 0.117; benchmarks/defaults_calibration.md).
 
 Adam moves each weight by at most about its learning rate per step, so a stage
 needs enough steps whatever lambda is: on digits (lr 1e-3) 25 steps a stage
