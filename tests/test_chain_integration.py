@@ -284,3 +284,26 @@ def test_seal_schedule_leaves_the_regulariser_off_and_every_stage_verifies(
     assert all(ber == 0.0 for ber in wm["final_ber"].values())
     assert all(n > 0 for sealed in wm["sealed_bits"].values() for n in sealed)  # seal did it
     assert verify_run(tmp_path / "r").ok
+
+
+def test_seal_measures_its_change_on_each_stage_training_inputs(
+    tmp_path, small_digits, monkeypatch
+):
+    """The default seal metric: at each stage's end every trainer seals with the moments of
+    the inputs its marked layer trained on in that stage (one per training image: the
+    per-epoch evaluation passes do not count), and the run still verifies."""
+    from clicooper.watermark.embed import StageWatermark
+
+    counts: list[tuple[int, int]] = []
+    real = StageWatermark.seal
+
+    def spy(self, module, max_rounds=8, inputs=None, ridge=0.01):
+        counts.append((inputs.count, inputs.total.shape[0]))
+        return real(self, module, max_rounds, inputs, ridge)
+
+    monkeypatch.setattr(StageWatermark, "seal", spy)
+    session = _run(tmp_path, "r", small_digits, epochs=2)
+    wm = session.results["watermark"]
+    assert wm["verified"] and all(ber == 0.0 for ber in wm["final_ber"].values())
+    assert len(counts) == 2 * 3  # 2 stages x 3 trainers
+    assert all(n == len(small_digits.train) and width > 0 for n, width in counts)

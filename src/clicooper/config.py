@@ -70,7 +70,9 @@ class WatermarkConfig(_Strict):
     """Dynamic chained watermarking (DESIGN §5)."""
 
     enabled: bool = True
-    bits: int = Field(256, ge=16, le=4096)
+    # 128: the CNN and MLP presets' smallest marked tensor (the last trainer's 128 x 20
+    # classifier at K 2) holds 2,560 weights, 20 a bit (capacity_note asks 16); issue 11
+    bits: int = Field(128, ge=16, le=4096)
     strength: float = Field(0.01, ge=0)  # = clicooper.watermark.embed.DEFAULT_STRENGTH
     stage_steps: int | None = Field(None, ge=1)
     # "seal": the regulariser stays off and each stage's end places the bits with the
@@ -78,6 +80,10 @@ class WatermarkConfig(_Strict):
     # "Schedules"); "always": the regulariser pushes all stage long, the seal deepens the rest.
     schedule: Literal["seal", "always"] = "seal"
     seal: bool = True  # "always" only: at a stage's end, deepen any bit left short
+    # the seal's least change: "inputs", of the marked linear layer's outputs on the stage's
+    # training inputs (ridge: of tr(Sigma)/n); "weights", of the marked tensor's weights
+    seal_metric: Literal["inputs", "weights"] = "inputs"
+    seal_ridge: float = Field(0.01, gt=0, le=1e6)  # = clicooper.watermark.embed.DEFAULT_RIDGE
     ber_threshold: float = Field(0.05, ge=0, le=0.5)
     claim_p_value: float = Field(1e-6, gt=0, lt=1)
     keep_audit_stages: int | None = Field(None, ge=1)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 
 import pytest
 import torch
 from torch import nn
 
-from clicooper.watermark.embed import StageWatermark, projection, select_weight
+from clicooper.watermark.embed import InputMoments, StageWatermark, projection, select_weight
 
 SECRET, LINK = os.urandom(32), os.urandom(32)
 
@@ -250,3 +252,78 @@ def test_stage_note_only_for_stages_under_25_steps() -> None:
     assert stage_note(25) is None and stage_note(469) is None
     note = stage_note(13)
     assert note is not None and "13 steps" in note and "stage_steps to 25" in note
+
+
+def _low_rank_inputs(n: int, seed: int) -> torch.Tensor:
+    """ReLU features of a 16-d latent in 128-d: most input directions carry no variance."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(16, 128, generator=torch.Generator().manual_seed(99))
+    return torch.relu(torch.randn(n, 16, generator=gen) @ mix + 0.5)
+
+
+def _watched_layer() -> tuple[nn.Sequential, InputMoments]:
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.ReLU(), nn.Linear(128, 20))  # the CNN preset's last segment
+    moments = InputMoments(model, "1.weight")
+    for x in _low_rank_inputs(2048, 0).split(256):
+        model(x).sum().backward()  # training forwards: counted
+    return model, moments
+
+
+def test_inputs_seal_places_every_bit_and_moves_the_outputs_less_than_the_weights_seal() -> None:
+    """The input-metric seal (least change of W h + c on the data) against the least change
+    of W: both put every bit kappa / 2 deep; on fresh inputs of the same distribution the
+    input-metric one changes the outputs several times less and keeps their mean."""
+    model, moments = _watched_layer()
+    assert moments.count == 2048
+    mark = StageWatermark.derive(SECRET, LINK, 2, 1, "1.weight", 2560, 128, 0.01)
+    fresh = _low_rank_inputs(1024, 1)
+    with torch.no_grad():
+        before = model(fresh)
+    changes = {}
+    for name, inputs in (("weights", None), ("inputs", moments)):
+        sealed = copy.deepcopy(model)
+        assert mark.seal(sealed, inputs=None if inputs is None else _rebound(inputs, sealed)) > 30
+        weight = sealed[1].weight.detach()
+        depth = mark._signs * (mark.matrix @ weight.reshape(-1)) / weight.norm()
+        assert mark.ber(sealed) == 0 and float(depth.min()) >= mark.margin / 2 - 1e-4
+        with torch.no_grad():
+            delta = sealed(fresh) - before
+        changes[name] = (float(delta.pow(2).sum(1).mean()), float(delta.mean(0).norm()))
+    assert changes["inputs"][0] < changes["weights"][0] / 4
+    assert changes["inputs"][1] < changes["weights"][1] / 4
+
+
+def _rebound(moments: InputMoments, model: nn.Module) -> InputMoments:
+    """``moments`` moved onto ``model`` (a copy of the module it watched)."""
+    copy_ = InputMoments(model, "1.weight")
+    copy_.load_state(moments.state())
+    return copy_
+
+
+def test_input_moments_count_training_forwards_only_and_round_trip_exactly() -> None:
+    model, moments = _watched_layer()
+    count, state = moments.count, moments.state()
+    with torch.no_grad():
+        model(_low_rank_inputs(64, 2))  # inference: not counted
+    model.eval()
+    model(_low_rank_inputs(64, 2))  # evaluation mode: not counted
+    assert moments.count == count
+    again = InputMoments(copy.deepcopy(model), "1.weight")
+    again.load_state(json.loads(json.dumps(state)))  # a checkpoint's JSON
+    assert again.count == count and torch.equal(again.outer, moments.outer)
+    assert torch.equal(again.total, moments.total)
+    moments.reset()
+    assert moments.count == 0 and moments.whitener() is None  # no samples: the weights seal
+
+
+def test_input_moments_of_a_tensor_that_is_no_linear_weight_leave_the_weights_seal() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 8, 3))
+    moments = InputMoments(model, "0.weight")
+    model(torch.randn(4, 1, 8, 8)).sum().backward()
+    assert moments.layer is None and moments.count == 0 and moments.whitener() is None
+    mark = StageWatermark.derive(SECRET, LINK, 1, 1, "0.weight", 72, 16, 0.01)
+    plain = copy.deepcopy(model)
+    mark.seal(plain)
+    mark.seal(model, inputs=moments)
+    assert torch.equal(plain[0].weight, model[0].weight)

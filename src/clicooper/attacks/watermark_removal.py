@@ -48,6 +48,7 @@ from clicooper.runtime.verification import run_anchor, verify_run
 from clicooper.watermark import (
     ClaimInputs,
     ClaimResult,
+    InputMoments,
     Ledger,
     StageWatermark,
     VerifyReport,
@@ -334,11 +335,13 @@ def overwrite(lab: Lab, loss: Loss, strength: float, factor: float) -> Row:
     The thief draws a new secret and link per segment and trains the whole chain for
     ``lab.stage_steps`` steps on ``loss`` plus this library's regulariser at
     ``strength`` (the run's own tensors, bits and embedding), then seals its bits with the
-    least-norm correction an honest trainer's stage end applies. The row adds
+    least correction an honest trainer's stage end applies (with ``seal_metric`` "inputs",
+    measured on the marked layers' inputs during the thief's stage). The row adds
     ``thief_ber``: how well the thief's own marks took, per trainer's segment.
     """
     model = copy.deepcopy(lab.stolen)
-    thieves = {}
+    wm = lab.cfg.watermark
+    thieves, inputs = {}, {}
     for i, party in enumerate(lab.parties):
         c = lab.claimants[party]
         thieves[party] = StageWatermark.derive(
@@ -348,9 +351,11 @@ def overwrite(lab: Lab, loss: Loss, strength: float, factor: float) -> Row:
             1,
             c.inputs.param_name,
             math.prod(c.shape),
-            lab.cfg.watermark.bits,
+            wm.bits,
             strength,
         )
+        if wm.seal_metric == "inputs":
+            inputs[party] = InputMoments(model[i + 1], c.inputs.param_name)
 
     def marked_loss(m: nn.Module, ids: Tensor) -> Tensor:
         marks = sum(mark.regulariser(m[i + 1]) for i, mark in enumerate(thieves.values()))
@@ -365,8 +370,10 @@ def overwrite(lab: Lab, loss: Loss, strength: float, factor: float) -> Row:
         lab.batch_size,
         lab.seed + 1,
     )
-    for i, mark in enumerate(thieves.values()):  # and, as an honest trainer does, the seal
-        mark.seal(model[i + 1])
+    for i, (party, mark) in enumerate(thieves.items()):  # as an honest trainer does, the seal
+        mark.seal(model[i + 1], inputs=inputs.get(party), ridge=wm.seal_ridge)
+    for moments in inputs.values():
+        moments.detach()
     segs = lab.segments(model)
     own = {p: thieves[p].ber(segs[p]) for p in lab.parties}
     label = f"overwrite ({factor:g}x strength, pseudo labels)"

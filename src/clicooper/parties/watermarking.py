@@ -24,6 +24,7 @@ from clicooper.common.messages import Kind, Message, ProtocolError
 from clicooper.config import WatermarkConfig
 from clicooper.privacy.secrets import private_dir, write_private
 from clicooper.watermark import (
+    InputMoments,
     PartyKey,
     Record,
     StageWatermark,
@@ -59,6 +60,10 @@ class TrainerChain:
             self.key.save(party_dir / KEY_FILE)
             write_private(party_dir / SECRET_FILE, self.secret)
         self.param = select_weight(trainer.segment)
+        # the seal's metric: the marked layer's outputs on this stage's training inputs
+        self.inputs = (
+            InputMoments(trainer.segment, self.param) if settings.seal_metric == "inputs" else None
+        )
         self.mark: StageWatermark | None = None
         self.stage, self.link = 0, ""
         self.losses: list[float] = []
@@ -89,6 +94,8 @@ class TrainerChain:
     def start(self, stage: int, link_hex: str) -> None:
         """Derive stage ``stage``'s watermark from the link that closed the stage before."""
         self.stage, self.link = stage, link_hex
+        if self.inputs is not None:
+            self.inputs.reset()
         link = bytes.fromhex(link_hex)
         weight = dict(self.trainer.segment.named_parameters())[self.param]
         self.mark = StageWatermark.derive(
@@ -114,6 +121,7 @@ class TrainerChain:
             "losses": self.losses,
             "steps": self.steps,
             "sealed": self.sealed,
+            "inputs": self.inputs.state() if self.inputs is not None else {},
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -121,6 +129,8 @@ class TrainerChain:
             self.start(int(state["stage"]), state["link"])
             self.losses, self.steps = list(state["losses"]), int(state["steps"])
             self.sealed = [int(n) for n in state.get("sealed", [])]
+            if self.inputs is not None:
+                self.inputs.load_state(state.get("inputs", {}))
 
     def _observe(self, loss: float | None, applied: bool) -> None:
         if loss is not None:
@@ -132,7 +142,8 @@ class TrainerChain:
         self._stage_mark()
         self._check_end(msg)  # before the seal changes the segment
         if self.settings.strength > 0 and (self.settings.seal or self.settings.schedule == "seal"):
-            self.sealed.append(self._stage_mark().seal(self.trainer.segment))
+            mark, ridge = self._stage_mark(), self.settings.seal_ridge
+            self.sealed.append(mark.seal(self.trainer.segment, inputs=self.inputs, ridge=ridge))
         return self.commit(msg)
 
     def _check_end(self, msg: Message) -> None:

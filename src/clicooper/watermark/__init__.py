@@ -20,7 +20,7 @@ from clicooper.watermark.chain import (
     target_bits,
 )
 from clicooper.watermark.claim import ClaimInputs, ClaimResult, claim, claim_inputs
-from clicooper.watermark.embed import StageWatermark, projection, select_weight
+from clicooper.watermark.embed import InputMoments, StageWatermark, projection, select_weight
 from clicooper.watermark.keys import PartyKey, commitment, new_watermark_secret, verify_signature
 from clicooper.watermark.ledger import Ledger, LedgerError, PartyEntry
 from clicooper.watermark.records import Record, canonical, from_canonical, link, sign
@@ -30,6 +30,7 @@ __all__ = [
     "Anchor",
     "ClaimInputs",
     "ClaimResult",
+    "InputMoments",
     "Ledger",
     "LedgerError",
     "PartyEntry",
