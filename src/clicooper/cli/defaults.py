@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from clicooper.config import DEFAULT_LR, SMALL_DATA_DEFAULTS, RunConfig
+from clicooper.config import DEFAULT_LR, NOISE_BY_SIZE, SMALL_DATA_DEFAULTS, RunConfig
 
 RUN_FLAG_KEYS: dict[str, str] = {
     "dataset": "dataset",
@@ -71,6 +71,9 @@ _NONE_MEANS = {
     "test_subset": "all",
     "owner_secret": "a fresh one",
     "weight_decay": "the optimizer's (adamw 0.01, else 0)",
+    "privacy.noise_multiplier": "{1:g} below {0:,} training samples, else {2:g}".format(
+        *NOISE_BY_SIZE
+    ),
     "privacy.target_epsilon": "none: --noise-multiplier decides",
     "watermark.stage_steps": "one stage per epoch",
 }

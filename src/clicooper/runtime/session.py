@@ -118,7 +118,13 @@ def run(
     if resume and cfg.mode == "clicooper":
         secret = OwnerSecret.read(rundir.owner / SECRET_FILE)
     data = resolve_dataset(cfg, data)
-    cfg = cfg.model_copy(update={"batch_size": cfg.effective_batch_size(len(data.train))})
+    n_train = len(data.train)  # size-dependent defaults, recorded in config.toml below
+    cfg = cfg.model_copy(
+        update={
+            "batch_size": cfg.effective_batch_size(n_train),
+            "privacy": cfg.privacy.for_data(n_train),
+        }
+    )
     factory = model_factory or preset_factory(cfg, data)
     split = factory(data.num_classes)
     devices = party_devices(cfg, local_parties(cfg))  # an unusable device fails here

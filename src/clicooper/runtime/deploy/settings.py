@@ -39,6 +39,9 @@ SHARED = {
 def party_settings(cfg: RunConfig, role: str) -> dict[str, Any]:
     """The settings of ``cfg`` a party of ``role`` must share with the data owner."""
     dump = cfg.model_dump(mode="json")
+    # The activation noise is the owner's alone (no other party adds or reads it), and an
+    # unset one is resolved by the owner's data size, which the other parties do not know.
+    dump["privacy"].pop("noise_multiplier")
     return {key: dump[key] for key in SHARED[role]}
 
 
