@@ -11,7 +11,12 @@ import pytest
 from cc_helpers import quick_config
 
 from clicooper import config
-from clicooper.config import RunConfig, default_noise_multiplier
+from clicooper.config import (
+    ONCE_TARGET_EPSILON,
+    PrivacyConfig,
+    RunConfig,
+    default_noise_multiplier,
+)
 from clicooper.parties.data_owner import DataOwner
 from clicooper.runtime.deploy.settings import party_settings
 from clicooper.runtime.session import run
@@ -92,3 +97,21 @@ def test_served_parties_share_no_noise_setting():
         assert party_settings(unset, role) == party_settings(resolved, role)
     other_clip = quick_config(**{"privacy.clip_norm": 2.0})
     assert party_settings(other_clip, "trainer") != party_settings(unset, "trainer")
+
+
+def test_release_once_without_a_noise_setting_aims_at_epsilon_8():
+    once = PrivacyConfig(release="once")
+    assert once.for_data(1000).target_epsilon == ONCE_TARGET_EPSILON == 8.0
+    # Any noise setting of the user's keeps its meaning.
+    assert PrivacyConfig(release="once", noise_multiplier=0.5).for_data(1000).target_epsilon is None
+    assert PrivacyConfig(release="once", target_epsilon=3.0).for_data(1000).target_epsilon == 3.0
+    assert PrivacyConfig().for_data(1000).target_epsilon is None
+
+
+def test_a_release_once_run_with_no_noise_flag_spends_epsilon_8(tmp_path, small_digits):
+    cfg = quick_config(epochs=1, **{"privacy.release": "once", "head.source": "random"})
+    session = run(cfg, tmp_path / "once", data=small_digits)
+    privacy = session.results["privacy"]
+    assert privacy["release"] == "once" and 7.5 < privacy["epsilon"] <= ONCE_TARGET_EPSILON
+    recorded = tomllib.loads((tmp_path / "once" / "config.toml").read_text())["privacy"]
+    assert recorded["target_epsilon"] == ONCE_TARGET_EPSILON

@@ -14,7 +14,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from clicooper.config import DEFAULT_LR, NOISE_BY_SIZE, SMALL_DATA_DEFAULTS, RunConfig
+from clicooper.config import (
+    DEFAULT_LR,
+    NOISE_BY_SIZE,
+    ONCE_TARGET_EPSILON,
+    SMALL_DATA_DEFAULTS,
+    RunConfig,
+)
 
 RUN_FLAG_KEYS: dict[str, str] = {
     "dataset": "dataset",
@@ -74,7 +80,10 @@ _NONE_MEANS = {
     "privacy.noise_multiplier": "{1:g} below {0:,} training samples, else {2:g}".format(
         *NOISE_BY_SIZE
     ),
-    "privacy.target_epsilon": "none: --noise-multiplier decides",
+    "privacy.target_epsilon": (
+        f"release once {ONCE_TARGET_EPSILON:g} unless --noise-multiplier is given; "
+        "every-epoch none: --noise-multiplier decides"
+    ),
     "watermark.stage_steps": "one stage per epoch",
 }
 
