@@ -20,6 +20,7 @@ from clicooper.privacy import accounting, readouts
 from clicooper.privacy.activation import ActivationNoise
 from clicooper.privacy.labels import LabelObfuscator
 from clicooper.privacy.secrets import OwnerSecret
+from clicooper.runtime import factory
 from clicooper.runtime import session as session_mod
 from clicooper.runtime.optim import OptimSettings, lr_factor
 
@@ -52,7 +53,7 @@ def warm_run(tmp_path_factory, digits):
         return spies[-1]
 
     with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setattr(session_mod, "InProcessTransport", make)
+        monkeypatch.setattr(factory, "InProcessTransport", make)
         sess = session_mod.run(cfg, out, data=digits.limit(400, 200, seed=0))
     return cfg, sess, spies[0].delivered, out
 
@@ -272,7 +273,7 @@ def test_replay_spreads_the_public_set_over_every_epoch_on_the_releases(tmp_path
         return real(cfg, total_steps, phase_steps)
 
     with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setattr(session_mod, "InProcessTransport", make)
+        monkeypatch.setattr(factory, "InProcessTransport", make)
         monkeypatch.setattr(session_mod.OptimSettings, "from_config", from_config)
         sess = session_mod.run(cfg, tmp_path / "run", data=digits.limit(400, 200, seed=0))
     forwards = [m for m in spies[0].delivered["t1"] if m.kind == Kind.FORWARD]

@@ -29,6 +29,7 @@ from clicooper.privacy import accounting, release
 from clicooper.privacy.activation import ActivationNoise
 from clicooper.privacy.report import noise_multiplier
 from clicooper.privacy.secrets import OwnerSecret
+from clicooper.runtime import factory
 from clicooper.runtime import session as session_mod
 from clicooper.runtime.transport.inprocess import InProcessTransport
 from clicooper.runtime.verification import verify_run
@@ -51,7 +52,7 @@ def _spied_run(monkeypatch, cfg: RunConfig, out, data):
         spies.append(SpyTransport())
         return spies[-1]
 
-    monkeypatch.setattr(session_mod, "InProcessTransport", make)
+    monkeypatch.setattr(factory, "InProcessTransport", make)
     return session_mod.run(cfg, out, data=data), spies[0].delivered
 
 

@@ -9,6 +9,7 @@ import torch
 from cc_helpers import SpyTransport, quick_config
 
 from clicooper.common.serde import encode_message
+from clicooper.runtime import factory
 from clicooper.runtime import session as session_mod
 
 
@@ -20,7 +21,7 @@ def captured(tmp_path, small_digits, monkeypatch):
         spies.append(SpyTransport())
         return spies[-1]
 
-    monkeypatch.setattr(session_mod, "InProcessTransport", make)
+    monkeypatch.setattr(factory, "InProcessTransport", make)
     tmp_path.mkdir(exist_ok=True)
     cfg = quick_config(trainers=3, epochs=1, **{"labels.decoys": 2})
     sess = session_mod.run(cfg, tmp_path, data=small_digits)

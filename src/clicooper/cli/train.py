@@ -13,9 +13,10 @@ from clicooper.cli.runner import launching, session_runner
 from clicooper.config import RunConfig
 from clicooper.data import DataError
 from clicooper.runtime.device import party_devices
+from clicooper.runtime.factory import local_parties
 from clicooper.runtime.resume import resumable_config
 from clicooper.runtime.rundirs import RUNS_ROOT, new_run_dir, point_latest
-from clicooper.runtime.session import local_parties, resolve_dataset
+from clicooper.runtime.session import resolve_dataset
 from clicooper.runtime.session import warm_epochs as warm_start_epochs
 
 

@@ -5,9 +5,10 @@
 label obfuscation (and the watermark chain). All three use the same architecture,
 seed, data and batch order, so their accuracies and times compare directly.
 
-:func:`run` assembles a split run in one pass: the parties in this process
-(:func:`_local`) or remote ones (:mod:`clicooper.runtime.deploy`), the data owner, the
-chain, the :class:`~clicooper.runtime.driver.Driver`; the run directory is
+:func:`run` assembles a split run in one pass: the parties from the party factory
+(:mod:`clicooper.runtime.factory`: in this process, or remote ones of
+:mod:`clicooper.runtime.deploy`), the data owner, the chain, the
+:class:`~clicooper.runtime.driver.Driver`; the run directory is
 :class:`~clicooper.runtime.rundirs.RunDir`, privacy reporting
 :mod:`clicooper.privacy.report`, verification :mod:`clicooper.runtime.verification`.
 """
@@ -30,23 +31,26 @@ from clicooper.data import Dataset, Split, default_dataset, load_dataset
 from clicooper.models import SplitModel
 from clicooper.models.assembly import ModelFactory, preset_factory
 from clicooper.models.presets import DEFAULT_CUT
-from clicooper.parties import DataOwner, Recorder, Trainer, Verifier
-from clicooper.parties.releases import OwnerRelease, release_caches
-from clicooper.parties.trainer import pending_limit
-from clicooper.parties.watermarking import OwnerChain, TrainerChain
-from clicooper.privacy import gradient
+from clicooper.parties import DataOwner, Trainer, Verifier
+from clicooper.parties.releases import OwnerRelease
+from clicooper.parties.watermarking import OwnerChain
 from clicooper.privacy.activation import ActivationNoise
 from clicooper.privacy.labels import LabelObfuscator
 from clicooper.privacy.release import FrozenHead, frozen_head
 from clicooper.privacy.report import noise_multiplier, privacy_report, releases_once
 from clicooper.privacy.secrets import SECRET_FILE, OwnerSecret
-from clicooper.runtime import checkpoint, compute
+from clicooper.runtime import compute
 from clicooper.runtime.centralized import run_centralized
 from clicooper.runtime.deploy.peers import Deployment
-from clicooper.runtime.deploy.remote import Remote
-from clicooper.runtime.deploy.settings import party_settings
 from clicooper.runtime.device import party_devices
 from clicooper.runtime.driver import Driver, ProgressFn
+from clicooper.runtime.factory import (
+    build_local,
+    connect_remote,
+    load_remote_segments,
+    local_parties,
+    open_chain,
+)
 from clicooper.runtime.optim import OptimSettings, run_steps
 from clicooper.runtime.resume import resumable_config, save_run_config
 from clicooper.runtime.rundirs import (
@@ -56,9 +60,7 @@ from clicooper.runtime.rundirs import (
     discard_run,
     prepare_run_dir,
 )
-from clicooper.runtime.transport.inprocess import InProcessTransport
 from clicooper.runtime.verification import run_anchor, verify_run
-from clicooper.watermark import PartyKey
 from clicooper.watermark.anchor import fingerprint
 from clicooper.watermark.embed import WatermarkWarning, capacity_note, select_weight, stage_note
 
@@ -172,13 +174,6 @@ class _FirstStep:
             self.progress(epoch, batch, batches, loss)
 
 
-def local_parties(cfg: RunConfig) -> list[str]:
-    """The parties this process runs: the owner, and in-process every trainer too."""
-    if cfg.mode == "centralized" or cfg.transport == "grpc":
-        return ["do"]
-    return ["do", *(f"t{i}" for i in range(1, cfg.trainers + 1))]
-
-
 def _run_split(
     cfg: RunConfig,
     data: Dataset,
@@ -235,12 +230,12 @@ def _run_split(
     optim = OptimSettings.from_config(cfg, total_steps, warm_steps)
     remote, trainers, verifier = None, [], None
     if cfg.transport == "grpc":
-        remote = _remote(
+        remote = connect_remote(
             cfg, deployment, parties, data.image_shape, n_outputs, with_chain, optim, resume
         )
         transport = remote.transport
     else:
-        transport, trainers, verifier = _local(
+        transport, trainers, verifier = build_local(
             cfg, split, out_dir, parties, optim, devices, resume, with_chain
         )
     release = public_release = public_targets = None
@@ -266,7 +261,7 @@ def _run_split(
     )
     chain = None
     if with_chain:
-        chain = _open_chain(owner, trainers, secret, owner_dir, out_dir, wm, resume)
+        chain = open_chain(owner, trainers, secret, owner_dir, out_dir, wm, resume)
         chain.total_steps = optim.total_steps
     if labels is not None:
         _fit_labels(labels, owner, data)
@@ -338,7 +333,7 @@ def _run_split(
         sealed = {name: list(meta.get("sealed_bits", [])) for name, meta in finished.items()}
         results["watermark"]["sealed_bits"] = sealed
     if remote is not None:
-        _load_remote_segments(split, out_dir)
+        load_remote_segments(split, out_dir)
     for party in (owner, *trainers):  # the finished model and parties, back on the CPU
         party.device = torch.device("cpu")
     return Session(results, owner, trainers, split.full().cpu(), data)
@@ -441,114 +436,6 @@ def _warn_capacity(split: SplitModel, wm: WatermarkConfig, stage_steps: int) -> 
         notes.append(capacity_note(f"t{i}", weight.numel(), wm.bits))
     for note in filter(None, notes):
         warnings.warn(note, WatermarkWarning, stacklevel=3)
-
-
-def _local(
-    cfg: RunConfig,
-    split: SplitModel,
-    out_dir: Path,
-    checkpoint_parties: list[str] | bool,
-    optim: OptimSettings,
-    devices: dict[str, torch.device],
-    resume: bool = False,
-    with_chain: bool = False,
-) -> tuple[InProcessTransport, list[Trainer], Verifier]:
-    """Every party in this process, on the in-process transport (``resume``: every party
-    continues from ``out_dir``: t1 keeps its cached releases, the verifier its ledger,
-    key and secrets)."""
-    transport = InProcessTransport()
-    cache = public = None
-    if releases_once(cfg):  # t1's caches, in its party directory (a fresh session: empty)
-        cache, public = release_caches(RunDir(out_dir).party("t1"), resume)
-    trainers = [
-        Trainer(
-            i,
-            cfg.trainers,
-            seg,
-            optim,
-            out_dir,
-            Recorder(cfg.record),
-            gradient.for_trainer(cfg, i),
-            max_pending=pending_limit(cfg.micro_batches),
-            device=devices.get(f"t{i}", "cpu"),
-            releases=cache if i == 1 else None,
-            public=public if i == 1 else None,
-        )
-        for i, seg in enumerate(split.segments, start=1)
-    ]
-    wm = cfg.watermark
-    make_verifier = Verifier.resume if resume and with_chain else Verifier
-    verifier = make_verifier(out_dir, wm.bits, wm.ber_threshold, wm.keep_audit_stages)
-    for party in (*trainers, verifier):
-        transport.attach(party)
-    transport.add_mailbox("do")
-    if checkpoint_parties:
-        for trainer in trainers:
-            checkpoint.attach_trainer(trainer, RunDir(out_dir).checkpoints(trainer.name))
-        checkpoint.attach_verifier(verifier, RunDir(out_dir).checkpoints("verifier"))
-    return transport, trainers, verifier
-
-
-def _remote(
-    cfg: RunConfig,
-    deployment: Deployment,
-    parties: list[str],
-    image_shape: tuple[int, int, int],
-    n_outputs: int,
-    with_chain: bool,
-    optim: OptimSettings,
-    resume: bool = False,
-) -> Remote:
-    """The trainers and the verifier as remote processes, connected and set up (``resume``:
-    each from its own files and checkpoints, see :meth:`Remote.start`)."""
-    trainer = {
-        "settings": party_settings(cfg, "trainer"),
-        "image_shape": list(image_shape),
-        "n_outputs": n_outputs,
-        "chain": with_chain,
-        "total_steps": optim.total_steps,  # the lr schedule's length
-        "phase_steps": optim.phase_steps,  # release once: the warm start's steps
-    }
-    setup = {p: trainer for p in parties if p != "verifier"}
-    if with_chain:
-        setup["verifier"] = {"settings": party_settings(cfg, "verifier")}
-    remote = Remote(deployment, parties, setup, cfg.limits)
-    remote.start(resume)
-    return remote
-
-
-def _load_remote_segments(split: SplitModel, out_dir: Path) -> None:
-    """The trainers' final segments, when they wrote them to this run directory."""
-    from safetensors.torch import load_file
-
-    for i, segment in enumerate(split.segments, start=1):
-        path = RunDir(out_dir).segment(f"t{i}")
-        if path.is_file():
-            segment.load_state_dict(load_file(str(path)))
-
-
-def _open_chain(
-    owner: DataOwner,
-    trainers: list[Trainer],
-    secret: OwnerSecret,
-    owner_dir: Path,
-    out_dir: Path,
-    wm: WatermarkConfig,
-    resume: bool = False,
-) -> OwnerChain:
-    """Keys for every party, registration with the verifier, the ledger, stage 1; or, on
-    ``resume``, the keys of ``out_dir`` (the chain's position comes from a checkpoint)."""
-    for trainer in trainers:
-        TrainerChain(trainer, wm, RunDir(out_dir).party(trainer.name), resume=resume)
-    if resume:
-        key = PartyKey.load(owner_dir / "do.key")
-    else:
-        key = PartyKey.generate()
-        key.save(owner_dir / "do.key")
-    chain = OwnerChain(owner, key, secret.commitment(), wm)
-    if not resume:
-        chain.open()
-    return chain
 
 
 def _watermark_summary(chain: OwnerChain, out_dir: Path, wm: WatermarkConfig) -> dict[str, Any]:
