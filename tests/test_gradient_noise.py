@@ -7,6 +7,7 @@ from cc_helpers import SpyTransport, quick_config
 from clicooper.config import ConfigError
 from clicooper.privacy import accounting, gradient
 from clicooper.privacy.gradient import GradientNoise
+from clicooper.runtime import factory
 from clicooper.runtime import session as session_mod
 
 
@@ -55,7 +56,7 @@ def test_only_the_last_of_several_clicooper_trainers_protects_its_gradients():
 def _backward_to_t1(tmp_path, small_digits, monkeypatch, multiplier):
     spies = []
     monkeypatch.setattr(
-        session_mod, "InProcessTransport", lambda: spies.append(SpyTransport()) or spies[-1]
+        factory, "InProcessTransport", lambda: spies.append(SpyTransport()) or spies[-1]
     )
     cfg = quick_config(
         trainers=2,
