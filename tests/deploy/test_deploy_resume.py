@@ -25,6 +25,7 @@ from clicooper.runtime.certs import create_certificates
 from clicooper.runtime.deploy.launcher import Launcher, free_ports
 from clicooper.runtime.deploy.peers import config_toml, write_peers
 from clicooper.runtime.resume import save_run_config
+from clicooper.runtime.rundirs import RunDir
 from clicooper.runtime.session import run
 
 SMALL = {"epochs": 3, "batch_size": 16, "train_subset": 480, "test_subset": 200}
@@ -85,7 +86,10 @@ def test_trainer_killed_mid_epoch_and_restarted_resumes(tmp_path, procs, cli_inp
         ),
         tmp_path / "do.log",
     )
-    wait_for(checkpoint_at_least(run_dir / "checkpoints" / "t2", 10), 120, "t2 at step 10")
+    # Step 10 is common once every party saved it (the owner asks them in turn).
+    layout = RunDir(run_dir)
+    for party in ("t1", "t2", "verifier", "do"):
+        wait_for(checkpoint_at_least(layout.checkpoints(party), 10), 120, f"{party} at step 10")
     os.kill(servers["t2"].pid, signal.SIGKILL)  # mid-epoch 1 (30 steps)
     servers["t2"].wait(timeout=10)
     servers["t2"] = serve("t2")  # the same command again
