@@ -148,11 +148,12 @@ def test_attacks_work_on_vanilla(quick) -> None:
 
 def test_attacks_do_worse_on_clicooper(quick) -> None:
     van, cc = (quick[0]["attacks"][m] for m in MODES)
-    # T1's gradients carry pseudo-labels, K of them a class: they group true classes worse.
-    assert (
-        van["clustering"]["T1"]["gradients"]["matched_accuracy"]
-        > cc["clustering"]["T1"]["gradients"]["matched_accuracy"]
-    )
+    # The last trainer's loss is on pseudo-labels, K of them a class: its gradients group true
+    # classes far worse (0.98 against 0.58 measured). T1's gradients, back-propagated through
+    # T2, group them about as well as vanilla's on quick digits (0.60-0.69 against 0.68 over
+    # fresh owner secrets), so no order is asserted there.
+    grad = [a["clustering"]["T2"]["gradients"]["matched_accuracy"] for a in (van, cc)]
+    assert grad[0] > grad[1] + 0.15
     # Activation noise hides T1's activation clusters only when strong: at the default 0.1
     # they cluster as well as vanilla's (as at 0.2 on Fashion-MNIST, README), at noise 2 the
     # permutation test finds none (the privacy-utility point).
