@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import subprocess
@@ -56,7 +57,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds for the sessions")
     ap.add_argument("--out", type=Path, default=None, help="keep the pool and runs here")
     args = ap.parse_args()
-    per_epoch = args.train_subset // args.batch_size
+    per_epoch = math.ceil(args.train_subset / args.batch_size)  # the last batch is short
     kill_at = args.kill_at or max(args.checkpoint_steps, per_epoch // 2)
     root = args.out or Path(tempfile.mkdtemp(prefix="clicooper-pool-faults-"))
     flags = [
@@ -104,7 +105,7 @@ def _faulted(
         f"killed the {args.fault} at step >= {kill_at}; recovered in {time.monotonic() - t0:.1f} s"
     )
     _wait(list(procs.values()), args.timeout)
-    steps = args.train_subset // args.batch_size * args.epochs
+    steps = math.ceil(args.train_subset / args.batch_size) * args.epochs
     return {n: _check(out / n, steps) for n in names}
 
 
