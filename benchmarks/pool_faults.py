@@ -99,11 +99,10 @@ def _faulted(
     else:
         node = pool.nodes[NODE_OF[args.fault]]
         os.kill(node.pid, signal.SIGKILL)
-        _wait_for(lambda: not node.running(), 30, f"{node.name} to die")
+        _wait_for(lambda: _gone(node.pid), 30, f"{node.name} to die")
         restart_node(pool, node.name)
-    print(
-        f"killed the {args.fault} at step >= {kill_at}; recovered in {time.monotonic() - t0:.1f} s"
-    )
+    took = time.monotonic() - t0
+    print(f"killed the {args.fault} at step >= {kill_at}; restarted in {took:.1f} s")
     _wait(list(procs.values()), args.timeout)
     steps = math.ceil(args.train_subset / args.batch_size) * args.epochs
     return {n: _check(out / n, steps) for n in names}
@@ -150,6 +149,18 @@ def _sessions_past(node_state: Path, n: int, step: int) -> bool:
     """Whether ``n`` sessions on the node have checkpointed ``step`` at every trainer there."""
     dirs = list((node_state / "sessions").glob("*/checkpoints/t*"))
     return len(dirs) >= n and all(max(checkpoint.steps(d), default=0) >= step for d in dirs)
+
+
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie or reaped): its sockets are closed by then.
+
+    Its command line empties earlier, while it still holds its listening socket, so
+    ``PoolNode.running`` turning false is not enough before a restart on the same port.
+    """
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in "ZX"
+    except (OSError, IndexError):
+        return True
 
 
 def _wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
