@@ -1,4 +1,4 @@
-"""Faults with 4 sessions in flight on a pool of 2 trainers (issue 13, point 4), (Fashion-MNIST subsets).
+"""Faults with 4 sessions in flight on a pool of 2 trainers (issue 13, point 4), Fashion-MNIST.
 
 Starts a pool (``clicooper pool up``: 2 trainer nodes and a verifier node, each its own
 process), runs ``--owners`` owners at once (``clicooper run --pool``, each its own process
