@@ -20,6 +20,7 @@ from clicooper.config import (
     RunConfig,
     default_release,
 )
+from clicooper.runtime.deploy.host import PartyHost
 from clicooper.runtime.deploy.peers import config_toml
 from clicooper.runtime.deploy.settings import party_settings
 from clicooper.runtime.resume import LAUNCH_MARK, resumable_config
@@ -122,15 +123,16 @@ def test_a_setting_that_needs_the_head_to_train_keeps_every_epoch():
     )
 
 
-def test_served_parties_agree_on_an_unset_release(small_digits, monkeypatch):
+def test_served_parties_agree_on_an_unset_release(tmp_path, small_digits, monkeypatch):
     """Trainers served by hand read the release from their own config and know no data
     size: there, and at the owner of such a run, an unset release is every-epoch."""
     monkeypatch.setattr(config, "RELEASE_BY_SIZE", LOW_THRESHOLD)
     shared = RunConfig.load(dataset="fashion-mnist")
     owner, _ = resolve_run(shared, small_digits, served=True)
     assert owner.privacy.release == "every-epoch"
-    served = shared.with_release("every-epoch")  # what `clicooper serve` runs with
-    assert party_settings(served, "trainer") == party_settings(owner, "trainer")
+    served = PartyHost("trainer", "t1", shared, tmp_path)  # what `clicooper serve` runs
+    assert served.cfg.privacy.release == "every-epoch"
+    assert party_settings(served.cfg, "trainer") == party_settings(owner, "trainer")
     alone, _ = resolve_run(shared, small_digits)  # in-process, or a launch, which writes
     assert _picked(alone) == ("once", "cnn-light", 1e-3)  # the parties' config itself
 

@@ -101,9 +101,6 @@ def serve(
     cfg = build_config(config)
     if device is not None and role == "trainer":  # its own setting wins over the config's
         cfg = build_config(config, device=device, devices={**cfg.devices, name: device})
-    # A served party knows no data size: an unset release is every-epoch, as at the data owner
-    # of a run over served parties (clicooper.runtime.session.resolve_run).
-    cfg = cfg.with_release("every-epoch")
     try:
         load_party_credentials(certs, name)  # its own bundle only: refused before anything starts
         session, addresses = read_peers(peers)
