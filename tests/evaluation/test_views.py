@@ -281,3 +281,28 @@ def test_the_default_column_and_the_once_model_follow_run() -> None:
 
 def session_cfg(out: Path) -> RunConfig:
     return RunConfig.load(out / "config.toml")
+
+
+def test_the_report_names_each_column_preset_and_marks_runs_default() -> None:
+    from clicooper.evaluation.report import _default_mark, run_line
+
+    def column(preset: str, cut: str) -> dict:
+        return {
+            "model": {"preset": preset, "cut": cut, "trainers": 2},
+            "privacy": {"noise_multiplier": 1.3, "clip_norm": 1.0},
+            "labels": {"mode": "keyed", "expansion": 2, "pseudo_classes": 20},
+            "watermark": {"enabled": True, "verified": True},
+        }
+
+    r = {
+        "seed": 0,
+        "settings": {"epochs": 5, "batch_size": 128},
+        "columns": ["vanilla", "once"],
+        "default_column": "once",
+        "runs": {"vanilla": column("cnn", "bottleneck"), "once": column("cnn-light", "squeeze")},
+    }
+    line = run_line(r)
+    assert "preset cnn cut at bottleneck (once: preset cnn-light cut at squeeze)" in line
+    assert _default_mark(r, "once") and not _default_mark(r, "vanilla")
+    r["runs"]["once"] = column("cnn", "bottleneck")
+    assert "preset cnn cut at bottleneck, 2 trainers" in run_line(r)
