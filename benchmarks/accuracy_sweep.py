@@ -43,7 +43,12 @@ def main() -> None:
 
     def one(mode: str, **overrides: object) -> None:
         cfg = RunConfig.load(
-            None, dataset=args.dataset, mode=mode, epochs=args.epochs, seed=args.seed, **overrides
+            None,
+            dataset=args.dataset,
+            mode=mode,
+            epochs=args.epochs,
+            seed=args.seed,
+            **{"privacy.release": "every-epoch", **overrides},
         )
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:

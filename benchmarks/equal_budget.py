@@ -85,7 +85,9 @@ def one_run(
     ``pair``: a marked clicooper run is trained again with its owner secret and the
     watermark off (``accuracy_nowm``): the same permutation, noise and batch order.
     """
-    cfg = RunConfig.load(None, dataset=data.name, mode=mode, **setting, **extra)
+    cfg = RunConfig.load(
+        None, dataset=data.name, mode=mode, **{"privacy.release": "every-epoch", **setting, **extra}
+    )
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -112,7 +112,12 @@ def targets(data: Dataset, args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def accuracy_epsilon(data: Dataset, args: argparse.Namespace) -> list[dict[str, Any]]:
-    every = {"mode": "clicooper", "model": "cnn", "cut": "bottleneck"}
+    every = {
+        "mode": "clicooper",
+        "model": "cnn",
+        "cut": "bottleneck",
+        "privacy.release": "every-epoch",
+    }
     rows = [
         point(f"every-epoch m={m}", data, args, **every, **{"privacy.noise_multiplier": m})
         for m in EVERY_EPOCH_NOISE

@@ -49,7 +49,11 @@ def main() -> None:
             epochs=args.epochs,
             seed=args.seed,
             record=settings.record,
-            **{"privacy.gradient_noise_multiplier": noise, "privacy.gradient_clip_norm": args.clip},
+            **{
+                "privacy.gradient_noise_multiplier": noise,
+                "privacy.gradient_clip_norm": args.clip,
+                "privacy.release": "every-epoch",
+            },
         )
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:

@@ -52,7 +52,7 @@ def main() -> None:
                 epochs=args.epochs,
                 train_subset=args.train_subset,
                 seed=0,
-                **{"watermark.enabled": args.watermark},
+                **{"watermark.enabled": args.watermark, "privacy.release": "every-epoch"},
             )
             with tempfile.TemporaryDirectory() as tmp:
                 res = run(cfg, Path(tmp), data=data).results

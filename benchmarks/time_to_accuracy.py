@@ -28,6 +28,8 @@ from clicooper.data.base import Dataset
 from clicooper.runtime.session import run
 
 TARGET_FRACTION = 0.95
+#: Every run releases every epoch (release once, the large-data default, is frontier.py's)
+EVERY = {"privacy.release": "every-epoch"}
 
 
 class Turns:
@@ -125,9 +127,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = evaluation_data(args.dataset, args.seed, test=False, subset=args.subset)
     common = {"model": args.model, "epochs": args.epochs, "trainers": args.trainers}
     configs = [
-        RunConfig.load(None, dataset=data.name, mode="vanilla", seed=args.seed, **common),
+        RunConfig.load(None, dataset=data.name, mode="vanilla", seed=args.seed, **common, **EVERY),
         RunConfig.load(
-            None, dataset=data.name, mode="clicooper", seed=args.seed, **common, **extra
+            None,
+            dataset=data.name,
+            mode="clicooper",
+            seed=args.seed,
+            **common,
+            **{**EVERY, **extra},
         ),
     ]
     vanilla, clicooper = train_interleaved(data, configs)

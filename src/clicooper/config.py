@@ -44,6 +44,28 @@ NOISE_BY_SIZE: tuple[int, float, float] = (30_000, 0.1, 0.2)
 ONCE_TARGET_EPSILON = 8.0
 
 
+#: (training records, below, from): an unset ``privacy.release`` is "every-epoch" below
+#: 30,000 training records and "once" from there (issue 10, point 8). Full Fashion-MNIST
+#: (cnn-light, epsilon 8; README "Release once"): test 0.876-0.878, owner share 0.14%,
+#: query-decoder SSIM 0.109 under its class-mean floor 0.404, extraction at chance, where
+#: every-epoch (cnn, noise 0.2) scored 0.893 at epsilon 354.9 and owner share 98.4%. On
+#: digits' 1,437 training images release once scored 0.344 (quick evaluation) against
+#: every-epoch's 0.89: its public split is too small to pretrain a head on.
+RELEASE_BY_SIZE: tuple[int, str, str] = (30_000, "every-epoch", "once")
+
+#: The preset a run releasing once takes when it sets no ``model``: the owner-light
+#: counterpart of the default preset. With ``cnn`` release once left the owner 13.8% of
+#: the training FLOPs (issue 10's target: at most 10%), with ``cnn-light`` 0.14%.
+ONCE_MODEL: dict[str, str] = {"cnn": "cnn-light"}
+
+
+def default_release(n_train: int) -> str:
+    """The ``privacy.release`` of a run on ``n_train`` training records that sets none:
+    one release per record needs a public split large enough to pretrain the head on."""
+    large, small_release, large_release = RELEASE_BY_SIZE
+    return small_release if n_train < large else large_release
+
+
 def default_noise_multiplier(n_train: int) -> float:
     """The activation noise of a run on ``n_train`` training samples that sets none: the
     noise on each sample's activation averages out over more steps on a larger set."""
@@ -71,7 +93,9 @@ class PrivacyConfig(_Strict):
     # again each epoch (epsilon composes over epochs). "once": the head is frozen (its source:
     # [head] source, clicooper.heads), each training record's noisy activation is
     # released to t1 once, before training, and t1 trains every epoch on its cached copy.
-    release: Literal["every-epoch", "once"] = "every-epoch"
+    # None: by the training set's size (default_release; RunConfig.for_data), resolved when
+    # the run is assembled, so config.toml records the value used.
+    release: Literal["every-epoch", "once"] | None = None
 
     def for_data(self, n_train: int) -> PrivacyConfig:
         """This config, an unset ``noise_multiplier`` resolved for ``n_train`` samples.
@@ -319,6 +343,7 @@ class RunConfig(_Strict):
 
     dataset: str = "auto"
     mode: Mode = "clicooper"
+    # Left unset: cnn, or with release once its owner-light counterpart (ONCE_MODEL)
     model: Literal["mlp", "cnn", "cnn-light", "resnet"] = "cnn"
     cut: str | None = None
     trainers: int = Field(2, ge=1, le=8)
@@ -327,8 +352,8 @@ class RunConfig(_Strict):
         None, ge=1, le=65536, description="None: 32 below 10,000 training samples, else 128"
     )
     # Left unset, the default of the run's release mode (DEFAULT_LR, resolved by
-    # _release_lr before validation, so config.toml records the value used): 3e-3 for
-    # every mode releasing every epoch, 1e-3 for release once. An explicit lr always wins.
+    # _release_defaults once the release is known, so config.toml records the value used):
+    # 3e-3 for every mode releasing every epoch, 1e-3 for release once. An explicit lr wins.
     lr: float = Field(DEFAULT_LR["every-epoch"], gt=0)
     # Optimizer and schedule of every party (clicooper.runtime.optim); lr_per_party
     # overrides lr for the parties it names: {do = 1e-3, t1 = 3e-3}.
@@ -380,33 +405,12 @@ class RunConfig(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _dataset_defaults(cls, data: Any) -> Any:
-        """Resolve ``auto`` and apply small-data defaults for settings the user left unset."""
+    def _defaults(cls, data: Any) -> Any:
+        """Defaults that depend on other settings, for the settings the user left unset:
+        the dataset's first (``auto``, small-data defaults), then the release's."""
         if not isinstance(data, dict):
             return data
-        data = dict(data)
-        if data.get("dataset", "auto") == "auto":
-            from clicooper.data import default_dataset
-
-            data["dataset"] = default_dataset()
-        for key, value in SMALL_DATA_DEFAULTS.get(data["dataset"], {}).items():
-            data.setdefault(key, value)
-        return data
-
-    @model_validator(mode="before")
-    @classmethod
-    def _release_lr(cls, data: Any) -> Any:
-        """An unset ``lr`` takes its release mode's default (:data:`DEFAULT_LR`); the value
-        is then a field like any other, so config.toml records it and a resume reuses it."""
-        if not isinstance(data, dict) or data.get("lr") is not None:
-            return data
-        privacy = data.get("privacy")
-        release = (
-            privacy.get("release", "every-epoch")
-            if isinstance(privacy, dict)
-            else getattr(privacy, "release", "every-epoch")
-        )
-        return {**data, "lr": default_lr(release)}
+        return _release_defaults(_dataset_defaults(dict(data)))
 
     @model_validator(mode="after")
     def _micro_fits(self) -> RunConfig:
@@ -417,20 +421,69 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _release_fits(self) -> RunConfig:
         """``release = "once"`` freezes the head: refuse settings that need it to train."""
-        if self.privacy.release != "once":
-            return self
+        if self.privacy.release == "once" and (problem := self.head_must_train()):
+            raise ValueError(problem)
+        return self
+
+    def head_must_train(self) -> str | None:
+        """Why this run needs the owner's head to train, so cannot release once (None: it
+        need not). An unset release resolves to every-epoch then (:meth:`for_data`)."""
         if self.mode != "clicooper":
-            raise ValueError(
+            return (
                 f"privacy.release once needs mode clicooper: mode {self.mode} trains the owner's "
                 "head (use --release every-epoch, or --mode clicooper)"
             )
         if self.trainers == 1 and self.privacy.gradient_noise_multiplier > 0:
-            raise ValueError(
+            return (
                 "privacy.gradient_noise_multiplier protects gradients sent back towards the "
                 "owner's head; with release once and one trainer no gradient leaves the trainer "
                 "(set it to 0, or use two or more trainers)"
             )
-        return self
+        return None
+
+    def release_choice(self, n_train: int) -> tuple[str, str]:
+        """(release, why) of a run on ``n_train`` training records: the configured one
+        (why: ""), else the size default (:func:`default_release`), except that a run whose
+        settings need the head to train (:meth:`head_must_train`) releases every epoch."""
+        if self.privacy.release is not None:
+            return self.privacy.release, ""
+        large = RELEASE_BY_SIZE[0]
+        release = default_release(n_train)
+        side = "below" if n_train < large else "at least"
+        why = f"the default for {n_train:,} training records, {side} {large:,}"
+        if release == "once" and self.mode != "clicooper":
+            return "every-epoch", f"mode {self.mode} trains the owner's head"
+        if release == "once" and self.head_must_train():
+            return "every-epoch", (
+                "not the size default once: gradient noise with one trainer needs the owner's "
+                "head to train (--release once refuses it)"
+            )
+        return release, why
+
+    def with_release(self, release: str) -> RunConfig:
+        """This config releasing ``release`` if it set no release, the settings that follow
+        the release (``lr``, ``model``: :func:`_release_defaults`) taking its defaults where
+        they were left unset; unchanged if it set one."""
+        if self.privacy.release is not None:
+            return self
+        raw = self.model_dump(exclude={"model", "lr"} - self.model_fields_set)
+        raw["privacy"]["release"] = release
+        return type(self).model_validate(raw)
+
+    def for_data(self, n_train: int) -> RunConfig:
+        """This config with its size-dependent defaults resolved for ``n_train`` training
+        records, in order: the release (:meth:`release_choice`), then what follows it for
+        the settings left unset (the model, :data:`ONCE_MODEL`; the lr,
+        :data:`DEFAULT_LR`), the batch size, then the noise or target epsilon
+        (:meth:`PrivacyConfig.for_data`). Every value is then set, so config.toml records
+        it and a resume (or another process reading that file) resolves nothing again."""
+        cfg = self.with_release(self.release_choice(n_train)[0])
+        return cfg.model_copy(
+            update={
+                "batch_size": cfg.effective_batch_size(n_train),
+                "privacy": cfg.privacy.for_data(n_train),
+            }
+        )
 
     @model_validator(mode="after")
     def _party_settings(self) -> RunConfig:
@@ -490,6 +543,38 @@ class RunConfig(_Strict):
             return cls.model_validate(data)
         except ValidationError as exc:
             raise ConfigError(one_line(exc)) from None
+
+
+def _dataset_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """Resolve ``auto`` and apply small-data defaults for settings the user left unset."""
+    if data.get("dataset", "auto") == "auto":
+        from clicooper.data import default_dataset
+
+        data["dataset"] = default_dataset()
+    for key, value in SMALL_DATA_DEFAULTS.get(data["dataset"], {}).items():
+        data.setdefault(key, value)
+    return data
+
+
+def _release_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """Once ``privacy.release`` is set, an unset ``lr`` takes its default
+    (:data:`DEFAULT_LR`) and, releasing once, an unset ``model`` the owner-light preset
+    (:data:`ONCE_MODEL`). The values are then fields like any other, so config.toml records
+    them and a resume reuses them. With the release unset both wait for
+    :meth:`RunConfig.for_data` (``lr`` and ``model`` keep their every-epoch defaults till
+    then, and are not in ``model_fields_set``)."""
+    privacy = data.get("privacy")
+    release = (
+        privacy.get("release") if isinstance(privacy, dict) else getattr(privacy, "release", None)
+    )
+    if release is None:  # None given for either is unset too
+        return {k: v for k, v in data.items() if k not in ("lr", "model") or v is not None}
+    if data.get("lr") is None:
+        data["lr"] = default_lr(release)
+    if release == "once" and data.get("model") is None:
+        default = RunConfig.model_fields["model"].default
+        data["model"] = ONCE_MODEL.get(default, default)
+    return data
 
 
 def one_line(exc: ValidationError) -> str:

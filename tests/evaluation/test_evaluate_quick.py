@@ -58,6 +58,9 @@ def test_quick_finishes_within_three_minutes(quick) -> None:
 def test_results_hold_every_required_key(quick) -> None:
     r, _, _ = quick
     assert r["columns"] == list(COLUMNS)
+    # digits is small: `clicooper run` releases every epoch there, and every column is a cnn
+    assert r["default_column"] == "clicooper" and r["settings"]["once_model"] is None
+    assert {r["runs"][c]["model"]["preset"] for c in COLUMNS} == {"cnn"}
     for mode in COLUMNS:
         assert 0 <= _get(r, f"runs.{mode}.accuracy.test") <= 1
     for mode in COLUMNS:
@@ -111,6 +114,7 @@ def test_report_and_figures_exist(quick) -> None:
     report = (out / "report.md").read_text()
     for needle in (
         "| metric | vanilla | clicooper | once |",
+        "the owner's head trains) -- what `clicooper run` trains on this data with no mode",
         "## Targets (issue 10",
         "| query-decoder SSIM no better than the class-mean floor |",
         "## Release once: what its T1 holds",

@@ -258,5 +258,51 @@ def test_column_config_sets_release_head_and_epsilon() -> None:
         column_config(cfg, s, "nope")
 
 
+def test_the_default_column_and_the_once_model_follow_run() -> None:
+    """The column `clicooper run` makes by default is once from RELEASE_BY_SIZE's threshold
+    on; there, with no model chosen, the once column takes the preset run gives release
+    once (cnn-light), every other column the evaluation's model; a model chosen for it wins."""
+    from dataclasses import replace
+
+    from clicooper.evaluation.orchestrate import column_config, default_column, with_run_defaults
+
+    assert default_column(29_999) == "clicooper" and default_column(57_000) == "once"
+    cfg = RunConfig.load(None, dataset="fashion-mnist", model="cnn")
+    small, large = with_run_defaults(cfg, QUICK, 1_000), with_run_defaults(cfg, QUICK, 57_000)
+    assert small == QUICK  # digits-sized: every column as before
+    assert column_config(cfg, small, "once").model == "cnn"
+    assert large.once_model == "cnn-light"
+    assert column_config(cfg, large, "once").model == "cnn-light"
+    for column in ("vanilla", "clicooper"):
+        assert column_config(cfg, large, column).model == "cnn"
+    chosen = with_run_defaults(cfg, replace(QUICK, once_model="cnn"), 57_000)
+    assert column_config(cfg, chosen, "once").model == "cnn"
+
+
 def session_cfg(out: Path) -> RunConfig:
     return RunConfig.load(out / "config.toml")
+
+
+def test_the_report_names_each_column_preset_and_marks_runs_default() -> None:
+    from clicooper.evaluation.report import _default_mark, run_line
+
+    def column(preset: str, cut: str) -> dict:
+        return {
+            "model": {"preset": preset, "cut": cut, "trainers": 2},
+            "privacy": {"noise_multiplier": 1.3, "clip_norm": 1.0},
+            "labels": {"mode": "keyed", "expansion": 2, "pseudo_classes": 20},
+            "watermark": {"enabled": True, "verified": True},
+        }
+
+    r = {
+        "seed": 0,
+        "settings": {"epochs": 5, "batch_size": 128},
+        "columns": ["vanilla", "once"],
+        "default_column": "once",
+        "runs": {"vanilla": column("cnn", "bottleneck"), "once": column("cnn-light", "squeeze")},
+    }
+    line = run_line(r)
+    assert "preset cnn cut at bottleneck (once: preset cnn-light cut at squeeze)" in line
+    assert _default_mark(r, "once") and not _default_mark(r, "vanilla")
+    r["runs"]["once"] = column("cnn", "bottleneck")
+    assert "preset cnn cut at bottleneck, 2 trainers" in run_line(r)

@@ -17,7 +17,9 @@ from pydantic import BaseModel
 from clicooper.config import (
     DEFAULT_LR,
     NOISE_BY_SIZE,
+    ONCE_MODEL,
     ONCE_TARGET_EPSILON,
+    RELEASE_BY_SIZE,
     SMALL_DATA_DEFAULTS,
     RunConfig,
 )
@@ -85,6 +87,10 @@ _NONE_MEANS = {
         "every-epoch none: --noise-multiplier decides"
     ),
     "watermark.stage_steps": "one stage per epoch",
+    "privacy.release": "{1} below {0:,} training samples, else {2} (clicooper mode; "
+    "every-epoch where a setting needs the head to train, or with served parties)".format(
+        *RELEASE_BY_SIZE
+    ),
 }
 
 
@@ -104,6 +110,8 @@ def effective_default(key: str) -> str:
         return "auto: fashion-mnist when installed, else digits"
     if key == "lr":
         return "; ".join(f"{release}: {lr:g}" for release, lr in DEFAULT_LR.items())
+    if key == "model":
+        value = f"{value}; with release once {ONCE_MODEL.get(value, value)}"
     text = _NONE_MEANS.get(key, "none") if value is None else _show(value)
     small = [f"{name}: {d[key]}" for name, d in SMALL_DATA_DEFAULTS.items() if key in d]
     return "; ".join([text, *small])

@@ -36,8 +36,12 @@ def evaluate(
         Opt(help="noise std / clip norm of the clicooper column (once: --once-target-epsilon)"),
     ] = None,
     model: Annotated[
-        str, Opt(help="mlp or cnn (default cnn: the inversion attacks assume an image head)")
-    ] = "cnn",
+        str | None,
+        Opt(
+            help="preset of every column (default cnn: the inversion attacks assume an image "
+            "head; the once column cnn-light where `run` defaults to release once)"
+        ),
+    ] = None,
     cut: Annotated[str | None, Opt(help="named cut point of the preset")] = None,
     overwrite: Annotated[bool, Opt(help="write into an --out that already holds files")] = False,
     columns: Annotated[
@@ -69,7 +73,7 @@ def evaluate(
     cfg = build_config(
         config,
         dataset=dataset,
-        model=model,
+        model=model or "cnn",
         cut=cut,
         **{"privacy.noise_multiplier": noise_multiplier},
     )
@@ -90,6 +94,7 @@ def evaluate(
         settings,
         **overrides,
         **_once_options(columns, once_head_source, once_target_epsilon, once_sweep),
+        once_model=model,  # None: as `run` gives release once on the data (with_run_defaults)
     )
     extra = _extra_points(frontier_extra) if frontier_extra else []
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
@@ -109,8 +114,10 @@ def evaluate(
         fail(str(exc).splitlines()[0])
     runs, attacks = results["runs"], results["attacks"]
     for mode in results["columns"]:
+        default = " (`run`'s default here)" if mode == results["default_column"] else ""
         console.print(
-            f"{mode}: test accuracy {runs[mode]['accuracy']['test']:.3f}, "
+            f"{mode}{default}: {runs[mode]['model']['preset']}, "
+            f"test accuracy {runs[mode]['accuracy']['test']:.3f}, "
             f"epsilon {_eps(runs[mode]['privacy']['epsilon'])}, "
             f"T1 clustering success {attacks[mode]['clustering']['T1']['success_rate']:.2f}, "
             f"inversion SSIM {attacks[mode]['inversion']['ssim']:.3f}, "

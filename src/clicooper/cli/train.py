@@ -16,7 +16,7 @@ from clicooper.runtime.device import party_devices
 from clicooper.runtime.factory import local_parties
 from clicooper.runtime.resume import resumable_config
 from clicooper.runtime.rundirs import RUNS_ROOT, new_run_dir, point_latest
-from clicooper.runtime.session import resolve_dataset
+from clicooper.runtime.session import resolve_dataset, resolve_run
 from clicooper.runtime.session import warm_epochs as warm_start_epochs
 
 
@@ -148,11 +148,13 @@ def run(
     fresh = out is None
     try:
         party_devices(cfg, local_parties(cfg))  # an unusable device: one line, before the data
+        served = cfg.transport == "grpc" and pool is None and not launching()
         data = resolve_dataset(cfg, None)
-        batch = cfg.effective_batch_size(len(data.train))
+        why = _release_why(cfg, len(data.train), served)
+        cfg, data = resolve_run(cfg, data, served=served)
         console.print(
-            f"dataset: {cfg.dataset} ({how}); model {cfg.model}, {cfg.epochs} epochs, "
-            f"batch size {batch}, lr {cfg.lr:g}"
+            f"dataset: {cfg.dataset} ({how}); {_release_line(cfg, why)}model "
+            f"{cfg.model}, {cfg.epochs} epochs, batch size {cfg.batch_size}, lr {cfg.lr:g}"
         )
         runner = session_runner(cfg, peers, certs, resume is not None, pool)
         out = new_run_dir(RUNS_ROOT, cfg.mode) if out is None else out
@@ -189,6 +191,23 @@ def _resumed(run_dir: Path, given: list[str]) -> tuple[RunConfig, Path]:
     except ValueError as exc:
         fail(str(exc).splitlines()[0])
         raise  # unreachable
+
+
+def _release_why(cfg: RunConfig, n_train: int, served: bool) -> str:
+    """Why an unset release resolves as it does ("" when the config sets it)."""
+    if served and cfg.privacy.release is None:
+        return (
+            "served parties read it from their config and cannot know the data size: set "
+            'privacy.release = "once" there for release once'
+        )
+    return cfg.release_choice(n_train)[1]
+
+
+def _release_line(cfg: RunConfig, why: str) -> str:
+    """``release R (why), `` for a clicooper run."""
+    if cfg.mode != "clicooper":
+        return ""
+    return f"release {cfg.privacy.release}{f' ({why})' if why else ''}, "
 
 
 def _drop_if_empty(path: Path) -> None:

@@ -1,8 +1,13 @@
 """``clicooper evaluate``: vanilla and CliCooper runs, every attack on each, one results dict.
 
 The columns (:data:`~clicooper.evaluation.settings.COLUMNS`) are vanilla split learning,
-CliCooper releasing every epoch and CliCooper releasing once. Every run uses the same
-seed, architecture, data and batch order; the owner's training data excludes the
+CliCooper releasing every epoch and CliCooper releasing once; each is the run ``clicooper
+run`` makes with that mode and release, and the one it makes with neither flag is the
+evaluation's ``default_column`` (``once`` on a training set of at least
+:data:`clicooper.config.RELEASE_BY_SIZE` records, else ``clicooper``). Every run uses the
+same seed, data and batch order, and the same architecture, except that where ``run``
+defaults to release once and no model was chosen the once column takes the owner-light
+preset ``run`` gives it (:func:`with_run_defaults`); the owner's training data excludes the
 auxiliary split handed to the attackers. Each attack sees only what its party received
 (:mod:`.views`): a release-once T1 holds its cache of the owner's single release per
 record (read back from ``parties/t1/releases``) and the clean inference path. Scoring
@@ -26,7 +31,7 @@ from torch import nn
 
 from clicooper.attacks.metrics import mean_image_baselines, reconstruction_scores
 from clicooper.attacks.watermark_removal import Lab, robustness
-from clicooper.config import RunConfig, default_lr
+from clicooper.config import ONCE_MODEL, RunConfig, default_lr, default_release
 from clicooper.data import Dataset, default_dataset, load_dataset
 from clicooper.evaluation import adapters
 from clicooper.evaluation.settings import COLUMNS, EvalSettings
@@ -107,7 +112,25 @@ def column_config(cfg: RunConfig, s: EvalSettings, column: str, **privacy: Any) 
         raise ValueError(f"unknown column {column!r}: use {', '.join(COLUMNS)}")
     once = {"release": "once", "target_epsilon": s.once_target_epsilon, **privacy}
     head = {"source": s.once_head_source} if s.once_head_source else None
+    if s.once_model is not None:
+        cfg = cfg.model_copy(update={"model": s.once_model})
     return mode_config(cfg, s, "clicooper", head, **once)
+
+
+def default_column(n_train: int) -> str:
+    """The column ``clicooper run`` makes with no mode or release flag on ``n_train``
+    training records (:func:`clicooper.config.default_release`)."""
+    return "once" if default_release(n_train) == "once" else "clicooper"
+
+
+def with_run_defaults(cfg: RunConfig, s: EvalSettings, n_train: int) -> EvalSettings:
+    """``s`` with the once column's preset resolved as ``clicooper run`` resolves it on
+    ``n_train`` training records: where release once is run's default and no model was
+    chosen for the column (``s.once_model`` None), the owner-light counterpart of the
+    config's model (:data:`clicooper.config.ONCE_MODEL`); else the config's model."""
+    if s.once_model is not None or default_column(n_train) != "once":
+        return s
+    return replace(s, once_model=ONCE_MODEL.get(cfg.model, cfg.model))
 
 
 def releases_once(cfg: RunConfig) -> bool:
@@ -542,15 +565,18 @@ def evaluate(
     timing: dict[str, float] = {}
     out.mkdir(parents=True, exist_ok=True)
     data, aux, aux_split = prepare_data(cfg, s)
+    s = with_run_defaults(cfg, s, len(data.train))
     say(
         f"data: {data.name}, owner train {len(data.train)}, test {len(data.test)}, "
-        f"attacker auxiliary {len(aux_split)} (disjoint from the owner's training data)"
+        f"attacker auxiliary {len(aux_split)} (disjoint from the owner's training data); "
+        f"`clicooper run`'s default there: the {default_column(len(data.train))} column"
     )
     results: dict[str, Any] = {
         "dataset": data.name,
         "quick": quick,
         "seed": s.seed,
         "columns": columns,
+        "default_column": default_column(len(data.train)),
         "settings": _settings_dict(s),
         "data": {
             "train": len(data.train),

@@ -22,6 +22,13 @@ def columns(r: dict[str, Any]) -> list[str]:
     return list(r.get("columns", MODES))
 
 
+def _default_mark(r: dict[str, Any], column: str) -> str:
+    """The legend's note on the column ``clicooper run`` makes by default on this data."""
+    if r.get("default_column") != column:
+        return ""
+    return " -- what `clicooper run` trains on this data with no mode or release flag"
+
+
 def _f(x: Any, digits: int = 3) -> str:
     if x is None:
         return "none"
@@ -323,10 +330,16 @@ def run_line(r: dict[str, Any]) -> str:
     """The settings every column shares, and the CliCooper runs' protection."""
     s, cols = r["settings"], columns(r)
     first = r["runs"][cols[0]]["model"]
+    other = [
+        f"{c}: preset {m['preset']} cut at {m['cut']}"
+        for c in cols
+        if (m := r["runs"][c]["model"])["preset"] != first["preset"] or m["cut"] != first["cut"]
+    ]
+    differs = f" ({'; '.join(other)})" if other else ""  # release once's owner-light preset
     line = (
         f"- Every run ({', '.join(cols)}): same seed ({r['seed']}), preset {first['preset']} cut "
-        f"at {first['cut']}, {first['trainers']} trainers, {s['epochs']} epochs, batch "
-        f"{s['batch_size']}."
+        f"at {first['cut']}{differs}, {first['trainers']} trainers, {s['epochs']} epochs, "
+        f"batch {s['batch_size']}."
     )
     for m in (c for c in cols if c != "vanilla"):
         cc = r["runs"][m]
@@ -410,7 +423,7 @@ def render(r: dict[str, Any]) -> str:
         "",
         "## Paper-style table",
         "",
-        *[f"- `{c}`: {COLUMN_NAMES[c]}" for c in columns(r)],
+        *[f"- `{c}`: {COLUMN_NAMES[c]}{_default_mark(r, c)}" for c in columns(r)],
         "",
     ]
     return "\n".join(

@@ -47,6 +47,11 @@ class EvalSettings:
     # release once: a frozen head, one noisy release per record, at once_target_epsilon).
     columns: tuple[str, ...] = COLUMNS
     once_head_source: str | None = None  # None: the config's [head] source
+    # The once column's preset. None: the one `clicooper run` gives release once on the
+    # owner's training set when that is its default (config.RELEASE_BY_SIZE): the config's
+    # model's owner-light counterpart (config.ONCE_MODEL, cnn -> cnn-light); else the
+    # config's model, as every other column (evaluation.orchestrate.with_run_defaults).
+    once_model: str | None = None
     once_target_epsilon: float = 8.0
     # Frontier: more release-once runs at these epsilons (same epochs and data as the main
     # runs; trained and scored, not attacked), beside the noise sweep's every-epoch points.

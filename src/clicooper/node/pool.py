@@ -224,8 +224,12 @@ def pool_run(
     here from the pool's CA key, which only an owner that may read that key can do (a
     pool on one machine under one user): each run then has an owner name of its own.
     """
+    from clicooper.runtime.session import resolve_run
+
     pool = Pool.load(pool_file)
     out_dir = Path(out_dir)
+    # the nodes are admitted with the resolved release, model and lr (party_settings)
+    cfg, run_args["data"] = resolve_run(cfg, run_args.get("data"))
     cfg = cfg.model_copy(update={"transport": "grpc"})
     chain = pick_chain(pool, cfg)
     if owner_certs is not None:  # refused before anything is written: not its own bundle

@@ -86,6 +86,20 @@ def resolve_dataset(cfg: RunConfig, data: Dataset | None) -> Dataset:
     return data.limit(cfg.train_subset, cfg.test_subset, cfg.seed)
 
 
+def resolve_run(
+    cfg: RunConfig, data: Dataset | None, served: bool = False
+) -> tuple[RunConfig, Dataset]:
+    """The run's dataset (:func:`resolve_dataset`) and ``cfg`` with its size-dependent
+    defaults resolved for it (:meth:`RunConfig.for_data`: release, model, lr, batch size,
+    noise). ``served``: trainers served by hand, who read ``privacy.release`` from their
+    own copy of the config and cannot know the owner's data size, so an unset release is
+    every-epoch there, as it is at them. Idempotent: a resolved config stays as it is."""
+    data = resolve_dataset(cfg, data)
+    if served:
+        cfg = cfg.with_release("every-epoch")
+    return cfg.for_data(len(data.train)), data
+
+
 def run(
     cfg: RunConfig,
     out_dir: Path | str,
@@ -119,14 +133,8 @@ def run(
     secret = OwnerSecret.read(cfg.owner_secret) if cfg.owner_secret else None
     if resume and cfg.mode == "clicooper":
         secret = OwnerSecret.read(rundir.owner / SECRET_FILE)
-    data = resolve_dataset(cfg, data)
-    n_train = len(data.train)  # size-dependent defaults, recorded in config.toml below
-    cfg = cfg.model_copy(
-        update={
-            "batch_size": cfg.effective_batch_size(n_train),
-            "privacy": cfg.privacy.for_data(n_train),
-        }
-    )
+    # size-dependent defaults (release, model, lr, batch, noise), recorded in config.toml below
+    cfg, data = resolve_run(cfg, data, served=deployment is not None)
     factory = model_factory or preset_factory(cfg, data)
     split = factory(data.num_classes)
     devices = party_devices(cfg, local_parties(cfg))  # an unusable device fails here

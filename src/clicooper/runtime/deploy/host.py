@@ -41,6 +41,9 @@ class PartyHost(Party):
     def __init__(self, role: str, name: str, cfg: RunConfig, out_dir: Path) -> None:
         if role not in SHARED:
             raise ValueError(f"unknown role {role!r}: serve trainer or verifier")
+        # A served party knows no data size: an unset release is every-epoch, as at the data
+        # owner of a run over served parties (clicooper.runtime.session.resolve_run).
+        cfg = cfg.with_release("every-epoch")
         self.role, self.name, self.cfg, self.out_dir = role, validate_party_name(name), cfg, out_dir
         self.run_dir = RunDir(out_dir)
         if role == "verifier" and name != "verifier":

@@ -26,7 +26,7 @@ from clicooper.runtime.deploy.settings import party_settings
 from clicooper.runtime.device import party_devices
 from clicooper.runtime.resume import resumable_config
 from clicooper.runtime.rundirs import LAUNCH_ARTIFACTS, RunDir, prepare_run_dir
-from clicooper.runtime.session import run
+from clicooper.runtime.session import resolve_run, run
 
 log = logging.getLogger(__name__)
 #: The source tree this package is imported from (``src``), put on each child's PYTHONPATH.
@@ -375,6 +375,8 @@ def launch(
         cfg = resumable_config(out_dir, launched=True)
     elif cfg is None:
         raise ValueError("launch needs a config (or resume=True)")
+    else:  # the parties' config file holds the resolved release, model and lr
+        cfg, data = resolve_run(cfg, data)
     cfg = cfg.model_copy(update={"transport": "grpc"})
     party_devices(cfg, [f"t{i}" for i in range(1, cfg.trainers + 1)])  # all on this machine
     if not resume:
