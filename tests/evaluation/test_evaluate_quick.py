@@ -243,6 +243,40 @@ def test_frontier_holds_every_run_of_the_evaluation(quick) -> None:
     assert len(sweep) == 2  # QUICK's activation-noise points
     for point in points:
         assert 0 <= point["accuracy"] <= 1 and 0 < point["owner_share"] < 1
+        # every point was inverted data-free: the once sweep's from its release cache
+        assert isinstance(point["data_free_ssim"], float), point["label"]
+        assert -1 <= point["data_free_ssim"] <= 1 and 0 < point["dataset_mean_ssim"] <= 1
+    inv = r["attacks"]["once"]["inversion"]
+    assert main["once"]["data_free_ssim"] == inv["data_free"]["ssim"]
+    assert main["once"]["dataset_mean_ssim"] == inv["baselines"]["dataset_mean"]
+    report = (quick[1] / "report.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| once | once, epsilon 2"))
+    assert f"| {once[0]['data_free_ssim']:.3f} | {once[0]['dataset_mean_ssim']:.3f} |" in row
+
+
+def test_data_free_epsilon_benchmark_reproduces_the_once_column(quick) -> None:
+    """benchmarks/data_free_epsilon.py rebuilds the once column's data-free attack from the
+    run directory alone (config, saved head, T1's release cache) and scores what it did."""
+    import importlib.util
+
+    from clicooper.evaluation import QUICK
+
+    root = Path(__file__).resolve().parents[2]
+    spec = importlib.util.spec_from_file_location(
+        "data_free_epsilon", root / "benchmarks" / "data_free_epsilon.py"
+    )
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    r, out, _ = quick
+    row = bench.measure(out / "runs" / "once", QUICK)
+    inv = r["attacks"]["once"]["inversion"]
+    assert row["attacker_head"] == inv["attacker_head"] == "exact"
+    assert row["images"] == inv["targets"]["images"]
+    assert row["data_free_ssim"] == pytest.approx(inv["data_free"]["ssim"], abs=1e-6)
+    assert row["dataset_mean_ssim"] == pytest.approx(inv["baselines"]["dataset_mean"], abs=1e-9)
+    # the rebuilt head is the run's: the releases minus its clean activations are the noise
+    assert row["noise_std"] == pytest.approx(row["noise_std_configured"], rel=0.05)
+    assert "| 8 |" in bench.table([row])
 
 
 def test_bad_dataset_is_one_line_exit_2(cli_inprocess, tmp_path: Path) -> None:

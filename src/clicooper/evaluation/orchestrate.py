@@ -32,7 +32,7 @@ from torch import nn
 from clicooper.attacks.metrics import mean_image_baselines, reconstruction_scores
 from clicooper.attacks.watermark_removal import Lab, robustness
 from clicooper.config import ONCE_MODEL, RunConfig, default_lr, default_release
-from clicooper.data import Dataset, default_dataset, load_dataset
+from clicooper.data import Dataset, Split, default_dataset, load_dataset
 from clicooper.evaluation import adapters
 from clicooper.evaluation.settings import COLUMNS, EvalSettings
 from clicooper.evaluation.targets import targets
@@ -219,9 +219,7 @@ def attack_run(
         )
         inv: dict[str, Any] = {k: reconstruction_scores(r, originals) for k, r in recon.items()}
         inv["ssim"] = max(inv["data_free"]["ssim"], inv["aux_no_query"]["ssim"])
-        inv["baselines"] = mean_image_baselines(
-            aux_split.x, aux_split.y, originals, data.train.y[ids].numpy(), seed=s.seed
-        )
+        inv["baselines"] = target_baselines(aux_split, data.train, ids, s)
         inv["targets"] = {"images": len(ids), "source": held["source"]}
         inv["attacker_head"] = "exact" if exact else "architecture"
         out["inversion"] = inv
@@ -297,6 +295,47 @@ def t1_holdings(
         "clean": clean,
         "extraction_pairs": clean,
         "source": "t1 release cache (parties/t1/releases), a seeded draw of its record ids",
+    }
+
+
+def target_baselines(aux_split: Split, train: Split, ids: Any, s: EvalSettings) -> dict[str, float]:
+    """SSIM of the blind reconstructions of the target records ``ids`` of ``train`` (the
+    owner's training split, evaluator-only): their dataset and class means, taken on the
+    attackers' ``aux_split`` (:func:`~clicooper.attacks.metrics.mean_image_baselines`)."""
+    return mean_image_baselines(
+        aux_split.x, aux_split.y, train.x[ids], train.y[ids].numpy(), seed=s.seed
+    )
+
+
+def release_data_free(
+    head_factory: Callable[[], nn.Module],
+    exact: bool,
+    cache: CachedReleases,
+    train: Split,
+    image_shape: tuple[int, ...],
+    aux_split: Split,
+    s: EvalSettings,
+) -> dict[str, Any]:
+    """The once column's data-free inversion of a release-once T1's cache, alone.
+
+    The same targets as :func:`t1_holdings` (a seeded draw of ``s.n_invert`` record ids,
+    :func:`~clicooper.evaluation.views.release_targets`) and the same attack
+    (:func:`~clicooper.evaluation.adapters.data_free`: white-box through the frozen head
+    when the trainers hold it, ``exact`` (:func:`head_known`), else UnSplit), scored
+    against the records' images in ``train`` beside their :func:`target_baselines`.
+    ``unpaired_ssim``: the same reconstructions scored against another target's image (the
+    next in the draw), the SSIM the attack gets knowing nothing of the record it inverts.
+    Cheap (no alignment, no decoders): what a frontier point of release once reports.
+    """
+    ids = release_targets(cache, s.n_invert, s.seed)
+    recon = adapters.data_free(head_factory, cache.rows(ids), image_shape, s, exact)
+    originals = train.x[ids]
+    return {
+        **reconstruction_scores(recon, originals),
+        "unpaired_ssim": reconstruction_scores(recon, originals.roll(1, 0))["ssim"],
+        "baselines": target_baselines(aux_split, train, ids, s),
+        "images": len(ids),
+        "attacker_head": "exact" if exact else "architecture",
     }
 
 
@@ -487,22 +526,45 @@ def once_sweep(
     say: Say,
     progress: TrainProgress | None,
     timing: dict[str, float],
+    aux_split: Split,
 ) -> list[dict[str, Any]]:
     """Release-once runs at ``s.once_sweep_epsilon`` (the main runs' epochs and data), for
-    the frontier: trained and scored, not attacked, so they record nothing."""
+    the frontier: trained and scored, and their release caches inverted data-free
+    (:func:`release_data_free`, the once column's attack); no other attack, so they record
+    nothing."""
     points = []
     for eps in s.once_sweep_epsilon:
         run_cfg = column_config(cfg, s, "once", target_epsilon=eps).model_copy(update={"record": 0})
+        run_dir = out / f"once-eps-{eps:g}"
         with _stage(say, timing, f"once at epsilon {eps:g}: training"):
-            session = train(run_cfg, data, out / f"once-eps-{eps:g}", progress)
-        points.append(frontier_point("once", f"once, epsilon {eps:g}", _run_summary(session)))
+            session = train(run_cfg, data, run_dir, progress)
+        with _stage(say, timing, f"once at epsilon {eps:g}: data-free inversion"):
+            head_factory, _ = architecture(session, run_cfg)
+            found = release_data_free(
+                head_factory,
+                head_known(run_cfg),
+                cached_releases(run_dir),
+                session.dataset.train,
+                session.dataset.image_shape,
+                aux_split,
+                s,
+            )
+        label = f"once, epsilon {eps:g}"
+        points.append(frontier_point("once", label, _run_summary(session), inversion=found))
     return points
 
 
 def frontier_point(
-    series: str, label: str, run_: dict[str, Any], main: bool = False
+    series: str,
+    label: str,
+    run_: dict[str, Any],
+    main: bool = False,
+    inversion: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One point of the frontier: a run's test accuracy, epsilon, owner share and epochs."""
+    """One point of the frontier: a run's test accuracy, epsilon, owner share and epochs,
+    and, where the run was inverted (``inversion``: its data-free scores ``ssim`` and the
+    targets' ``baselines``), its data-free SSIM beside the dataset-mean baseline's."""
+    inversion = inversion or {}
     return {
         "series": series,
         "label": label,
@@ -510,6 +572,8 @@ def frontier_point(
         "epsilon": run_["privacy"]["epsilon"],
         "owner_share": (run_.get("compute") or {}).get("owner_share"),
         "epochs": run_["config"]["epochs"],
+        "data_free_ssim": inversion.get("ssim"),
+        "dataset_mean_ssim": (inversion.get("baselines") or {}).get("dataset_mean"),
         "main_run": main,
         "source": "evaluation",
     }
@@ -526,18 +590,30 @@ def frontier(
     """
     series = {"vanilla": "vanilla", "clicooper": "every-epoch", "once": "once"}
     points = [
-        frontier_point(series[c], f"{c} (main run)", results["runs"][c], main=True)
+        frontier_point(
+            series[c],
+            f"{c} (main run)",
+            results["runs"][c],
+            main=True,
+            inversion=_data_free_of(results["attacks"][c]["inversion"]),
+        )
         for c in results["columns"]
     ]
+    kept = ("accuracy", "epsilon", "owner_share", "epochs", "data_free_ssim", "dataset_mean_ssim")
     for p in (results.get("privacy_utility") or {}).get("points", []):
         if p["series"] == "activation" and not p.get("main_run"):
-            point = {k: p.get(k) for k in ("accuracy", "epsilon", "owner_share", "epochs")}
+            point = {k: p.get(k) for k in kept}
             label = f"every-epoch, noise {p['noise_multiplier']:g}"
             points.append({"series": "every-epoch", "label": label, **point})
             points[-1].update(main_run=False, source="evaluation")
     points += once_points
     points += [{"main_run": False, "source": "extra", **p} for p in extra]
     return {"points": points}
+
+
+def _data_free_of(inversion: dict[str, Any]) -> dict[str, Any]:
+    """A column's data-free scores and target baselines (:func:`frontier_point`'s keys)."""
+    return {**inversion["data_free"], "baselines": inversion["baselines"]}
 
 
 def evaluate(
@@ -625,7 +701,7 @@ def evaluate(
             "vanilla_accuracy": vanilla["accuracy"]["test"] if vanilla else None,
         }
     once_points = (
-        once_sweep(cfg, data, s, out / "runs" / "sweep", say, progress, timing)
+        once_sweep(cfg, data, s, out / "runs" / "sweep", say, progress, timing, aux_split)
         if "once" in columns
         else []
     )

@@ -157,16 +157,20 @@ def once_notes(r: dict[str, Any]) -> list[str]:
 
 
 def frontier_table(r: dict[str, Any]) -> list[str]:
-    """The frontier's points: the evaluation's runs (and any extra points given)."""
+    """The frontier's points: the evaluation's runs (and any extra points given), each with
+    its data-free SSIM (the run's column attack; release once: white-box through the head
+    when the trainers hold it) beside the dataset-mean SSIM of the same targets."""
     points = (r.get("frontier") or {}).get("points") or []
     lines = [
-        "| series | run | epochs | epsilon | test accuracy | owner share | source |",
-        "|---|---|---|---|---|---|---|",
+        "| series | run | epochs | epsilon | test accuracy | owner share | data-free SSIM "
+        "| dataset-mean SSIM | source |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for p in points:
         lines.append(
             f"| {p.get('series')} | {p.get('label')} | {_f(p.get('epochs'))} | "
             f"{_f(p.get('epsilon'))} | {_f(p.get('accuracy'))} | {_f(p.get('owner_share'))} | "
+            f"{_f(p.get('data_free_ssim'))} | {_f(p.get('dataset_mean_ssim'))} | "
             f"{p.get('source')} |"
         )
     return lines

@@ -54,7 +54,8 @@ class EvalSettings:
     once_model: str | None = None
     once_target_epsilon: float = 8.0
     # Frontier: more release-once runs at these epsilons (same epochs and data as the main
-    # runs; trained and scored, not attacked), beside the noise sweep's every-epoch points.
+    # runs; trained, scored and inverted data-free from their release caches, no other
+    # attack), beside the noise sweep's every-epoch points.
     once_sweep_epsilon: tuple[float, ...] = ()
     extra: dict[str, float] = field(default_factory=dict)
 
