@@ -127,6 +127,11 @@ def run(
             "privacy": cfg.privacy.for_data(n_train),
         }
     )
+    # Small per-party models gain little from intra-op threads, and oversubscribed
+    # threads spin: one thread per process is several times faster on a busy machine.
+    # Set before the frozen head is pretrained: its float sums depend on the thread count,
+    # so a vanilla and a clicooper run of one config get the same head bit for bit.
+    torch.set_num_threads(cfg.threads)
     factory = model_factory or preset_factory(cfg, data)
     split = factory(data.num_classes)
     devices = party_devices(cfg, local_parties(cfg))  # an unusable device fails here
@@ -137,9 +142,6 @@ def run(
     if not resume:
         prepare_run_dir(out_dir, overwrite)
         save_run_config(out_dir, cfg)
-    # Small per-party models gain little from intra-op threads, and oversubscribed
-    # threads spin: one thread per process is several times faster on a busy machine.
-    torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     first_step = _FirstStep(progress)
     try:
@@ -243,7 +245,7 @@ def _run_split(
         release = OwnerRelease(split.head, noise, secret, data.train.x)
     if public is not None:  # the warm start's clean public activations, a release set apart
         public_release = OwnerRelease(split.head, noise, secret, public.x, public=True)
-        public_targets = labels.encode_public(public.y)
+        public_targets = labels.encode_public(public.y) if labels else public.y
     owner = DataOwner(
         transport,
         split.head,
