@@ -3,7 +3,9 @@
 ``centralized``: one ordinary model (:mod:`clicooper.runtime.centralized`).
 ``vanilla``: split learning without defences. ``clicooper``: activation noise, secret
 label obfuscation (and the watermark chain). All three use the same architecture,
-seed, data and batch order, so their accuracies and times compare directly.
+seed, data and batch order, so their accuracies and times compare directly. With
+``privacy.release = "once"`` vanilla is release once's baseline: the same frozen head and
+warm start, each record's clean ``head(x)`` sent to t1 once (no epsilon).
 
 :func:`run` assembles a split run in one pass: the parties from the party factory
 (:mod:`clicooper.runtime.factory`: in this process, or remote ones of
