@@ -23,6 +23,14 @@ resume keys. ``--pair-nowm`` measures the watermark's own cost: each clicooper r
 repeated with its owner secret (the same label permutation and activation noise) and
 the watermark off, so the two differ only by the watermark; the table adds the median
 of (without - with) over the runs (rows resumed from an unpaired grid have none).
+
+``--release once`` compares clicooper's release once (at its default epsilon unless
+``--set`` says otherwise) against vanilla on the same frozen head (``--mode vanilla
+--release once``: the same head source, public split, chain warm start, lr and seed, its
+clean activations sent once). Each row keeps the test accuracy after every epoch on the
+releases (``history``, the warm start's epochs left out); ``--read-epochs 1 2`` prints
+the table at those epochs too, read from the same runs, which is exactly the run of that
+many epochs when nothing depends on the total (:func:`history_exact` checks it).
 """
 
 from __future__ import annotations
@@ -77,6 +85,23 @@ def evaluation_data(dataset: str, seed: int, test: bool, subset: int | None) -> 
     return Dataset(data.name, kept.train, val, data.num_classes)
 
 
+def history_exact(cfg: RunConfig) -> str | None:
+    """Why epoch e of a run of ``cfg`` is not the run of e epochs, or None when it is.
+
+    Nothing of a run before the end of epoch e depends on the total epochs when the lr
+    schedule is constant (warm-up counts steps from the start), watermark stages are
+    epochs (``stage_steps`` closes a stage only with a stage's steps still to go) and the
+    noise does not come from a target epsilon spread over every epoch's release."""
+    if cfg.schedule != "constant":
+        return f"the {cfg.schedule} lr schedule spans the whole run"
+    if cfg.watermark.stage_steps is not None:
+        return "watermark.stage_steps: the last stage's length depends on the total steps"
+    p = cfg.privacy
+    if cfg.mode == "clicooper" and p.release == "every-epoch" and p.target_epsilon is not None:
+        return "target_epsilon spreads its budget over every epoch's release"
+    return None
+
+
 def one_run(
     data: Dataset, mode: str, setting: dict[str, Any], extra: dict[str, Any], pair: bool = False
 ) -> dict:
@@ -96,6 +121,9 @@ def one_run(
         marked = wm.get("enabled", False)
         out = {
             "accuracy": res["accuracy"]["test"],
+            "history": [h["test_accuracy"] for h in res["history"] if h.get("phase") != "public"],
+            "history_exact": history_exact(cfg) is None,
+            "epsilon": res["privacy"]["epsilon"],
             "max_ber": max(wm["final_ber"].values()) if marked else None,
             "verified": (wm["verified"] and wm["attestations_failed"] == 0) if marked else None,
             "seconds": round(time.perf_counter() - start, 1),
@@ -138,8 +166,21 @@ def row_key(row: dict) -> tuple:
         row["mode"],
         row["label"] if row["mode"] == "clicooper" else "",
         json.dumps(row.get("both", {}), sort_keys=True),
+        row.get("release", "every-epoch"),
         row["run"],
     )
+
+
+def at_epoch(rows: list[dict], epoch: int) -> list[dict]:
+    """The rows as runs of ``epoch`` epochs, read from their per-epoch history: only rows
+    whose history is exact (:func:`history_exact`) and that trained that long."""
+    out = []
+    for r in rows:
+        if r.get("history_exact") and len(r.get("history", [])) >= epoch:
+            setting = {**r["setting"], "epochs": epoch}
+            out.append({**r, "setting": setting, "accuracy": r["history"][epoch - 1]})
+            out[-1].pop("accuracy_nowm", None)  # the unmarked run's history is not kept
+    return out
 
 
 def summarise(rows: list[dict], label: str) -> list[dict]:
@@ -179,8 +220,9 @@ def summarise(rows: list[dict], label: str) -> list[dict]:
     return table
 
 
-def print_table(table: list[dict], label: str) -> None:
-    print(f"\nvariant: {label}")
+def print_table(table: list[dict], label: str, release: str = "every-epoch") -> None:
+    base = "vanilla on the same frozen head" if release == "once" else "vanilla"
+    print(f"\nvariant: {label}, release {release}, against {base}")
     head = f"{'split':<5} {'dataset':<14} {'model':<5} {'ep':>3} {'tr':>3} {'vanilla':>8} "
     print(head + f"{'median':>8} {'worst':>8} {'gap med':>8} {'gap worst':>9}  ok  wm cost")
     for t in table:
@@ -208,6 +250,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--pair-nowm", action="store_true", help="each run again, watermark off")
     ap.add_argument("--label", default="default", help="the variant's name")
     ap.add_argument("--no-vanilla", action="store_true", help="only clicooper runs")
+    ap.add_argument(
+        "--release",
+        choices=("every-epoch", "once"),
+        default="every-epoch",
+        help="once: clicooper release once against vanilla on the same frozen head",
+    )
+    ap.add_argument(
+        "--read-epochs",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also print the table at these epochs, read from the runs' history",
+    )
     ap.add_argument("--out", type=Path, default=None, help="JSON lines; a rerun resumes")
     args = ap.parse_args(argv)
     try:
@@ -216,6 +271,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except ValueError as exc:
         ap.error(str(exc))
     split = "test" if args.test else "val"
+    release = {"privacy.release": "once"} if args.release == "once" else {}
     data = evaluation_data(args.dataset, args.seed, args.test, args.subset)
     rows = load_rows(args.out)
     done = {row_key(r) for r in rows}
@@ -229,17 +285,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "set": extra if mode == "clicooper" else {},
             "both": both,
             "run": index,
+            "release": args.release,
         }
         if row_key(row) in done:
             continue
-        row.update(one_run(data, mode, setting, {**both, **row["set"]}, args.pair_nowm))
+        extra_run = {**both, **release, **row["set"]}
+        row.update(one_run(data, mode, setting, extra_run, args.pair_nowm))
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.out is not None:
             with args.out.open("a") as fh:
                 fh.write(json.dumps(row) + "\n")
-    table = summarise(rows_for(rows, args, split, both), args.label)
-    print_table(table, args.label)
+    mine = rows_for(rows, args, split, both)
+    table = summarise(mine, args.label)
+    print_table(table, args.label, args.release)
+    for epoch in args.read_epochs:
+        print(f"\nread from the runs' history after epoch {epoch}:")
+        print_table(summarise(at_epoch(mine, epoch), args.label), args.label, args.release)
     return table
 
 
@@ -258,6 +320,7 @@ def rows_for(
         and (r["setting"]["model"], r["setting"]["epochs"], r["setting"]["trainers"]) in wanted
         and r["setting"]["seed"] == args.seed
         and r.get("both", {}) == both
+        and r.get("release", "every-epoch") == args.release
         and (r["mode"] == "vanilla" or r["label"] == args.label)
     ]
 

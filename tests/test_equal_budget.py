@@ -51,6 +51,47 @@ def test_tiny_grid_prints_one_table_and_resumes(equal_budget, tmp_path, capsys):
     assert len(out.read_text().splitlines()) == 3
 
 
+def test_release_once_grid_against_vanilla_on_the_frozen_head(equal_budget, tmp_path, capsys):
+    """--release once: vanilla on the same frozen head and clicooper's release once, both at
+    the same budget; --read-epochs reads epoch 1 from the 2-epoch runs, which is exactly
+    the 1-epoch run (trained here again to check)."""
+    out = tmp_path / "once.jsonl"
+    short = ["--set-both", "chain.warm_epochs=1", "--set-both", "head.pretrain_epochs=1"]
+    argv = ["--subset", "300", "--epochs", "2", "--runs", "1", "--trainers", "2", *short]
+    table = equal_budget.main([*argv, "--release", "once", "--read-epochs", "1", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["mode"], r["release"]) for r in rows] == [("vanilla", "once"), ("clicooper", "once")]
+    assert rows[0]["epsilon"] is None and rows[1]["epsilon"] == pytest.approx(8.0, abs=0.01)
+    assert all(r["history_exact"] and len(r["history"]) == 2 for r in rows)  # warm start left out
+    assert table[0]["vanilla"] == rows[0]["accuracy"] == rows[0]["history"][-1]
+    printed = capsys.readouterr().out
+    assert "against vanilla on the same frozen head" in printed and "after epoch 1" in printed
+    (one,) = equal_budget.summarise(equal_budget.at_epoch(rows, 1), "default")
+    assert one["epochs"] == 1 and one["vanilla"] == rows[0]["history"][0]
+    data = equal_budget.evaluation_data("digits", 0, test=False, subset=300)
+    setting = {"model": "mlp", "epochs": 1, "trainers": 2, "seed": 0}
+    extra = {"privacy.release": "once", "chain.warm_epochs": 1, "head.pretrain_epochs": 1}
+    assert equal_budget.one_run(data, "vanilla", setting, extra)["accuracy"] == one["vanilla"]
+
+
+def test_history_is_exact_only_when_nothing_depends_on_the_total_epochs(equal_budget):
+    from clicooper.config import RunConfig
+
+    def cfg(**kw):
+        return RunConfig.load(None, dataset="digits", **kw)
+
+    assert equal_budget.history_exact(cfg(**{"privacy.release": "once"})) is None
+    assert equal_budget.history_exact(cfg(mode="vanilla")) is None
+    assert "cosine" in equal_budget.history_exact(cfg(schedule="cosine"))
+    assert "stage_steps" in equal_budget.history_exact(cfg(**{"watermark.stage_steps": 5}))
+    assert "target_epsilon" in equal_budget.history_exact(cfg(**{"privacy.target_epsilon": 8}))
+    row = {"setting": {"epochs": 3}, "accuracy": 0.9, "history": [0.5, 0.7, 0.9]}
+    assert equal_budget.at_epoch([{**row, "history_exact": False}], 1) == []
+    assert equal_budget.at_epoch([{**row, "history_exact": True}], 4) == []
+    (read,) = equal_budget.at_epoch([{**row, "history_exact": True}], 2)
+    assert read["accuracy"] == 0.7 and read["setting"]["epochs"] == 2
+
+
 def test_bad_set_is_one_line_error(equal_budget, capsys):
     with pytest.raises(SystemExit) as exc:
         equal_budget.main(["--set", "watermark.strength"])

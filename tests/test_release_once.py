@@ -373,9 +373,11 @@ def test_the_owner_refuses_a_gradient_in_once_mode():
 
 
 def test_release_once_refuses_settings_that_train_the_head():
-    for mode in ("vanilla", "centralized"):
-        with pytest.raises(ConfigError, match="release once needs mode clicooper"):
-            quick_config(mode=mode, **ONCE)
+    with pytest.raises(ConfigError, match="release once needs a split mode"):
+        quick_config(mode="centralized", **ONCE)
+    with pytest.raises(ConfigError, match="mode vanilla adds none"):
+        quick_config(mode="vanilla", **ONCE, **{"chain.denoise": "post-mean"})
+    assert quick_config(mode="vanilla", **ONCE).privacy.release == "once"  # the baseline
     with pytest.raises(ConfigError, match="no gradient leaves the trainer"):
         quick_config(trainers=1, **ONCE, **{"privacy.gradient_noise_multiplier": 0.5})
     cfg = quick_config(trainers=2, **ONCE, **{"privacy.gradient_noise_multiplier": 0.5})
@@ -388,8 +390,8 @@ def test_release_once_refuses_settings_that_train_the_head():
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--mode", "vanilla"], "release once needs mode clicooper"),
-        (["--mode", "centralized"], "release once needs mode clicooper"),
+        (["--mode", "centralized"], "release once needs a split mode"),
+        (["--mode", "vanilla", "--denoise", "post-mean"], "mode vanilla adds none"),
         (["--head-source", "nope"], "unknown head source 'nope'"),
         (["--trainers", "1", "--gradient-noise", "0.5"], "no gradient leaves the trainer"),
     ],

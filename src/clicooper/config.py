@@ -420,18 +420,27 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _release_fits(self) -> RunConfig:
-        """``release = "once"`` freezes the head: refuse settings that need it to train."""
+        """``release = "once"`` freezes the head: refuse settings that need it to train.
+
+        ``mode = "vanilla"`` with release once is the baseline of release once: the same
+        frozen head and chain warm start, its clean activations sent to t1 once (no clip,
+        no noise, true labels, no watermark), so the two compare on the same head."""
         if self.privacy.release == "once" and (problem := self.head_must_train()):
             raise ValueError(problem)
         return self
 
     def head_must_train(self) -> str | None:
-        """Why this run needs the owner's head to train, so cannot release once (None: it
-        need not). An unset release resolves to every-epoch then (:meth:`for_data`)."""
-        if self.mode != "clicooper":
+        """Why this run cannot release once (None: it can). An unset release resolves to
+        every-epoch then (:meth:`for_data`)."""
+        if self.mode == "centralized":
             return (
-                f"privacy.release once needs mode clicooper: mode {self.mode} trains the owner's "
-                "head (use --release every-epoch, or --mode clicooper)"
+                "privacy.release once needs a split mode: mode centralized trains one model "
+                "and releases nothing (use --mode clicooper, or --mode vanilla for its baseline)"
+            )
+        if self.mode == "vanilla" and self.chain.denoise != "none":
+            return (
+                f"chain.denoise {self.chain.denoise} removes activation noise, and mode vanilla "
+                "adds none (set chain.denoise none, or use --mode clicooper)"
             )
         if self.trainers == 1 and self.privacy.gradient_noise_multiplier > 0:
             return (

@@ -71,6 +71,8 @@ def summary_table(results: dict[str, Any]) -> Table:
         ("epsilon (delta)", "none" if eps is None else f"{eps:.2f} ({privacy['delta']:g})"),
         ("pseudo-classes", str(results["labels"]["pseudo_classes"])),
     ]
+    if privacy.get("baseline"):  # vanilla on release once's frozen head
+        rows.append(("protection", "none: vanilla baseline on the frozen head"))
     readouts = results.get("readouts") or {}
     for name, label in (
         ("ncm", "readout of the releases: nearest class mean"),

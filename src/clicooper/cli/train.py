@@ -62,7 +62,10 @@ def run(
     delta: Annotated[float | None, Opt()] = None,
     release: Annotated[
         str | None,
-        Opt(help="every-epoch (the head trains) or once: a frozen head, one release per record"),
+        Opt(
+            help="every-epoch (the head trains) or once: a frozen head, one release per "
+            "record (with --mode vanilla: its clean baseline on the same head)"
+        ),
     ] = None,
     head_source: Annotated[
         str | None, Opt(help="where the frozen head comes from (--release once)")

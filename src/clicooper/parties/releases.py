@@ -102,7 +102,7 @@ class OwnerRelease:
     def __init__(
         self,
         head: nn.Module,
-        noise: ActivationNoise,
+        noise: ActivationNoise | None,
         secret: OwnerSecret,
         x: torch.Tensor,
         tag: str | None = None,
@@ -112,7 +112,9 @@ class OwnerRelease:
         """``head``: frozen; ``x``: the training images, record id = row; ``tag``: the
         session's release tag (fresh from the OS CSPRNG by default); ``labels``: the
         records' pseudo-labels, sent with them (``chain.denoise = "post-mean"``);
-        ``public``: the public split's clean activations (``noise`` only clips them)."""
+        ``public``: the public split's clean activations (``noise`` only clips them).
+        ``noise`` None (mode vanilla, the baseline): every set is sent as ``head(x)``, not
+        clipped, not noised."""
         self.head, self.noise, self.secret, self.x = head, noise, secret, x
         self.labels, self.set = labels, "public" if public else "private"
         if labels is not None and len(labels) != len(x):
@@ -160,12 +162,16 @@ class OwnerRelease:
 
     def released(self, chunk: int) -> torch.Tensor:
         """Chunk ``chunk``'s release: the frozen head, clipped, plus its seeded noise (none for
-        the public set). A pure function of the owner's secret and data: it counts nothing."""
+        the public set; neither without ``noise``, the vanilla baseline). A pure function of
+        the owner's secret and data: it counts nothing."""
         ids = self.ids(chunk)
         weight = next(self.head.parameters(), None)  # the head's device (a GPU owner)
         x = self.x[ids] if weight is None else self.x[ids].to(weight.device)
         with torch.no_grad():
-            clipped = self.noise.clip(self.head(x)).cpu()
+            z = self.head(x)
+        if self.noise is None:
+            return z.cpu()
+        clipped = self.noise.clip(z).cpu()
         if self.set == "public":
             return clipped
         generator = torch.Generator().manual_seed(noise_seed(self.secret, chunk))
@@ -191,6 +197,8 @@ class OwnerRelease:
     @property
     def noise_std(self) -> float:
         """The per-coordinate standard deviation of the noise (Laplace: sqrt(2) b)."""
+        if self.noise is None:
+            return 0.0
         scale = self.noise.noise_multiplier * self.noise.clip_norm
         return scale * math.sqrt(2.0) if self.noise.mechanism == "laplace" else scale
 

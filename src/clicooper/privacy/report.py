@@ -28,9 +28,19 @@ GRADIENT_SCOPE = (
 )
 
 
+#: What a vanilla run on a frozen head is (results.json ``privacy.baseline``).
+FROZEN_BASELINE = (
+    "vanilla split learning on release once's frozen head: not private. Each training "
+    "record's clean activation head(x) (no clipping, no noise) was sent to the first trainer "
+    "once and cached; the last trainer got the true labels; no watermark. The baseline "
+    "release once is compared against (same head, public split, warm start and seed)"
+)
+
+
 def releases_once(cfg: RunConfig) -> bool:
-    """Whether the owner releases its noisy activations once, before training (clicooper only)."""
-    return cfg.mode == "clicooper" and cfg.privacy.release == "once"
+    """Whether the head is frozen and each record's activation is sent to t1 once, before
+    training: clicooper's noisy release, or (mode vanilla) its clean baseline."""
+    return cfg.mode in ("clicooper", "vanilla") and cfg.privacy.release == "once"
 
 
 def noise_multiplier(cfg: RunConfig) -> float:
@@ -61,7 +71,7 @@ def privacy_report(
         once.update(release.summary(), covers=once_scope(p.noise_at_inference))
         once["head"] = head.privacy if head is not None else None
     if noise is None:
-        return {
+        clear: dict[str, Any] = {
             "release": p.release if cfg.mode == "clicooper" else None,
             "epsilon": None,
             "delta": p.delta,
@@ -72,6 +82,9 @@ def privacy_report(
             "covers": None,
             "gradient": grad,
         }
+        if release is not None:  # vanilla on the frozen head: clean sends, not releases
+            clear.update(once, covers=None, baseline=FROZEN_BASELINE)
+        return clear
     return {
         "epsilon": accounting.epsilon(noise.noise_multiplier, releases, p.delta, p.mechanism),
         "delta": p.delta,

@@ -3,7 +3,9 @@
 ``centralized``: one ordinary model (:mod:`clicooper.runtime.centralized`).
 ``vanilla``: split learning without defences. ``clicooper``: activation noise, secret
 label obfuscation (and the watermark chain). All three use the same architecture,
-seed, data and batch order, so their accuracies and times compare directly.
+seed, data and batch order, so their accuracies and times compare directly. With
+``privacy.release = "once"`` vanilla is release once's baseline: the same frozen head and
+warm start, each record's clean ``head(x)`` sent to t1 once (no epsilon).
 
 :func:`run` assembles a split run in one pass: the parties from the party factory
 (:mod:`clicooper.runtime.factory`: in this process, or remote ones of
@@ -135,6 +137,11 @@ def run(
         secret = OwnerSecret.read(rundir.owner / SECRET_FILE)
     # size-dependent defaults (release, model, lr, batch, noise), recorded in config.toml below
     cfg, data = resolve_run(cfg, data, served=deployment is not None)
+    # Small per-party models gain little from intra-op threads, and oversubscribed
+    # threads spin: one thread per process is several times faster on a busy machine.
+    # Set before the frozen head is pretrained: its float sums depend on the thread count,
+    # so a vanilla and a clicooper run of one config get the same head bit for bit.
+    torch.set_num_threads(cfg.threads)
     factory = model_factory or preset_factory(cfg, data)
     split = factory(data.num_classes)
     devices = party_devices(cfg, local_parties(cfg))  # an unusable device fails here
@@ -145,9 +152,6 @@ def run(
     if not resume:
         prepare_run_dir(out_dir, overwrite)
         save_run_config(out_dir, cfg)
-    # Small per-party models gain little from intra-op threads, and oversubscribed
-    # threads spin: one thread per process is several times faster on a busy machine.
-    torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     first_step = _FirstStep(progress)
     try:
@@ -251,7 +255,7 @@ def _run_split(
         release = OwnerRelease(split.head, noise, secret, data.train.x)
     if public is not None:  # the warm start's clean public activations, a release set apart
         public_release = OwnerRelease(split.head, noise, secret, public.x, public=True)
-        public_targets = labels.encode_public(public.y)
+        public_targets = labels.encode_public(public.y) if labels else public.y
     owner = DataOwner(
         transport,
         split.head,
