@@ -97,7 +97,7 @@ def history_exact(cfg: RunConfig) -> str | None:
     if cfg.watermark.stage_steps is not None:
         return "watermark.stage_steps: the last stage's length depends on the total steps"
     p = cfg.privacy
-    if cfg.mode == "clicooper" and p.release == "every-epoch" and p.target_epsilon is not None:
+    if cfg.mode == "clicooper" and p.release != "once" and p.target_epsilon is not None:
         return "target_epsilon spreads its budget over every epoch's release"
     return None
 
