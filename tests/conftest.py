@@ -3,11 +3,49 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from clicooper.data import Dataset, load_dataset
+
+# The slowest files (measured with --durations), slowest first. With `--dist loadfile
+# --no-loadscope-reorder` (scripts/test.sh) a file runs whole on one worker, in this order:
+# started last, the quick evaluation's module fixture (minutes) or a file of process-killing
+# runs would leave the other worker idle at the end. (xdist's default reorder puts the
+# files with the most tests first, which puts these, with few tests each, last.)
+SLOWEST_FIRST = (
+    "evaluation/test_evaluate_quick.py",
+    "deploy/test_deploy_resume.py",
+    "deploy/test_release_once_resume.py",
+    "deploy/test_deploy_launch.py",
+    "deploy/test_pool.py",
+    "attacks/test_attack_inversion.py",
+    "test_api.py",
+    "test_cli_and_example.py",
+    "attacks/test_attack_extraction.py",
+    "deploy/test_release_once_launch.py",
+    "test_session.py",
+    "deploy/test_node_faults.py",
+    "deploy/test_resume_inprocess.py",
+    "grpc/test_grpc_fuzz.py",
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The files of :data:`SLOWEST_FIRST` first, in that order; the rest as collected."""
+    root = Path(__file__).parent
+
+    def rank(item: pytest.Item) -> int:
+        try:
+            name = item.path.relative_to(root).as_posix()
+        except ValueError:
+            return len(SLOWEST_FIRST)
+        return SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file is kept
+
 
 # Two pytest-xdist workers share the two cores: one torch thread each (oversubscribed
 # threads spin); a lone run may use both.

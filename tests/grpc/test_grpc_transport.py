@@ -435,6 +435,26 @@ def test_listen_on_a_busy_port_fails_clearly(net, certs_dir: Path) -> None:
         clash.close()
 
 
+def test_a_client_only_transport_on_a_listening_address_sends_without_binding(net, certs_dir):
+    """A one-off client on the address its own party listens on (the owner's send_join to a
+    restarted party, admission requests, a node session's sender) sends and closes without
+    binding: only start() and recv() listen, so it never clashes with its party's server."""
+    t1, t2 = net.pair()
+    t3 = net.transport("t3")
+    address = f"127.0.0.1:{t1.port}"  # where t1's server listens
+    one_off = GrpcTransport("t1", address, {"t3": f"127.0.0.1:{t3.port}"}, certs_dir / "t1",
+                            net.session, send_timeout=10.0)  # fmt: skip
+    try:
+        one_off.send(Message(Kind.FORWARD, 1, "t1", "t3", {"x": torch.ones(2)}))
+        assert t3.recv("t3", 5).sender == "t1"
+        with pytest.raises(RuntimeError, match="not started"):
+            _ = one_off.port
+    finally:
+        one_off.close()
+    t2.send(Message(Kind.BACKWARD, 1, "t2", "t1", {"y": torch.ones(2)}))
+    assert t1.recv("t1", 5).kind == Kind.BACKWARD  # t1's server still serves its port
+
+
 # -- serve_forever ---------------------------------------------------------------
 
 

@@ -6,12 +6,15 @@ import json
 import logging
 import signal
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from clicooper.cli.app import Opt, app, fail
 from clicooper.cli.progress import console
+
+if TYPE_CHECKING:
+    from clicooper.node.pool import Pool, PoolNode
 
 node_app = typer.Typer(
     no_args_is_help=True, help="Trainer and verifier nodes that serve many sessions at once."
@@ -121,7 +124,7 @@ def pool_up(
     except (ValueError, OSError, RuntimeError) as exc:
         fail(str(exc).splitlines()[0])
     for node in started.nodes.values():
-        console.print(f"  {node.name}: {node.role} on {node.address} (pid {node.pid})")
+        _print_started(node)
     console.print(f"pool file: {dir / pool.POOL_FILE}  (`clicooper run --pool` it)")
 
 
@@ -130,13 +133,7 @@ def pool_status(
     pool_dir: Annotated[Path, typer.Argument(help="the pool's directory (or its pool.toml)")],
 ) -> None:
     """Every node of the pool, whether it runs, and its sessions."""
-    from clicooper.node.pool import Pool
-
-    try:
-        loaded = Pool.load(pool_dir)
-    except ValueError as exc:
-        fail(str(exc).splitlines()[0])
-    for node in loaded.nodes.values():
+    for node in _load_pool(pool_dir).nodes.values():
         running = "running" if node.running() else "stopped"
         console.print(f"{node.name}  {node.role:<8} {node.address}  {running} (pid {node.pid})")
         for s in node.sessions():
@@ -150,10 +147,7 @@ def pool_down(
     """Stop every node process that `pool up` started."""
     from clicooper.node import pool
 
-    try:
-        stopped = pool.pool_down(pool.Pool.load(pool_dir))
-    except ValueError as exc:
-        fail(str(exc).splitlines()[0])
+    stopped = pool.pool_down(_load_pool(pool_dir))
     console.print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
 
 
@@ -165,8 +159,23 @@ def pool_restart(
     """Start a node that died again, on its own state: it serves its active sessions again."""
     from clicooper.node import pool
 
+    loaded = _load_pool(pool_dir)
     try:
-        node = pool.restart_node(pool.Pool.load(pool_dir), name)
+        node = pool.restart_node(loaded, name)
     except (ValueError, OSError, RuntimeError) as exc:
         fail(str(exc).splitlines()[0])
+    _print_started(node)
+
+
+def _load_pool(pool_dir: Path) -> Pool:
+    """The pool of ``pool_dir`` (or its pool.toml); a one-line exit 2 if it is not one."""
+    from clicooper.node.pool import Pool
+
+    try:
+        return Pool.load(pool_dir)
+    except ValueError as exc:
+        fail(str(exc).splitlines()[0])
+
+
+def _print_started(node: PoolNode) -> None:
     console.print(f"  {node.name}: {node.role} on {node.address} (pid {node.pid})")

@@ -42,7 +42,7 @@ from clicooper.config import RunConfig, TransportLimits, one_line
 from clicooper.node.admission import CONFLICT, DENIED, FULL, INVALID, Admission, AdmissionError
 from clicooper.node.link import SessionTransport
 from clicooper.node.state import ACTIVE, NodeState, SessionRecord, SqliteState
-from clicooper.proto import SERVICE_NAME, Envelope
+from clicooper.proto import Envelope
 from clicooper.runtime.certs import load_party_credentials, validate_party_name
 from clicooper.runtime.deploy.host import PartyHost, serve
 from clicooper.runtime.deploy.settings import SHARED
@@ -53,8 +53,9 @@ from clicooper.runtime.transport.grpc_server import (
     Streams,
     parse_envelope,
     peer_name,
+    start_tls_server,
 )
-from clicooper.runtime.transport.grpc_wire import DEFAULT_ENVELOPE_BYTES, server_options
+from clicooper.runtime.transport.grpc_wire import DEFAULT_ENVELOPE_BYTES
 
 log = logging.getLogger(__name__)
 #: The session-id prefix of admission requests.
@@ -121,6 +122,7 @@ class Node:
         self._serving = threading.Lock()
         self._stop = threading.Event()
         self._server: grpc.Server | None = None
+        self._executor: ThreadPoolExecutor | None = None
         self._threads: list[threading.Thread] = []
         self.port: int | None = None
 
@@ -128,31 +130,16 @@ class Node:
 
     def start(self) -> Node:
         """Listen, lapse reservations as they expire, serve the active sessions again."""
-        ca_pem, cert_pem, key_pem = self._credentials
-        creds = grpc.ssl_server_credentials(
-            [(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=True
-        )
-        limits = self.server_limits
-        workers = limits.max_concurrent_streams + limits.max_streams_per_peer
-        executor = ThreadPoolExecutor(workers, thread_name_prefix=f"clicooper-node-{self.name}")
-        server = grpc.server(
-            executor,
-            options=server_options(limits, DEFAULT_ENVELOPE_BYTES),
-            maximum_concurrent_rpcs=workers,
-        )
         handler = grpc.stream_unary_rpc_method_handler(self._deliver)
-        handlers = {"Deliver": handler, "DeliverOne": handler}
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
+        server, self._executor, port = start_tls_server(
+            self.name,
+            self.listen,
+            self._credentials,
+            {"Deliver": handler, "DeliverOne": handler},
+            self.server_limits,
+            DEFAULT_ENVELOPE_BYTES,
+            f"clicooper-node-{self.name}",
         )
-        try:
-            port = server.add_secure_port(self.listen, creds)
-        except RuntimeError:
-            port = 0
-        if not port:
-            executor.shutdown(wait=False)
-            raise OSError(f"{self.name} cannot listen on {self.listen}: address in use or invalid")
-        server.start()
         self.streams.start()
         self._server, self.port = server, port
         if self.listen.rpartition(":")[2] == "0":  # port 0: the port that was picked
@@ -184,6 +171,9 @@ class Node:
             self._server.stop(grace=1.0).wait()
             self.streams.stop()
             self._server = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
         for thread in self._threads:
             thread.join(timeout=10)
         self.state.close()

@@ -19,11 +19,15 @@ weights, which are trained on the data without noise.
 from __future__ import annotations
 
 import math
-
-import dp_accounting
-from dp_accounting import rdp
+from typing import TYPE_CHECKING
 
 from clicooper.privacy.activation import Mechanism
+
+if TYPE_CHECKING:
+    import dp_accounting
+
+# dp_accounting is imported where it is used: its package imports scipy.stats and
+# scipy.signal (about a second), which trainer, verifier and node processes never need.
 
 SENSITIVITY_FACTOR = 2.0  # replace-one sensitivity in units of the clip norm
 
@@ -41,6 +45,8 @@ def planned_releases(release: str, epochs: int, noise_at_inference: bool) -> int
 
 
 def _event(noise_multiplier: float, mechanism: Mechanism) -> dp_accounting.DpEvent:
+    import dp_accounting
+
     ratio = noise_multiplier / SENSITIVITY_FACTOR
     if mechanism == "laplace":
         return dp_accounting.LaplaceDpEvent(ratio)
@@ -56,6 +62,9 @@ def epsilon(
     """
     if noise_multiplier <= 0 or releases <= 0:
         return None
+    import dp_accounting
+    from dp_accounting import rdp
+
     accountant = rdp.RdpAccountant()
     accountant.compose(
         dp_accounting.SelfComposedDpEvent(_event(noise_multiplier, mechanism), releases)

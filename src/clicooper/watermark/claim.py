@@ -25,7 +25,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from scipy.stats import binom
 
 from clicooper.watermark.embed import StageWatermark
 from clicooper.watermark.keys import commitment as commit
@@ -90,6 +89,8 @@ def claim(
     )
     matching = int((mark.extract({param_name: weight}) == mark.bits.bool()).sum())
     ber = 1.0 - matching / n_bits
+    from scipy.stats import binom  # here: scipy.stats costs every party process a second
+
     p_value = float(binom.sf(matching - 1, n_bits, 0.5))
     holds = p_value <= p_threshold
     verdict = "holds" if holds else "does not hold"

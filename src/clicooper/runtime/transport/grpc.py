@@ -37,17 +37,16 @@ from pydantic import ValidationError
 from clicooper.common.checks import require_sender
 from clicooper.common.messages import Kind, Message, ProtocolError
 from clicooper.config import TransportLimits, one_line
-from clicooper.proto import SERVICE_NAME, Envelope
+from clicooper.proto import Envelope
 from clicooper.runtime.certs import load_party_credentials, validate_party_name
 from clicooper.runtime.transport.base import Party, Transport
-from clicooper.runtime.transport.grpc_server import Receiver
+from clicooper.runtime.transport.grpc_server import Receiver, start_tls_server
 from clicooper.runtime.transport.grpc_wire import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_ENVELOPE_BYTES,
     HEADER_ROOM,
     deliver,
     open_channel,
-    server_options,
     split_message,
 )
 
@@ -140,34 +139,16 @@ class GrpcTransport(Transport):
         return self
 
     def _start_server(self) -> None:
-        ca_pem, cert_pem, key_pem = self._credentials
-        creds = grpc.ssl_server_credentials(
-            [(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=True
+        self._server, self._executor, self._port = start_tls_server(
+            self.name,
+            self.listen,
+            self._credentials,
+            self._receiver.handlers(),
+            self.limits,
+            self.envelope_bytes,
+            f"clicooper-grpc-{self.name}",
         )
-        # A thread for every admitted stream, so stalled streams cannot hold back others;
-        # the headroom runs the refusals past the caps. gRPC refuses calls beyond it
-        # rather than queueing them behind busy threads.
-        workers = self.limits.max_concurrent_streams + self.limits.max_streams_per_peer
-        executor = ThreadPoolExecutor(workers, thread_name_prefix=f"clicooper-grpc-{self.name}")
-        server = grpc.server(
-            executor,
-            options=server_options(self.limits, self.envelope_bytes),
-            maximum_concurrent_rpcs=workers,
-        )
-        handlers = self._receiver.handlers()
-        server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),)
-        )
-        try:
-            port = server.add_secure_port(self.listen, creds)
-        except RuntimeError:
-            port = 0
-        if not port:
-            executor.shutdown(wait=False)
-            raise OSError(f"{self.name} cannot listen on {self.listen}: address in use or invalid")
-        server.start()
         self._receiver.streams.start()
-        self._server, self._executor, self._port = server, executor, port
 
     @property
     def port(self) -> int:

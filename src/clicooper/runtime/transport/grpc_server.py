@@ -35,6 +35,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NoReturn
@@ -51,7 +52,8 @@ from clicooper.common.serde import (
     scan_header,
 )
 from clicooper.config import TransportLimits
-from clicooper.proto import Ack, Envelope
+from clicooper.proto import SERVICE_NAME, Ack, Envelope
+from clicooper.runtime.transport.grpc_wire import server_options
 
 log = logging.getLogger(__name__)
 _OK = Ack(ok=True).SerializeToString()
@@ -533,6 +535,51 @@ class Receiver:
                 grpc.StatusCode.ABORTED,
                 f"{what} seq {header.seq} from {header.sender!r}: expected {expected}",
             )
+
+
+def start_tls_server(
+    name: str,
+    listen: str,
+    credentials: tuple[bytes, bytes, bytes],
+    handlers: dict[str, grpc.RpcMethodHandler],
+    limits: TransportLimits,
+    envelope_bytes: int,
+    thread_prefix: str,
+) -> tuple[grpc.Server, ThreadPoolExecutor, int]:
+    """A started mutual-TLS server of ``name`` on ``listen``: (server, executor, bound port).
+
+    Clients must present a certificate of the CA in ``credentials`` (ca, cert, key).
+    A thread for every admitted stream (``max_concurrent_streams`` plus
+    ``max_streams_per_peer`` of headroom, which runs the refusals past the caps), so a
+    stalled stream cannot hold back others; gRPC refuses calls beyond it rather than
+    queueing them behind busy threads. The caller stops the server, then shuts the
+    executor down. Binding happens here and only here: a transport used as a client only
+    (``EpochTransport.send_join``, admission requests, a node session's sender) never
+    calls this, so it may share the address of a party's listening server. A port that
+    is taken or invalid raises :class:`OSError` (gRPC returns 0 or raises RuntimeError).
+    """
+    ca_pem, cert_pem, key_pem = credentials
+    creds = grpc.ssl_server_credentials(
+        [(key_pem, cert_pem)], root_certificates=ca_pem, require_client_auth=True
+    )
+    workers = limits.max_concurrent_streams + limits.max_streams_per_peer
+    executor = ThreadPoolExecutor(workers, thread_name_prefix=thread_prefix)
+    server = grpc.server(
+        executor,
+        options=server_options(limits, envelope_bytes),
+        maximum_concurrent_rpcs=workers,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    try:
+        port = server.add_secure_port(listen, creds)
+    except RuntimeError:
+        port = 0
+    if not port:
+        server.stop(None)
+        executor.shutdown(wait=False)
+        raise OSError(f"{name} cannot listen on {listen}: address in use or invalid")
+    server.start()
+    return server, executor, port
 
 
 def peer_name(context: grpc.ServicerContext) -> str:
