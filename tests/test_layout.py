@@ -10,7 +10,11 @@ inside functions run later and are not edges (but should stay rare).
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 import clicooper
 from clicooper.runtime.rundirs import LAUNCH_ARTIFACTS, RUN_ARTIFACTS, RunDir
@@ -123,6 +127,31 @@ def test_no_import_cycles_among_clicooper_modules():
     graph = import_graph(modules(SRC))
     assert "clicooper.runtime.session" in graph["clicooper.runtime.deploy.launcher"]
     assert cycles(graph) == []
+
+
+#: Modules the light commands (``certs``, ``pool status|down``, ``node status``, ``--help``)
+#: import: each CLI subprocess of the suite would pay seconds for torch otherwise.
+LIGHT_MODULES = ("clicooper", "clicooper.cli.main", "clicooper.node.pool")
+
+
+def test_light_modules_do_not_import_torch():
+    code = (
+        f"import importlib, sys\nfor m in {LIGHT_MODULES!r}:\n    importlib.import_module(m)\n"
+        "heavy = sorted({'torch', 'grpc', 'clicooper.api'} & set(sys.modules))\n"
+        "assert not heavy, heavy"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr.strip().splitlines()[-1]
+
+
+def test_public_names_load_on_first_use():
+    from clicooper import RunConfig, Split, load_dataset, train  # noqa: F401
+    from clicooper.api import train as api_train
+
+    assert train is api_train and clicooper.RunConfig is RunConfig
+    assert set(clicooper.__all__) <= set(dir(clicooper))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        clicooper.nope  # noqa: B018
 
 
 def test_the_cycle_check_finds_a_cycle(tmp_path: Path):

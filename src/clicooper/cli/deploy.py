@@ -22,10 +22,7 @@ from clicooper.cli.app import Opt, app, build_config, fail
 from clicooper.cli.progress import console
 from clicooper.cli.runner import LAUNCH_TIMEOUTS
 from clicooper.runtime.certs import create_certificates, issue_bundle, load_party_credentials
-from clicooper.runtime.deploy.host import PartyHost
-from clicooper.runtime.deploy.host import serve as serve_party
 from clicooper.runtime.deploy.peers import read_peers
-from clicooper.runtime.transport.epoch import EpochTransport
 
 certs_app = typer.Typer(
     no_args_is_help=True, help="Session certificates for mutual TLS between parties."
@@ -92,6 +89,9 @@ def serve(
     ] = None,
 ) -> None:
     """Run one party (a trainer or the verifier) until the data owner shuts it down."""
+    from clicooper.runtime.deploy.host import PartyHost
+    from clicooper.runtime.deploy.host import serve as serve_party
+    from clicooper.runtime.transport.epoch import EpochTransport
 
     if role not in ("trainer", "verifier"):
         fail(f"unknown role {role!r}: serve trainer or verifier")

@@ -14,7 +14,6 @@ import typer
 
 from clicooper.cli.app import app, build_config, fail
 from clicooper.cli.progress import console, training_progress
-from clicooper.data import DataError
 
 Opt = typer.Option
 
@@ -67,6 +66,7 @@ def evaluate(
 ) -> None:
     """Train vanilla and CliCooper (every-epoch and release-once) alike, run every attack on
     each, write the report with the targets and the frontier figure."""
+    from clicooper.data import DataError
     from clicooper.evaluation import FULL, QUICK
     from clicooper.evaluation import evaluate as run_evaluation
 

@@ -19,7 +19,6 @@ from clicooper.cli import train as _train  # noqa: F401  (registers `run` first)
 from clicooper.cli.app import Opt, app, build_config, fail
 from clicooper.cli.progress import console
 from clicooper.runtime.rundirs import RunDir
-from clicooper.runtime.verification import verify_run
 
 if TYPE_CHECKING:
     from clicooper.watermark import VerifyReport
@@ -119,6 +118,8 @@ def verify(
     """Check a run's ledger, audit copies and final segments; exit 0 only if all holds."""
     from rich.table import Table
 
+    from clicooper.runtime.verification import verify_run
+
     cfg = build_config(config, **{"watermark.ber_threshold": ber_threshold, "watermark.bits": bits})
     if not RunDir(run_dir).ledger.is_file():
         fail(f"{run_dir} has no ledger.sqlite: give the directory of a clicooper run")
@@ -181,6 +182,7 @@ def claim(
     The run is verified first, anchored (signatures, links, audit copies, BERs, final
     segments); a ledger that does not verify is refused.
     """
+    from clicooper.runtime.verification import verify_run
     from clicooper.watermark import Ledger, LedgerError, claim_inputs, load_segment
     from clicooper.watermark import claim as run_claim
 

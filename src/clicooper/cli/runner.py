@@ -14,9 +14,6 @@ from typing import Any
 
 from clicooper.cli.app import fail
 from clicooper.config import RunConfig
-from clicooper.runtime.deploy.launcher import launch
-from clicooper.runtime.deploy.peers import Deployment, peers_timeouts
-from clicooper.runtime.session import run
 
 #: Timeouts of a ``launch`` in progress (None: an ordinary ``run``).
 LAUNCH_TIMEOUTS: contextvars.ContextVar[dict[str, float] | None] = contextvars.ContextVar(
@@ -39,6 +36,10 @@ def session_runner(
     """What ``clicooper run`` calls: in-process, over gRPC to served parties, on a pool's
     nodes, or a launch (``resume``: continue an in-process run, or a launched one under
     ``launch``)."""
+    from clicooper.runtime.deploy.launcher import launch
+    from clicooper.runtime.deploy.peers import Deployment, peers_timeouts
+    from clicooper.runtime.session import run
+
     if pool is not None:  # --certs: the owner's own bundle from the pool's operator
         if peers or resume:
             fail("--pool takes neither --peers nor --resume")
@@ -67,6 +68,7 @@ def _resume(cfg: RunConfig, out_dir: Path, **kwargs: Any) -> Any:
     """``run --resume``: an in-process run, or a ``run --pool`` run on its pool's nodes."""
     from clicooper.node.pool import pool_resume
     from clicooper.runtime.resume import POOL_MARK
+    from clicooper.runtime.session import run
 
     if (Path(out_dir) / POOL_MARK).is_file():
         return pool_resume(cfg, out_dir, **kwargs)

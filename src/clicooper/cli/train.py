@@ -11,13 +11,7 @@ from clicooper.cli.defaults import config_overrides, show_config_defaults
 from clicooper.cli.progress import console, summary_table, training_progress
 from clicooper.cli.runner import launching, session_runner
 from clicooper.config import RunConfig
-from clicooper.data import DataError
-from clicooper.runtime.device import party_devices
-from clicooper.runtime.factory import local_parties
-from clicooper.runtime.resume import resumable_config
 from clicooper.runtime.rundirs import RUNS_ROOT, new_run_dir, point_latest
-from clicooper.runtime.session import resolve_dataset, resolve_run
-from clicooper.runtime.session import warm_epochs as warm_start_epochs
 
 
 @app.command()
@@ -142,6 +136,13 @@ def run(
     """Train with every party in this process (the embedded default)."""
     given = [name for name, value in locals().items() if value is not None and value is not False]
     flags = config_overrides(locals())
+    # training's modules (torch) load here, after locals() is read: the other commands skip them
+    from clicooper.data import DataError
+    from clicooper.runtime.device import party_devices
+    from clicooper.runtime.factory import local_parties
+    from clicooper.runtime.session import resolve_dataset, resolve_run
+    from clicooper.runtime.session import warm_epochs as warm_start_epochs
+
     flags["images.layout"] = _layout(channels_last)
     if resume is not None:
         cfg, out = _resumed(resume, [name for name in given if name != "resume"])
@@ -189,6 +190,8 @@ def _resumed(run_dir: Path, given: list[str]) -> tuple[RunConfig, Path]:
             f"--resume continues {run_dir} with its own settings ({run_dir}/config.toml): "
             f"leave out --{given[0].replace('_', '-')}"
         )
+    from clicooper.runtime.resume import resumable_config
+
     try:
         return resumable_config(run_dir, launched=launching()), run_dir
     except ValueError as exc:

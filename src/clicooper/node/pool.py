@@ -31,22 +31,14 @@ from pathlib import Path
 from typing import Any
 
 from clicooper.common.files import ensure_dir, private_dir, write_file
-from clicooper.common.messages import ProtocolError
 from clicooper.config import RunConfig
-from clicooper.node.client import (
-    NodeAddress,
-    Owner,
-    abort,
-    admit,
-    local_collector,
-    node_deployment,
-)
 from clicooper.node.state import HOLDING, SqliteState
 from clicooper.runtime.certs import create_certificates, issue_bundle, load_party_credentials
-from clicooper.runtime.deploy.launcher import free_ports, prepare_launch_dir, spawn
-from clicooper.runtime.deploy.settings import party_settings
-from clicooper.runtime.resume import POOL_MARK
 from clicooper.runtime.rundirs import RunDir
+
+# The owner's side (pool_run, pool_resume) and the launcher import torch and gRPC: they load
+# in the functions that use them, so `pool status` and `pool down` start in a fraction of a
+# second.
 
 POOL_FILE = "pool.toml"
 VERIFIER = "verifier-1"
@@ -155,6 +147,8 @@ def pool_up(root: Path, trainers: int, capacity: int = 4) -> Pool:
             f"{root} holds a pool already ({POOL_FILE}): choose another --dir (a pool that is "
             "down may be deleted)"
         )
+    from clicooper.runtime.deploy.launcher import free_ports
+
     names = [f"trainer-{i}" for i in range(1, trainers + 1)] + [VERIFIER]
     private_dir(root)
     create_certificates(names, root / "certs")
@@ -194,6 +188,8 @@ def restart_node(pool: Pool, name: str) -> PoolNode:
 
 def _start(root: Path, node: PoolNode) -> tuple[PoolNode, subprocess.Popen[bytes]]:
     """``node``'s process (``clicooper node start``); the node with its pid, and it."""
+    from clicooper.runtime.deploy.launcher import spawn
+
     argv = [
         sys.executable, "-m", "clicooper.cli", "node", "start", node.role,
         "--listen", node.address, "--state", str(node.state),
@@ -224,6 +220,10 @@ def pool_run(
     here from the pool's CA key, which only an owner that may read that key can do (a
     pool on one machine under one user): each run then has an owner name of its own.
     """
+    from clicooper.node.client import NodeAddress, Owner, admit
+    from clicooper.runtime.deploy.launcher import free_ports, prepare_launch_dir
+    from clicooper.runtime.deploy.settings import party_settings
+    from clicooper.runtime.resume import POOL_MARK
     from clicooper.runtime.session import resolve_run
 
     pool = Pool.load(pool_file)
@@ -262,6 +262,10 @@ def pool_resume(cfg: RunConfig, out_dir: Path | str, **run_args: Any) -> Any:
     """Continue the ``run --pool`` run in ``out_dir`` whose owner process died, on its
     session's nodes: each serves the session again from its checkpoints (``rejoin``), and
     the run goes on from the last step every party checkpointed."""
+    from clicooper.common.messages import ProtocolError
+    from clicooper.node.client import NodeAddress, Owner
+    from clicooper.runtime.resume import POOL_MARK
+
     out_dir = Path(out_dir)
     mark = json.loads((out_dir / POOL_MARK).read_text())
     owner = Owner(mark["owner"], Path(mark["owner_certs"]), mark["owner_address"])
@@ -280,6 +284,7 @@ def _run_session(
 ) -> Any:
     """Run (or resume) the admitted session of ``mark`` and record the pool in results.json;
     on a failure the nodes are told to let the session go."""
+    from clicooper.node.client import NodeAddress, Owner, abort, local_collector, node_deployment
     from clicooper.runtime.session import run
 
     session = mark["session"]

@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 from clicooper.common.files import write_file
 from clicooper.config import RunConfig
-from clicooper.privacy import accounting
 
 if TYPE_CHECKING:
     from clicooper.parties.data_owner import DataOwner
@@ -216,6 +215,8 @@ class HistoryLog:
         in all (release once, made before the first epoch)."""
         if self.noise is None:
             return None
+        from clicooper.privacy import accounting  # torch: only once a run writes history
+
         p = self.cfg.privacy
         releases = accounting.planned_releases(p.release, epochs, False)
         return accounting.epsilon(self.noise.noise_multiplier, releases, p.delta, p.mechanism)
