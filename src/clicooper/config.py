@@ -39,9 +39,12 @@ class _Strict(BaseModel):
 NOISE_BY_SIZE: tuple[int, float, float] = (30_000, 0.1, 0.2)
 
 
-#: The epsilon (at ``delta``) release once aims at when no noise setting is given: issue
-#: 10's target, where Fashion-MNIST's release-once run scored 0.8775 (README).
-ONCE_TARGET_EPSILON = 8.0
+#: The epsilon (at ``delta``) release once aims at when no noise setting is given. Chosen
+#: on validation (full Fashion-MNIST, cnn-light, the last 5,000 training images held out):
+#: 0.8848 at epsilon 2 against 0.8806 at issue 10's 8, so the smaller of the two that
+#: keeps the accuracy; there the white-box data-free inversion scores its no-information
+#: floor (SSIM 0.047 against unpaired reconstructions 0.046; README "Release once").
+ONCE_TARGET_EPSILON = 2.0
 
 
 #: (training records, below, from): an unset ``privacy.release`` is "every-epoch" below

@@ -51,8 +51,12 @@ def evaluate(
         str | None, Opt(help="frozen head of the once column (default: the config's head.source)")
     ] = None,
     once_target_epsilon: Annotated[
-        float, Opt(help="epsilon of the once column's single release (picks its noise)")
-    ] = 8.0,
+        float | None,
+        Opt(
+            help="epsilon of the once column's single release (picks its noise; default: "
+            "release once's default, config.ONCE_TARGET_EPSILON; with --quick 8)"
+        ),
+    ] = None,
     once_sweep: Annotated[
         str | None,
         Opt(help="comma-separated epsilons of extra release-once runs for the frontier ('' none)"),
@@ -143,7 +147,7 @@ def _passed(targets: dict[str, dict[str, Any]]) -> str:
 
 
 def _once_options(
-    columns: str, head_source: str | None, target_epsilon: float, sweep: str | None
+    columns: str, head_source: str | None, target_epsilon: float | None, sweep: str | None
 ) -> dict[str, Any]:
     """The release-once column's settings from the flags; exit 2 on a bad one."""
     from clicooper.evaluation.settings import COLUMNS
@@ -153,18 +157,16 @@ def _once_options(
     unknown = [c for c in names if c not in COLUMNS]
     if not names or unknown or len(set(names)) != len(names):
         fail(f"--columns takes distinct names among {', '.join(COLUMNS)}, got {columns!r}")
-    if not (math.isfinite(target_epsilon) and target_epsilon > 0):
+    if target_epsilon is not None and not (math.isfinite(target_epsilon) and target_epsilon > 0):
         fail(f"--once-target-epsilon must be a positive number, got {target_epsilon}")
     if head_source is not None:
         try:
             get_source(head_source)
         except HeadSourceError as exc:
             fail(str(exc))
-    out: dict[str, Any] = {
-        "columns": tuple(names),
-        "once_head_source": head_source,
-        "once_target_epsilon": target_epsilon,
-    }
+    out: dict[str, Any] = {"columns": tuple(names), "once_head_source": head_source}
+    if target_epsilon is not None:
+        out["once_target_epsilon"] = target_epsilon
     if sweep is not None:
         try:
             eps = tuple(float(e) for e in sweep.split(",") if e.strip())
