@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from clicooper.config import ONCE_TARGET_EPSILON
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -61,7 +63,8 @@ def test_release_once_grid_against_vanilla_on_the_frozen_head(equal_budget, tmp_
     table = equal_budget.main([*argv, "--release", "once", "--read-epochs", "1", "--out", str(out)])
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [(r["mode"], r["release"]) for r in rows] == [("vanilla", "once"), ("clicooper", "once")]
-    assert rows[0]["epsilon"] is None and rows[1]["epsilon"] == pytest.approx(8.0, abs=0.01)
+    assert rows[0]["epsilon"] is None
+    assert rows[1]["epsilon"] == pytest.approx(ONCE_TARGET_EPSILON, abs=0.01)
     assert all(r["history_exact"] and len(r["history"]) == 2 for r in rows)  # warm start left out
     assert table[0]["vanilla"] == rows[0]["accuracy"] == rows[0]["history"][-1]
     printed = capsys.readouterr().out

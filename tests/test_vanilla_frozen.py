@@ -14,6 +14,7 @@ import torch
 from cc_helpers import quick_config
 from safetensors.torch import load_file
 
+from clicooper.config import ONCE_TARGET_EPSILON
 from clicooper.models.assembly import preset_factory
 from clicooper.privacy.release import frozen_head
 from clicooper.privacy.report import FROZEN_BASELINE
@@ -94,7 +95,8 @@ def test_vanilla_on_the_frozen_head_trains_and_reports_no_epsilon(frozen_runs, d
         assert any(moved), f"{segment.name} did not train"
     assert not (RunDir(frozen_runs["vanilla"][1]).owner / "owner.secret").exists()
     clicooper = frozen_runs["clicooper"][0].results["privacy"]
-    assert clicooper["epsilon"] == pytest.approx(8.0, abs=0.01) and "baseline" not in clicooper
+    assert clicooper["epsilon"] == pytest.approx(ONCE_TARGET_EPSILON, abs=0.01)
+    assert "baseline" not in clicooper
 
 
 def test_its_head_is_the_frozen_head_bitwise_and_the_same_as_release_once(frozen_runs):
