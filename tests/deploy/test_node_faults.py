@@ -50,7 +50,7 @@ def test_a_node_restarted_mid_epoch_resumes_every_session(tmp_path, digits, node
             t.start()
         for name in sessions.values():  # both past their first checkpoint on the node
             directory = pool.state(node) / "sessions" / name / "checkpoints" / party
-            wait_for(checkpoint_at_least(directory, 3), 120, f"{name}'s checkpoint")
+            wait_for(checkpoint_at_least(directory, 3), 300, f"{name}'s checkpoint")
         pool.nodes[node].stop()
         pool.start_node(node)
         for t in threads:
