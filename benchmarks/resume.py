@@ -8,11 +8,12 @@ secrets (and so their bits) differ between the two runs. Scenarios:
 
 * ``run``: in-process ``clicooper run``, the whole process killed, then
   ``clicooper run --resume DIR``;
-* ``launch``: ``clicooper launch`` (every trainer and the verifier in its own process,
-  gRPC with TLS on loopback), the launch process itself killed (it hosts the owner; its
-  orphaned children exit by themselves), then ``clicooper launch --resume DIR``;
-* ``trainer``: ``clicooper launch`` with one party process killed; ``launch`` restarts
-  it and every party rolls back to the last step common to all.
+* ``launch``: ``clicooper launch`` (a one-session pool of its own: a node process per
+  trainer and the verifier, gRPC with TLS on loopback), the launch process itself killed
+  (it hosts the owner; its orphaned nodes stop by themselves), then
+  ``clicooper launch --resume DIR``;
+* ``trainer``: ``clicooper launch`` with one node process killed; ``launch`` starts it
+  again on its state and every party rolls back to the last step common to all.
 
 For each it prints both test accuracies and the gap (goal: at most 0.5 points), the
 rollback, the steps each trainer applied, the ledger's step counters, whether each
@@ -35,7 +36,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from clicooper.node.pool import Pool
 from clicooper.runtime import checkpoint
+from clicooper.runtime.deploy.launcher import session_dir
 from clicooper.runtime.verification import verify_run
 from clicooper.watermark import Ledger
 from clicooper.watermark.anchor import ANCHOR_FILE, Anchor
@@ -66,23 +69,30 @@ def finish(proc: subprocess.Popen, what: str) -> None:
         raise SystemExit(f"{what} failed ({proc.returncode}): {err.decode()[-2000:]}")
 
 
-def wait_step(directory: Path, step: int, proc: subprocess.Popen, timeout: float = 1800) -> None:
+def wait_step(
+    directory: Path | None, step: int, proc: subprocess.Popen, timeout: float = 1800
+) -> None:
     """Until the checkpoints in ``directory`` reach ``step`` (while ``proc`` runs)."""
     deadline = time.monotonic() + timeout
-    while max(checkpoint.steps(directory), default=0) < step:
+    while directory is None or max(checkpoint.steps(directory), default=0) < step:
         if proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit(f"{directory} never reached step {step} (raise --epochs?)")
         time.sleep(0.05)
 
 
 def anchor_of(run_dir: Path) -> Anchor:
-    """The verifier key its run published at its start (verifier/anchor.txt)."""
+    """The verifier key its run published at its start (verifier/anchor.txt; a launched
+    run's is on its verifier node until the run ends)."""
+    node = session_dir(run_dir, "verifier")
+    if node is not None and (node.verifier / ANCHOR_FILE).is_file():
+        return Anchor.from_file(node.verifier / ANCHOR_FILE)
     return Anchor.from_file(run_dir / "verifier" / ANCHOR_FILE)
 
 
 def children(run_dir: Path) -> dict[str, int]:
-    pids = json.loads((run_dir / "deploy" / "pids.json").read_text())
-    return {name: pid for name, pid in pids.items() if name != "launcher"}
+    """The node processes of a launched run's own pool, by party."""
+    pool = Pool.load(run_dir / "deploy" / "pool")
+    return {name: node.pid for name, node in pool.nodes.items()}
 
 
 def alive(pid: int) -> bool:
@@ -132,7 +142,11 @@ def scenario(kind: str, root: Path, args: argparse.Namespace) -> None:
     started = time.monotonic()
     proc = start(command, killed, args, "--owner-secret", str(plain / "owner" / "owner.secret"))
     if kind == "trainer":
-        wait_step(killed / "checkpoints" / args.kill, args.at_step, proc)
+        node = None
+        while node is None and proc.poll() is None:
+            node = session_dir(killed, args.kill)
+            time.sleep(0.05)
+        wait_step(node.checkpoints(args.kill) if node else None, args.at_step, proc)
         anchor = anchor_of(killed)
         os.kill(children(killed)[args.kill], signal.SIGKILL)
         print(f"killed {args.kill} at checkpoint step >= {args.at_step}")

@@ -6,7 +6,6 @@ kills its whole process group at teardown, whatever happened in the test.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -84,8 +83,28 @@ def checkpoint_at_least(directory: Path, step: int) -> Callable[[], bool]:
 
 
 def pids(run_dir: Path) -> dict[str, int]:
-    path = run_dir / "deploy" / "pids.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """The node processes of a launched run's own pool, by party (``deploy/pool/pool.toml``)."""
+    from clicooper.node.pool import Pool
+
+    try:
+        pool = Pool.load(run_dir / "deploy" / "pool")
+    except ValueError:
+        return {}
+    return {name: node.pid for name, node in pool.nodes.items()}
+
+
+def launched_checkpoint(run_dir: Path, party: str, step: int) -> Callable[[], bool]:
+    """Whether ``party``'s node has checkpointed ``step`` of the launched run in ``run_dir``
+    (a trainer's or the verifier's checkpoints are on its node until the run ends)."""
+    from clicooper.runtime.deploy.launcher import session_dir
+
+    def check() -> bool:
+        if party == "do":
+            return checkpoint_at_least(run_dir / "owner" / "checkpoints", step)()
+        node = session_dir(run_dir, party)
+        return node is not None and checkpoint_at_least(node.checkpoints(party), step)()
+
+    return check
 
 
 def alive(pid: int) -> bool:

@@ -14,9 +14,9 @@ from typing import Any
 
 from clicooper.config import RunConfig
 from clicooper.node.client import NodeAddress, Owner, admit, local_collector, node_deployment
+from clicooper.node.processes import free_ports
 from clicooper.node.server import Node
 from clicooper.runtime.certs import create_certificates
-from clicooper.runtime.deploy.launcher import free_ports
 from clicooper.runtime.deploy.settings import party_settings
 from clicooper.runtime.session import run
 

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from clicooper.config import RunConfig
+from clicooper.node.processes import free_ports
 from clicooper.runtime.certs import create_certificates
 from clicooper.runtime.deploy.host import PartyHost, serve
-from clicooper.runtime.deploy.launcher import free_ports
 from clicooper.runtime.deploy.peers import Deployment
 from clicooper.runtime.transport.epoch import EpochTransport
 

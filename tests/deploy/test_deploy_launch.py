@@ -20,7 +20,7 @@ from cc_helpers import quick_config
 from conftest import alive, cli, env, pids, wait_for
 
 from clicooper.runtime.certs import load_party_credentials
-from clicooper.runtime.deploy.launcher import Launcher, launch
+from clicooper.runtime.deploy.launcher import LaunchPool, launch
 from clicooper.runtime.session import run
 
 # a cosine schedule and t2's own lr: served trainers take both from their config and setup
@@ -121,18 +121,31 @@ def test_a_launched_run_gave_each_party_only_its_own_bundle(over_grpc):
     assert not [p for p in out.rglob("*") if p.name == "ca.key"]
 
 
-def test_each_child_is_given_only_its_own_bundle(tmp_path):
+def test_each_node_is_given_only_its_own_bundle(tmp_path):
+    """The launch's own pool: a node process per party (capacity 1), each started with its
+    own bundle and no other; the owner's is ``certs/do``; the nodes' state under deploy/."""
     cfg = quick_config(trainers=2, **{"watermark.enabled": True})
-    launcher = Launcher(tmp_path, cfg)
-    launcher.prepare()
-    assert launcher.names == ["t1", "t2", "verifier"]
-    _bundles_hold_only_their_own_keys(tmp_path / "certs", ["do", *launcher.names])
-    for name in launcher.names:
-        argv = launcher.argv(name)
-        bundle = Path(argv[argv.index("--certs") + 1])
-        assert bundle == tmp_path / "certs" / name
-        assert not any(str(tmp_path / "certs" / other) in argv for other in ("do", "ca"))
-    assert launcher.deployment(10.0, 10.0).certs_dir == tmp_path / "certs" / "do"
+    nodes = LaunchPool(tmp_path, cfg)
+    try:
+        nodes.up()
+        assert nodes.names == ["t1", "t2", "verifier"]
+        _bundles_hold_only_their_own_keys(tmp_path / "certs", ["do", *nodes.names])
+        assert set(pids(tmp_path)) == set(nodes.names)
+        for name, pid in pids(tmp_path).items():
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+            assert argv[argv.index("node") + 1 : argv.index("node") + 3] == [
+                "start",
+                nodes.pool.nodes[name].role,
+            ]
+            assert Path(argv[argv.index("--certs") + 1]) == tmp_path / "certs" / name
+            assert Path(argv[argv.index("--state") + 1]) == tmp_path / "deploy/pool/nodes" / name
+            assert argv[argv.index("--capacity") + 1] == "1"
+            others = [p for p in ("do", "ca", *nodes.names) if p != name]
+            assert not any(str(tmp_path / "certs" / other) in a for a in argv for other in others)
+        assert nodes.bundle("do") == tmp_path / "certs" / "do"
+    finally:
+        nodes.down()
+    assert not any(alive(pid) for pid in pids(tmp_path).values())
 
 
 def test_clicooper_with_the_same_owner_secret_trains_the_same_over_grpc(tmp_path, digits):
@@ -163,9 +176,10 @@ def test_ctrl_c_stops_every_process(tmp_path):
         argv, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
     try:
-        wait_for(lambda: len(pids(out)) == 3, 120, "both trainer processes")
+        wait_for(lambda: len(pids(out)) == 2, 120, "both trainer nodes")
+        wait_for(lambda: (out / "deploy" / "pool.json").is_file(), 120, "the session admitted")
         time.sleep(1.0)
-        children = {n: p for n, p in pids(out).items() if n != "launcher"}
+        children = pids(out)
         assert set(children) == {"t1", "t2"} and all(alive(p) for p in children.values())
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
         try:

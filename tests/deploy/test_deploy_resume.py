@@ -18,11 +18,22 @@ from pathlib import Path
 
 import pytest
 from cc_helpers import quick_config
-from conftest import WM, alive, checkpoint_at_least, cli, ledger_steps, pids, wait_for
+from conftest import (
+    WM,
+    alive,
+    checkpoint_at_least,
+    cli,
+    launched_checkpoint,
+    ledger_steps,
+    pids,
+    wait_for,
+)
 
+from clicooper.node.pool import Pool, PoolNode
+from clicooper.node.processes import free_ports
 from clicooper.privacy import accounting
 from clicooper.runtime.certs import create_certificates
-from clicooper.runtime.deploy.launcher import Launcher, free_ports
+from clicooper.runtime.deploy.launcher import LaunchPool, session_dir
 from clicooper.runtime.deploy.peers import config_toml, write_peers
 from clicooper.runtime.resume import save_run_config
 from clicooper.runtime.rundirs import RunDir
@@ -108,7 +119,8 @@ def test_trainer_killed_mid_epoch_and_restarted_resumes(tmp_path, procs, cli_inp
 def test_verifier_killed_mid_epoch_is_restarted_by_launch_and_resumes(
     tmp_path, procs, cli_inprocess
 ):
-    """`clicooper launch` end to end, and it restarts a party process that died.
+    """`clicooper launch` end to end, and it restarts a node process that died (on its
+    own state: it serves the session again from its checkpoints).
 
     The verifier resumes its ledger; the run directory is the one `run` writes.
     """
@@ -121,7 +133,7 @@ def test_verifier_killed_mid_epoch_is_restarted_by_launch_and_resumes(
     argv = cli("launch", *flags, "--config", str(tmp_path / "wm.toml"), "--out", str(out))
     launcher = procs.start(argv, tmp_path / "launch.log")
     # every party past step 35: the verifier may checkpoint a step before the trainers do
-    ready = [checkpoint_at_least(out / "checkpoints" / p, 35) for p in ("verifier", "t1", "t2")]
+    ready = [launched_checkpoint(out, p, 35) for p in ("verifier", "t1", "t2")]
     wait_for(lambda: all(check() for check in ready), 120, "stage 2 underway")
     first = pids(out)["verifier"]
     os.kill(first, signal.SIGKILL)  # mid-epoch 2, after the stage-1 records
@@ -144,7 +156,7 @@ def test_verifier_killed_mid_epoch_is_restarted_by_launch_and_resumes(
         assert (out / name).exists(), name
     assert stat.S_IMODE(os.stat(out / "certs" / "t1").st_mode) == 0o700
     assert stat.S_IMODE(os.stat(out / "certs" / "t1" / "t1.key").st_mode) == 0o600
-    assert not any(alive(pid) for name, pid in pids(out).items() if name != "launcher")
+    assert not any(alive(pid) for pid in pids(out).values())
 
 
 def cli_python(*args: str) -> list[str]:
@@ -152,15 +164,16 @@ def cli_python(*args: str) -> list[str]:
 
 
 def _anchor(run_dir: Path) -> str:
-    """The fingerprint the verifier published in ``verifier/anchor.txt`` when it started."""
-    text = (run_dir / "verifier" / "anchor.txt").read_text()
+    """The fingerprint the verifier published in ``verifier/anchor.txt`` on its node when it
+    started (the run directory gets it once the run is over)."""
+    text = (session_dir(run_dir, "verifier").verifier / "anchor.txt").read_text()
     return re.search(r"fingerprint sha256:([0-9a-f]{64})", text).group(1)
 
 
 def test_launch_killed_with_kill_9_is_resumed_by_launch_resume(tmp_path, procs, cli_inprocess):
     """kill -9 of the `clicooper launch` process itself (it hosts the owner) mid epoch 2:
-    its orphaned party processes exit by themselves, and `launch --resume` starts every
-    party again from its directory and checkpoints and finishes: each step applied once,
+    its orphaned node processes stop by themselves, and `launch --resume` starts every
+    node again on its state and continues the session from the checkpoints: each step applied once,
     every stage closed once, the ledger verifies against the anchor the dead run
     published, and epsilon counts the 3 releases (one per epoch) exactly once."""
     out = tmp_path / "run"
@@ -171,12 +184,10 @@ def test_launch_killed_with_kill_9_is_resumed_by_launch_resume(tmp_path, procs, 
     timeouts = ["--send-timeout", "3", "--step-timeout", "30"]
     argv = cli("launch", *flags, "--config", str(tmp_path / "wm.toml"), "--out", str(out))
     first = procs.start([*argv, *timeouts], tmp_path / "launch.log")
-    dirs = [out / "checkpoints" / p for p in ("verifier", "t1", "t2")] + [
-        out / "owner" / "checkpoints"
-    ]
-    wait_for(lambda: all(checkpoint_at_least(d, 35)() for d in dirs), 120, "stage 2 underway")
+    ready = [launched_checkpoint(out, p, 35) for p in ("verifier", "t1", "t2", "do")]
+    wait_for(lambda: all(check() for check in ready), 120, "stage 2 underway")
     anchor = _anchor(out)
-    orphans = {name: pid for name, pid in pids(out).items() if name != "launcher"}
+    orphans = pids(out)
     os.kill(first.pid, signal.SIGKILL)  # the owner's process: no handler, no cleanup
     first.wait(timeout=10)
     assert not (out / "results.json").exists()
@@ -201,49 +212,47 @@ def test_launch_killed_with_kill_9_is_resumed_by_launch_resume(tmp_path, procs, 
     assert results["accuracy"]["test"] > 0.2  # it trained (chance 0.1)
     for name in ("t1", "t2", "verifier"):
         assert f"{name}: set up (resumed)" in (out / "logs" / f"{name}.log").read_text()
-    children = {name: pid for name, pid in pids(out).items() if name != "launcher"}
+    children = pids(out)
     assert set(children) == set(orphans) and not set(children.values()) & set(orphans.values())
     assert not any(alive(pid) for pid in children.values())
+    assert results["transport"]["pool"]["chain"] == {"t1": "t1", "t2": "t2", "verifier": "verifier"}
 
 
-def test_stop_orphans_stops_only_the_dead_launchers_children(tmp_path, procs):
-    """A child still running after its launcher died is stopped; a process whose pid is
-    recorded but which is not that launcher's child (a reused pid) is left alone."""
-    cfg = quick_config(trainers=1, **{"watermark.enabled": False})
-    launcher = Launcher(tmp_path, cfg)
-    launcher.prepare()
-    launcher.stop()
-    gone = 2**22 + 1  # no process has this pid (above the default pid_max): a dead launcher
+def test_stop_orphans_stops_only_the_dead_launchs_nodes(tmp_path, procs):
+    """A node still running after its launch died is stopped; a process whose pid is
+    recorded but which is not that node (a reused pid) is left alone."""
     sleep = "import time; time.sleep(120)"
-    child = procs.start(cli_python("-c", sleep, "serve", "--exit-with-parent", str(gone)),
-                        tmp_path / "child.log")  # fmt: skip
-    other = procs.start(cli_python("-c", sleep, "serve"), tmp_path / "other.log")
-    wait_for(lambda: alive(child.pid) and alive(other.pid), 10, "both processes")
-    (tmp_path / "deploy" / "pids.json").write_text(
-        json.dumps({"launcher": gone, "t1": child.pid, "t2": other.pid})
-    )
-    again = Launcher(tmp_path, cfg)
-    again.prepare(resume=True)
-    try:
-        assert child.wait(timeout=20) == -signal.SIGTERM
-        assert alive(other.pid)
-    finally:
-        again.stop()
+    state = tmp_path / "deploy" / "pool" / "nodes"
+    node = procs.start(cli_python("-c", sleep, "node", "start", "--state", str(state / "t1")),
+                       tmp_path / "node.log")  # fmt: skip
+    other = procs.start(cli_python("-c", sleep, "node", "start"), tmp_path / "other.log")
+    wait_for(lambda: alive(node.pid) and alive(other.pid), 10, "both processes")
+    pool = Pool(tmp_path / "deploy" / "pool", {
+        "t1": PoolNode("t1", "trainer", "127.0.0.1:1", 1, state / "t1", node.pid),
+        "t2": PoolNode("t2", "trainer", "127.0.0.1:2", 1, state / "t2", other.pid),
+    })  # fmt: skip
+    cfg = quick_config(trainers=2, **{"watermark.enabled": False})
+    assert LaunchPool(tmp_path, cfg).stop_orphans(pool) == ["t1"]
+    node.wait(timeout=20)  # SIGTERM (stop_orphans reaps it: its status is not seen here)
+    assert alive(other.pid)
 
 
 def test_one_launch_at_a_time_per_run_directory(tmp_path):
     """The launch lock: a second launch of a run directory in use is refused (one line)."""
     cfg = quick_config(trainers=1, **{"watermark.enabled": False})
-    running = Launcher(tmp_path, cfg)
-    running.prepare()
+    running = LaunchPool(tmp_path, cfg)
     try:
+        running.up()
         with pytest.raises(ValueError, match="is being run by another `clicooper launch`"):
-            Launcher(tmp_path, cfg).prepare(resume=True)
+            LaunchPool(tmp_path, cfg).restart()
     finally:
-        running.stop()
-    later = Launcher(tmp_path, cfg)
-    later.prepare(resume=True)  # the lock went with the process that held it
-    later.stop()
+        running.down()
+    later = LaunchPool(tmp_path, cfg)
+    try:
+        later.restart()  # the lock went with the process that held it; t1 started again
+        assert alive(pids(tmp_path)["t1"]) and pids(tmp_path)["t1"] == later.procs["t1"].pid
+    finally:
+        later.down()
 
 
 def test_launch_resume_refuses_what_it_cannot_continue(tmp_path, small_digits, cli_inprocess):
@@ -256,9 +265,11 @@ def test_launch_resume_refuses_what_it_cannot_continue(tmp_path, small_digits, c
     (inprocess / "results.json").unlink()  # as if it had died
     launched = tmp_path / "launched"  # what a launch killed before its first step leaves
     cfg = quick_config(trainers=1, transport="grpc", **{"watermark.enabled": False})
-    launcher = Launcher(launched, cfg)
-    launcher.prepare()
-    launcher.stop()
+    nodes = LaunchPool(launched, cfg)
+    try:
+        nodes.up()
+    finally:
+        nodes.down()
     save_run_config(launched, cfg)
     (tmp_path / "empty").mkdir()
     cases = [

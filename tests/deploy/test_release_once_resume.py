@@ -1,7 +1,7 @@
 """Release once with real processes (issue 10, point 9).
 
-`clicooper launch --release once`: t1, in its own process, caches the owner's releases in
-its party directory. After kill -9 of t1 the session resumes from that cache: the
+`clicooper launch --release once`: t1, on its own node process, caches the owner's releases
+in its party directory. After kill -9 of t1's node the session resumes from that cache: the
 owner releases no record again (its own count per record, t1's files) and epsilon is
 the one release's. And launch trains exactly as the in-process run with the same owner
 secret.
@@ -15,7 +15,7 @@ import signal
 from pathlib import Path
 
 import torch
-from conftest import alive, checkpoint_at_least, cli, pids, wait_for
+from conftest import alive, cli, launched_checkpoint, pids, wait_for
 from safetensors.torch import load_file
 
 from clicooper.privacy import accounting
@@ -49,7 +49,7 @@ def test_t1_killed_mid_training_resumes_from_its_cached_releases(tmp_path, procs
     launcher = procs.start(argv, tmp_path / "launch.log")
     warm_steps, records = 2 * 80 // 16, 400
     steps = warm_steps + 2 * (records // 16 + 80 // 16)  # 10, then 25 + 5 (replay) per epoch
-    ready = [checkpoint_at_least(out / "checkpoints" / p, warm_steps + 10) for p in ("t1", "t2")]
+    ready = [launched_checkpoint(out, p, warm_steps + 10) for p in ("t1", "t2")]
     wait_for(lambda: all(check() for check in ready), 120, "training past the warm start")
     first = pids(out)["t1"]
     os.kill(first, signal.SIGKILL)  # in the first epoch on the releases

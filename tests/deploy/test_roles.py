@@ -25,12 +25,12 @@ from conftest import WM
 from served import Served
 
 from clicooper.common.messages import Kind, Message
+from clicooper.node.processes import free_ports
 from clicooper.parties.data_owner import DataOwner
 from clicooper.parties.watermarking import record_to_meta
 from clicooper.runtime import checkpoint
 from clicooper.runtime.certs import create_certificates
 from clicooper.runtime.deploy.host import PartyHost
-from clicooper.runtime.deploy.launcher import free_ports
 from clicooper.runtime.session import run
 from clicooper.runtime.transport.grpc import GrpcTransport
 from clicooper.runtime.verification import verify_run

@@ -15,9 +15,9 @@ from collections import Counter
 import torch
 
 from clicooper.common.messages import Kind, Message
+from clicooper.node.processes import free_ports
 from clicooper.parties.trainer import Trainer
 from clicooper.runtime.deploy.host import PartyHost, serve
-from clicooper.runtime.deploy.launcher import free_ports
 from clicooper.runtime.transport.epoch import EpochTransport
 from clicooper.runtime.transport.grpc import GrpcTransport, serve_forever
 

@@ -1,8 +1,9 @@
 """Deployment commands: ``certs init``, ``certs issue``, ``serve`` and ``launch`` (DESIGN §8, §11).
 
 ``launch`` takes exactly the flags of ``run`` (its signature is copied from
-it) plus the gRPC timeouts, and runs the same session with each trainer and
-the verifier in its own process.
+it) plus the gRPC timeouts, and runs the same session on a one-session pool of
+its own (a node process per trainer and for the verifier). ``serve`` is one
+party served by hand (deployments across machines); ``launch`` does not use it.
 """
 
 from __future__ import annotations
@@ -84,9 +85,6 @@ def serve(
     device: Annotated[
         str | None, Opt(help="a trainer's device: auto, cpu, cuda[:N], mps (default: config)")
     ] = None,
-    exit_with_parent: Annotated[
-        int | None, Opt(hidden=True, help="exit when this parent process is gone")
-    ] = None,
 ) -> None:
     """Run one party (a trainer or the verifier) until the data owner shuts it down."""
     from clicooper.runtime.deploy.host import PartyHost
@@ -119,7 +117,7 @@ def serve(
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        serve_party(host, transport, stop, parent_pid=exit_with_parent)
+        serve_party(host, transport, stop)
     except OSError as exc:  # e.g. the port is taken
         fail(str(exc).splitlines()[0])
     except KeyboardInterrupt:
@@ -141,7 +139,7 @@ def _launch(
     try:
         cli_train.run(**flags, transport=transport, peers=None, certs=None, pool=None)
     except KeyboardInterrupt:
-        console.print("interrupted: every party process was stopped")
+        console.print("interrupted: every node process was stopped")
         raise typer.Exit(130) from None
     finally:
         LAUNCH_TIMEOUTS.reset(token)
@@ -169,7 +167,7 @@ def _launch_signature() -> inspect.Signature:
     for name, default, what in (
         ("send_timeout", 30.0, "seconds one delivery may take"),
         ("step_timeout", 120.0, "seconds the data owner waits for an answer"),
-        ("resume_timeout", 120.0, "seconds to wait for a restarted party"),
+        ("resume_timeout", 120.0, "seconds to wait for a restarted node"),
     ):
         annotation = Annotated[float, Opt(help=what)]
         params.append(
@@ -181,7 +179,7 @@ def _launch_signature() -> inspect.Signature:
 
 
 def launch(**kwargs: Any) -> None:
-    """Run the session with every trainer and the verifier in its own process (loopback, TLS)."""
+    """Run the session on a one-session pool of its own: a node per trainer and the verifier."""
     _launch(**kwargs)
 
 

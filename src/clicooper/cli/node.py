@@ -41,14 +41,25 @@ def start(
     session_idle: Annotated[
         float, Opt(help="seconds without a message after which a session's owner is gone")
     ] = 900.0,
+    config: Annotated[
+        Path | None, Opt(help="TOML whose [limits] and threads the node takes (a run's config)")
+    ] = None,
+    exit_with_parent: Annotated[
+        int | None, Opt(hidden=True, help="stop when this parent process is gone (launch)")
+    ] = None,
 ) -> None:
     """Serve sessions until SIGTERM or Ctrl-C (active ones are served again on a restart)."""
+    from clicooper.config import RunConfig
     from clicooper.node.server import Node
 
     if role not in ("trainer", "verifier"):
         fail(f"unknown role {role!r}: node start trainer or verifier")
     if capacity < 1:
         fail(f"--capacity must be at least 1, got {capacity}")
+    try:
+        settings = RunConfig.load(config) if config is not None else None
+    except (ValueError, OSError) as exc:
+        fail(str(exc).splitlines()[0])
     try:
         node = Node(
             role,
@@ -60,12 +71,13 @@ def start(
             device=device,
             send_timeout=send_timeout,
             session_idle_s=session_idle,
+            limits=settings.limits if settings is not None else None,
         )
     except (ValueError, OSError) as exc:
         fail(str(exc).splitlines()[0])
     import torch
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(settings.threads if settings is not None else 1)
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])  # compiler stack: imported now
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {node.name} %(message)s")
     signal.signal(signal.SIGTERM, lambda *_: node.request_stop())
@@ -75,6 +87,8 @@ def start(
         node.state.close()
         fail(str(exc).splitlines()[0])
     console.print(f"{node.name}: {role} node on {node.listen}, capacity {capacity}")
+    if exit_with_parent is not None:
+        node.exit_with_parent(exit_with_parent)
     try:
         node.wait()
     except KeyboardInterrupt:

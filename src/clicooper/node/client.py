@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clicooper.common.files import ensure_dir, write_private
+from clicooper.common.files import ensure_dir, write_file, write_private
 from clicooper.common.messages import Kind, Message, ProtocolError
 from clicooper.node.state import ABORTED, FINISHED, SqliteState
 from clicooper.runtime.deploy.peers import Deployment
@@ -120,10 +120,11 @@ def node_deployment(
     session: str,
     chain: dict[str, NodeAddress],
     collect: Callable[[Path], None] | None = None,
-    **timeouts: float,
+    **fields: Any,
 ) -> Deployment:
     """The deployment of an admitted session: every party at its node, bound to its
-    node's certificate, the owner as ``do`` with its own."""
+    node's certificate, the owner as ``do`` with its own (``fields``: timeouts,
+    ``supervise``, ``watch``)."""
     peers = {"do": owner.address, **{p: n.address for p, n in chain.items()}}
     return Deployment(
         peers,
@@ -132,7 +133,7 @@ def node_deployment(
         identity=owner.name,
         identities={p: n.name for p, n in chain.items()},
         collect=collect,
-        **timeouts,
+        **fields,
     )
 
 
@@ -140,8 +141,9 @@ def local_collector(
     state_dirs: dict[str, Path], session: str, timeout: float = 60.0
 ) -> Callable[[Path], None]:
     """Collects a finished session's artifacts from nodes on this machine (``--state`` of
-    each party's node) into the run directory, as a launched run has them: the verifier's
-    ledger, audit copies and anchor, each trainer's final segment.
+    each party's node) into the run directory, in the layout of an in-process run: the
+    verifier's ledger, audit copies, keys and anchor, each trainer's final segment and
+    party directory (keys, watermark secret, release caches), every party's checkpoints.
 
     Waits for every node to record the session finished (its party has closed its files).
     A node on another machine would have to send them; that is not built.
@@ -155,11 +157,14 @@ def local_collector(
             if party == "verifier":
                 if source.ledger.is_file():
                     write_private(run.ledger, source.ledger.read_bytes())
-                for tree in ("audit", "verifier"):
-                    _copy_tree(source.root / tree, run.root / tree)
-            elif source.segment(party).is_file():
-                ensure_dir(run.segments)
-                write_private(run.segment(party), source.segment(party).read_bytes())
+                _copy_tree(source.audit, run.audit)
+                _copy_tree(source.verifier, run.verifier)
+            else:
+                if source.segment(party).is_file():
+                    ensure_dir(run.segments)
+                    write_private(run.segment(party), source.segment(party).read_bytes())
+                _copy_tree(source.party(party), run.party(party))
+            _copy_tree(source.checkpoints(party), run.checkpoints(party))
 
     return collect
 
@@ -180,7 +185,8 @@ def _wait_finished(state_dir: Path, session: str, timeout: float) -> None:
 
 
 def _copy_tree(source: Path, target: Path) -> None:
-    """Every file under ``source`` to the same place under ``target`` (0700 dirs, 0600 files)."""
+    """Every file under ``source`` to the same place under ``target`` (0700 dirs, 0600
+    files, 0644 those that were public)."""
     if not source.is_dir():
         return
     ensure_dir(target)
@@ -188,5 +194,5 @@ def _copy_tree(source: Path, target: Path) -> None:
         dest = target / path.relative_to(source)
         if path.is_dir() and not path.is_symlink():
             ensure_dir(dest)
-        elif path.is_file() and not path.is_symlink():
-            write_private(dest, path.read_bytes())
+        elif path.is_file() and not path.is_symlink():  # a public file (anchor.txt) stays so
+            write_file(dest, path.read_bytes(), path.stat().st_mode & 0o644)

@@ -10,8 +10,10 @@ capacity, state directory and process id. ``pool down`` stops exactly those proc
 ``run --pool POOL/pool.toml`` runs one owner's session on the pool
 (:func:`pool_run`): the owner gets a certificate of its own from the pool's CA (in the
 run directory, ``certs/<owner>``), the chain is the least busy trainers, the session is
-admitted on every node of the chain or on none, and once it is over the nodes' ledger
-and segments are brought into the run directory, which is then a launched run's.
+admitted on every node of the chain or on none (:func:`run_on_chain`), and once it is
+over the nodes' ledger, segments, party directories and checkpoints are brought into the
+run directory. ``clicooper launch`` is this same path on a one-session pool of its own
+(:class:`clicooper.runtime.deploy.launcher.LaunchPool`).
 """
 
 from __future__ import annotations
@@ -32,13 +34,13 @@ from typing import Any
 
 from clicooper.common.files import ensure_dir, private_dir, write_file
 from clicooper.config import RunConfig
+from clicooper.node.processes import free_ports, spawn
 from clicooper.node.state import HOLDING, SqliteState
 from clicooper.runtime.certs import create_certificates, issue_bundle, load_party_credentials
-from clicooper.runtime.rundirs import RunDir
+from clicooper.runtime.rundirs import RunDir, prepare_launch_dir
 
-# The owner's side (pool_run, pool_resume) and the launcher import torch and gRPC: they load
-# in the functions that use them, so `pool status` and `pool down` start in a fraction of a
-# second.
+# The owner's side (pool_run, run_on_chain, pool_resume) imports torch and gRPC: it loads in
+# the functions that use it, so `pool status` and `pool down` start in a fraction of a second.
 
 POOL_FILE = "pool.toml"
 VERIFIER = "verifier-1"
@@ -78,14 +80,41 @@ class PoolNode:
 
 @dataclass(frozen=True)
 class Pool:
-    """A pool's directory and its nodes."""
+    """A pool's directory and its nodes; its bundles (``certs/<node>``) and logs
+    (``logs/<node>.log``) are in the pool's directory unless ``certs_dir`` and ``logs_dir``
+    say otherwise (a launch's pool: the run directory's ``certs/`` and ``logs/``)."""
 
     root: Path
     nodes: dict[str, PoolNode]
+    certs_dir: Path | None = None
+    logs_dir: Path | None = None
+
+    @property
+    def certs(self) -> Path:
+        return self.certs_dir or self.root / "certs"
+
+    @property
+    def logs(self) -> Path:
+        return self.logs_dir or self.root / "logs"
 
     @property
     def ca(self) -> Path:
-        return self.root / "certs" / "ca"
+        return self.certs / "ca"
+
+    @property
+    def file(self) -> Path:
+        return self.root / POOL_FILE
+
+    def bundle(self, name: str) -> Path:
+        """Node ``name``'s own bundle: the only one its process is given."""
+        return self.certs / name
+
+    def log(self, name: str) -> Path:
+        return self.logs / f"{name}.log"
+
+    def replace(self, node: PoolNode) -> Pool:
+        """This pool with ``node`` in place of the node of its name."""
+        return Pool(self.root, {**self.nodes, node.name: node}, self.certs_dir, self.logs_dir)
 
     def trainers(self) -> list[PoolNode]:
         return [n for n in self.nodes.values() if n.role == "trainer"]
@@ -118,10 +147,16 @@ class Pool:
             }
         except (KeyError, TypeError, ValueError, AttributeError):
             raise ValueError(f"{file} is not a pool file: [nodes.<name>] tables expected") from None
-        return cls(root, nodes)
+        dirs = {
+            k: root / doc[k] if isinstance(doc.get(k), str) else None for k in ("certs", "logs")
+        }
+        return cls(root, nodes, dirs["certs"], dirs["logs"])
 
     def write(self) -> Path:
-        lines = ["# written by `clicooper pool up`; `clicooper pool down` stops these processes"]
+        lines = ["# written by `clicooper pool up` (or `launch`); `pool down` stops these processes"]
+        for key, path in (("certs", self.certs_dir), ("logs", self.logs_dir)):
+            if path is not None:
+                lines.append(f"{key} = {json.dumps(os.path.relpath(path, self.root))}")
         for n in self.nodes.values():
             lines += [
                 "",
@@ -147,26 +182,24 @@ def pool_up(root: Path, trainers: int, capacity: int = 4) -> Pool:
             f"{root} holds a pool already ({POOL_FILE}): choose another --dir (a pool that is "
             "down may be deleted)"
         )
-    from clicooper.runtime.deploy.launcher import free_ports
-
     names = [f"trainer-{i}" for i in range(1, trainers + 1)] + [VERIFIER]
     private_dir(root)
     create_certificates(names, root / "certs")
-    logs = private_dir(root / "logs")
+    private_dir(root / "logs")
     ports = free_ports(len(names))
-    started: dict[str, PoolNode] = {}
+    pool = Pool(root, {})
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for name, port in zip(names, ports, strict=True):
             role = "verifier" if name == VERIFIER else "trainer"
             node = PoolNode(name, role, f"127.0.0.1:{port}", capacity, root / "nodes" / name, 0)
-            started[name], procs[name] = _start(root, node)
-        for node in started.values():
-            _wait_listening(node, procs[node.name], logs / f"{node.name}.log")
+            node, procs[name] = start_node(pool, node)
+            pool = pool.replace(node)
+        for node in pool.nodes.values():
+            wait_listening(node, procs[node.name], pool.log(node.name))
     except BaseException:
-        _stop(list(started.values()))
+        stop_nodes(list(pool.nodes.values()))
         raise
-    pool = Pool(root, started)
     pool.write()
     return pool
 
@@ -179,30 +212,32 @@ def restart_node(pool: Pool, name: str) -> PoolNode:
         raise ValueError(f"the pool has no node {name!r}: it has {', '.join(pool.nodes)}")
     if node.running():
         raise ValueError(f"{name} is running (pid {node.pid}): `pool down` stops it")
-    node, proc = _start(pool.root, node)
-    _wait_listening(node, proc, pool.root / "logs" / f"{name}.log")
-    restarted = Pool(pool.root, {**pool.nodes, name: node})
-    restarted.write()
+    node, proc = start_node(pool, node)
+    wait_listening(node, proc, pool.log(name))
+    pool.replace(node).write()
     return node
 
 
-def _start(root: Path, node: PoolNode) -> tuple[PoolNode, subprocess.Popen[bytes]]:
-    """``node``'s process (``clicooper node start``); the node with its pid, and it."""
-    from clicooper.runtime.deploy.launcher import spawn
-
-    argv = [
+def node_argv(pool: Pool, node: PoolNode, *extra: str) -> list[str]:
+    """The command line of ``node``'s process: ``clicooper node start`` with its own bundle
+    only, then ``extra`` options."""
+    return [
         sys.executable, "-m", "clicooper.cli", "node", "start", node.role,
         "--listen", node.address, "--state", str(node.state),
-        "--certs", str(root / "certs" / node.name), "--capacity", str(node.capacity),
+        "--certs", str(pool.bundle(node.name)), "--capacity", str(node.capacity), *extra,
     ]  # fmt: skip
-    proc = spawn(argv, root / "logs" / f"{node.name}.log")
+
+
+def start_node(pool: Pool, node: PoolNode, *extra: str) -> tuple[PoolNode, subprocess.Popen[bytes]]:
+    """``node``'s process (:func:`node_argv`); the node with its pid, and the process."""
+    proc = spawn(node_argv(pool, node, *extra), pool.log(node.name))
     started = PoolNode(node.name, node.role, node.address, node.capacity, node.state, proc.pid)
     return started, proc
 
 
 def pool_down(pool: Pool, grace: float = 10.0) -> list[str]:
     """Stop every node process of ``pool`` (SIGTERM, then SIGKILL); the nodes stopped."""
-    return _stop(list(pool.nodes.values()), grace)
+    return stop_nodes(list(pool.nodes.values()), grace)
 
 
 def pool_run(
@@ -220,10 +255,6 @@ def pool_run(
     here from the pool's CA key, which only an owner that may read that key can do (a
     pool on one machine under one user): each run then has an owner name of its own.
     """
-    from clicooper.node.client import NodeAddress, Owner, admit
-    from clicooper.runtime.deploy.launcher import free_ports, prepare_launch_dir
-    from clicooper.runtime.deploy.settings import party_settings
-    from clicooper.runtime.resume import POOL_MARK
     from clicooper.runtime.session import resolve_run
 
     pool = Pool.load(pool_file)
@@ -238,6 +269,31 @@ def pool_run(
     if owner_certs is None:
         name = f"owner-{secrets.token_hex(6)}"
         owner_certs = issue_bundle(pool.ca, name, private_dir(RunDir(out_dir).certs))
+    return run_on_chain(pool, chain, cfg, out_dir, Path(owner_certs), **run_args)
+
+
+def run_on_chain(
+    pool: Pool,
+    chain: dict[str, PoolNode],
+    cfg: RunConfig,
+    out_dir: Path,
+    owner_certs: Path,
+    *,
+    hooks: dict[str, Any] | None = None,
+    abort_on_failure: bool = True,
+    **run_args: Any,
+) -> Any:
+    """Admit a new session of the owner of ``owner_certs`` (its name is the folder's) on
+    every node of ``chain`` (party -> node) or on none, record it in the run directory
+    (``deploy/pool.json``, what ``--resume`` continues) and run it.
+
+    ``cfg`` is resolved (:func:`~clicooper.runtime.session.resolve_run`) and ``out_dir``
+    prepared; ``hooks``: more :class:`~clicooper.runtime.deploy.peers.Deployment` fields
+    (timeouts, ``supervise``, ``watch``); ``abort_on_failure``: see :func:`_run_session`.
+    """
+    from clicooper.node.client import NodeAddress, Owner, admit
+    from clicooper.runtime.deploy.settings import party_settings
+
     name = Path(owner_certs).name
     owner = Owner(name, Path(owner_certs), f"127.0.0.1:{free_ports(1)[0]}")
     session = secrets.token_hex(8)
@@ -245,7 +301,7 @@ def pool_run(
     settings = {p: party_settings(cfg, "verifier" if p == "verifier" else "trainer") for p in chain}
     admit(owner, session, addresses, settings)
     mark = {
-        "pool": str(Path(pool_file).resolve()),
+        "pool": str(pool.file.resolve()),
         "session": session,
         "owner": name,
         "owner_certs": str(Path(owner_certs).resolve()),
@@ -253,21 +309,28 @@ def pool_run(
         "chain": {p: {"name": n.name, "address": n.address, "state": str(n.state)}
                   for p, n in chain.items()},
     }  # fmt: skip
-    ensure_dir(RunDir(out_dir).deploy)
-    write_file(out_dir / POOL_MARK, json.dumps(mark, indent=2).encode(), 0o644)
-    return _run_session(cfg, out_dir, mark, resume=False, **run_args)
+    run_dir = RunDir(out_dir)
+    ensure_dir(run_dir.deploy)
+    write_file(run_dir.pool_mark, json.dumps(mark, indent=2).encode(), 0o644)
+    return _run_session(cfg, out_dir, mark, False, hooks, abort_on_failure, **run_args)
 
 
-def pool_resume(cfg: RunConfig, out_dir: Path | str, **run_args: Any) -> Any:
+def pool_resume(
+    cfg: RunConfig,
+    out_dir: Path | str,
+    *,
+    hooks: dict[str, Any] | None = None,
+    abort_on_failure: bool = True,
+    **run_args: Any,
+) -> Any:
     """Continue the ``run --pool`` run in ``out_dir`` whose owner process died, on its
     session's nodes: each serves the session again from its checkpoints (``rejoin``), and
     the run goes on from the last step every party checkpointed."""
     from clicooper.common.messages import ProtocolError
     from clicooper.node.client import NodeAddress, Owner
-    from clicooper.runtime.resume import POOL_MARK
 
     out_dir = Path(out_dir)
-    mark = json.loads((out_dir / POOL_MARK).read_text())
+    mark = session_mark(out_dir)
     owner = Owner(mark["owner"], Path(mark["owner_certs"]), mark["owner_address"])
     for party, node in mark["chain"].items():
         try:
@@ -276,14 +339,36 @@ def pool_resume(cfg: RunConfig, out_dir: Path | str, **run_args: Any) -> Any:
         except (ProtocolError, ConnectionError) as exc:
             raise ValueError(f"{out_dir} cannot be resumed: {party}: {exc}") from None
     run_args.pop("overwrite", None)
-    return _run_session(cfg, out_dir, mark, resume=True, **run_args)
+    return _run_session(cfg, out_dir, mark, True, hooks, abort_on_failure, **run_args)
+
+
+def session_mark(out_dir: Path) -> dict[str, Any]:
+    """What ``deploy/pool.json`` of a run on nodes records: session, owner and chain."""
+    path = RunDir(out_dir).pool_mark
+    try:
+        mark = json.loads(path.read_text())
+        if not isinstance(mark, dict) or not isinstance(mark.get("chain"), dict):
+            raise ValueError("no chain")
+        return mark
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not a session of a pool: {exc}") from None
 
 
 def _run_session(
-    cfg: RunConfig, out_dir: Path, mark: dict[str, Any], resume: bool, **run_args: Any
+    cfg: RunConfig,
+    out_dir: Path,
+    mark: dict[str, Any],
+    resume: bool,
+    hooks: dict[str, Any] | None,
+    abort_on_failure: bool,
+    **run_args: Any,
 ) -> Any:
-    """Run (or resume) the admitted session of ``mark`` and record the pool in results.json;
-    on a failure the nodes are told to let the session go."""
+    """Run (or resume) the admitted session of ``mark`` and record the pool in results.json.
+
+    On a failure (bad data, a failed chain, Ctrl-C) the nodes are told to let the session
+    go, unless ``abort_on_failure`` is false (a launch's own pool: its nodes stop, and the
+    session stays active on their state for ``launch --resume``).
+    """
     from clicooper.node.client import NodeAddress, Owner, abort, local_collector, node_deployment
     from clicooper.runtime.session import run
 
@@ -292,12 +377,13 @@ def _run_session(
     addresses = {p: NodeAddress(n["name"], n["address"]) for p, n in mark["chain"].items()}
     states = {p: Path(n["state"]) for p, n in mark["chain"].items()}
     deployment = node_deployment(
-        owner, session, addresses, collect=local_collector(states, session)
+        owner, session, addresses, collect=local_collector(states, session), **(hooks or {})
     )
     try:
         result = run(cfg, out_dir, deployment=deployment, resume=resume, **run_args)
-    except BaseException:  # bad data, a failed chain, Ctrl-C: the nodes let the session go
-        abort(owner, session, addresses.values())
+    except BaseException:
+        if abort_on_failure:
+            abort(owner, session, addresses.values())
         raise
     result.results["transport"]["pool"] = {
         "session": session,
@@ -327,7 +413,7 @@ def pick_chain(pool: Pool, cfg: RunConfig) -> dict[str, PoolNode]:
     return chain
 
 
-def _wait_listening(node: PoolNode, proc: subprocess.Popen[bytes], log: Path) -> None:
+def wait_listening(node: PoolNode, proc: subprocess.Popen[bytes], log: Path) -> None:
     host, port = node.address.rsplit(":", 1)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
@@ -340,7 +426,7 @@ def _wait_listening(node: PoolNode, proc: subprocess.Popen[bytes], log: Path) ->
     raise RuntimeError(f"{node.name} did not listen on {node.address} within {START_TIMEOUT} s")
 
 
-def _stop(nodes: list[PoolNode], grace: float = 10.0) -> list[str]:
+def stop_nodes(nodes: list[PoolNode], grace: float = 10.0) -> list[str]:
     alive = [n for n in nodes if n.running()]
     stopped = [n.name for n in alive]
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -191,6 +192,21 @@ class Node:
     def wait(self) -> None:
         """Block until :meth:`stop` (from a signal handler or another thread)."""
         self._stop.wait()
+
+    def exit_with_parent(self, parent_pid: int, poll: float = 0.2) -> None:
+        """Make :meth:`wait` return once process ``parent_pid`` is no longer this process's
+        parent (a launch's own nodes: its owner process died, kill -9 included). Its
+        sessions stay active, so a node started again on the same state serves them."""
+
+        def watch() -> None:
+            while not self._stop.wait(poll):
+                if os.getppid() != parent_pid:
+                    log.warning("%s: the launching process is gone; stopping", self.name)
+                    self.request_stop()
+
+        thread = threading.Thread(target=watch, name=f"node-{self.name}-parent", daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     def sessions(self) -> list[dict[str, Any]]:
         """Every session this node knows, as ``node status`` shows it."""

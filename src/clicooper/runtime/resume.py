@@ -12,10 +12,11 @@ finished without appending again the records the ledger holds. ``results.json``
 is written only when a run finishes, so its presence marks a finished run.
 
 ``clicooper launch --resume DIR`` does the same for a launched run whose owner process
-(the ``launch`` process itself) died: :func:`clicooper.runtime.deploy.launcher.launch` starts the
-trainer and verifier processes again on their party directories in ``DIR``, with the
-run's certificate bundles, new ports and a new session id, and each party is set up
-``resume``; the rollback above is the same one.
+(the ``launch`` process itself) died: :func:`clicooper.runtime.deploy.launcher.launch` starts
+the nodes of the run's own one-session pool again on their state (``DIR/deploy/pool``),
+with the run's certificate bundles and addresses, and continues the session on them as
+``run --resume`` continues a ``run --pool`` run (each node serves it afresh from its
+checkpoints); the rollback above is the same one.
 """
 
 from __future__ import annotations
@@ -34,10 +35,10 @@ def save_run_config(out_dir: Path, cfg: RunConfig) -> None:
     write_file(RunDir(out_dir).config, config_toml(cfg).encode(), 0o644)
 
 
-#: What marks a run ``clicooper launch`` started (its peers file, next to the certificates).
-LAUNCH_MARK = RunDir(Path()).deploy / "peers.toml"
-#: What marks a run on a pool's nodes (``run --pool``: its session, owner and chain).
-POOL_MARK = RunDir(Path()).deploy / "pool.json"
+#: What marks a run ``clicooper launch`` started (the file of its own one-session pool).
+LAUNCH_MARK = RunDir(Path()).launch_pool / "pool.toml"
+#: What marks a run on a pool's nodes (``run --pool``, ``launch``: its session and chain).
+POOL_MARK = RunDir(Path()).pool_mark
 
 
 def resumable_config(out_dir: Path, launched: bool = False) -> RunConfig:
@@ -75,9 +76,9 @@ def _check_kind(out_dir: Path, cfg: RunConfig, launched: bool) -> None:
     ones; a run over gRPC with parties served by hand is resumed by neither (its parties'
     directories are on other machines). ``run --resume`` continues a ``run --pool`` run
     on its pool's nodes too."""
-    if cfg.transport == "grpc" and (out_dir / POOL_MARK).is_file():
-        return
     was_launched = cfg.transport == "grpc" and (out_dir / LAUNCH_MARK).is_file()
+    if cfg.transport == "grpc" and not was_launched and (out_dir / POOL_MARK).is_file():
+        return
     if launched and not was_launched:
         if cfg.transport == "inprocess":
             raise ValueError(

@@ -58,8 +58,8 @@ RUN_ARTIFACTS = (
     "figures",
     "checkpoints",
 )
-#: What ``clicooper launch`` adds: the parties' certificate bundles, its peers and
-#: config files, the party processes' logs.
+#: What ``clicooper launch`` (and ``run --pool``) adds: the parties' certificate bundles,
+#: the session on its nodes and a launch's own pool, the node processes' logs.
 LAUNCH_ARTIFACTS = ("certs", "deploy", "logs")
 
 
@@ -140,8 +140,19 @@ class RunDir:
 
     @property
     def deploy(self) -> Path:
-        """A launched run's peers file, parties' config, pids and lock."""
+        """A run on nodes: its session (``pool.json``); a launch's own pool and lock too."""
         return self.root / "deploy"
+
+    @property
+    def pool_mark(self) -> Path:
+        """``deploy/pool.json``: the session of a run on nodes (``run --pool``, ``launch``):
+        its id, owner and chain, what ``--resume`` continues."""
+        return self.deploy / "pool.json"
+
+    @property
+    def launch_pool(self) -> Path:
+        """``deploy/pool``: a launch's own one-session pool (``pool.toml``, node states)."""
+        return self.deploy / "pool"
 
     @property
     def certs(self) -> Path:
@@ -150,7 +161,7 @@ class RunDir:
 
     @property
     def logs(self) -> Path:
-        """A launched run's party processes' logs, ``<party>.log``."""
+        """A launched run's node processes' logs, ``<party>.log``."""
         return self.root / "logs"
 
 
@@ -246,3 +257,16 @@ def prepare_run_dir(out_dir: Path, overwrite: bool) -> None:
         path = out_dir / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
+
+
+def prepare_launch_dir(out_dir: Path, overwrite: bool) -> None:
+    """Like ``prepare_run_dir``, for the launch artifacts too."""
+    present = [n for n in LAUNCH_ARTIFACTS if (out_dir / n).exists()]
+    if present and not overwrite:
+        raise ValueError(
+            f"{out_dir} already holds a run ({present[0]}): choose another --out "
+            "or pass --overwrite to replace it"
+        )
+    prepare_run_dir(out_dir, overwrite)
+    for name in present:
+        shutil.rmtree(out_dir / name)

@@ -15,9 +15,11 @@ One module per role:
   every party into an epoch (at start and after a failure, see
   :mod:`clicooper.runtime.driver` for the resume protocol), sets them up, and
   shuts them down;
-* :mod:`.launcher`: :func:`~.launcher.launch` starts every trainer and the
-  verifier as its own process on 127.0.0.1 with fresh certificates (each process
-  gets only its own bundle) and runs the data owner in this process.
+* :mod:`.launcher`: :func:`~.launcher.launch` brings up a one-session pool of its
+  own on 127.0.0.1 (:class:`~.launcher.LaunchPool`: a node process per trainer and
+  for the verifier, fresh certificates, each process only its own bundle), runs the
+  data owner's session on it in this process exactly as ``run --pool`` does
+  (:mod:`clicooper.node.pool`), and takes it down.
 
 The transport that moves between *transport epochs* (session id
 ``<session>.<epoch>`` with fresh sequence counters on every link) is

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shutil
 import threading
 from pathlib import Path
@@ -175,10 +174,9 @@ def serve(
     host: PartyHost,
     transport: EpochTransport,
     stop: threading.Event,
-    parent_pid: int | None = None,
     poll: float = 0.2,
 ) -> None:
-    """Run ``host`` until the data owner says shutdown, ``stop`` is set or the parent dies.
+    """Run ``host`` until the data owner says shutdown or ``stop`` is set.
 
     Starts in the ``join`` epoch. A rejected message is answered with an ERROR
     to its sender and serving goes on; a failed send marks the host broken
@@ -190,9 +188,6 @@ def serve(
     transport.rekey(None)
     try:
         while not stop.is_set():
-            if parent_pid is not None and os.getppid() != parent_pid:
-                log.warning("%s: launching process is gone; exiting", host.name)
-                return
             try:
                 msg = transport.recv(host.name, timeout=poll)
             except TimeoutError:

@@ -20,7 +20,7 @@ class Deployment:
     ``send_timeout`` bounds one delivery; ``step_timeout`` is the longest the
     data owner waits for an answer before it treats a party as failed;
     ``resume_timeout`` is how long it waits for a lost party to come back.
-    ``supervise`` is called while waiting (``launch`` restarts dead children there).
+    ``supervise`` is called while waiting (``launch`` starts dead nodes again there).
     On nodes (:mod:`clicooper.node`) the parties are not named after their certificates:
     ``identity`` is the owner's certificate name and ``identities`` each party's; and
     ``collect`` brings the parties' artifacts into the run directory once they are done.
