@@ -43,7 +43,7 @@ def session_runner(
     if pool is not None:  # --certs: the owner's own bundle from the pool's operator
         if peers or resume:
             fail("--pool takes neither --peers nor --resume")
-        from clicooper.node.pool import pool_run
+        from clicooper.node.owner import pool_run
 
         return functools.partial(pool_run, pool, owner_certs=certs)
     timeouts = LAUNCH_TIMEOUTS.get()
@@ -66,7 +66,7 @@ def session_runner(
 
 def _resume(cfg: RunConfig, out_dir: Path, **kwargs: Any) -> Any:
     """``run --resume``: an in-process run, or a ``run --pool`` run on its pool's nodes."""
-    from clicooper.node.pool import pool_resume
+    from clicooper.node.owner import pool_resume
     from clicooper.runtime.resume import POOL_MARK
     from clicooper.runtime.session import run
 

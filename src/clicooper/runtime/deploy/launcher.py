@@ -20,15 +20,8 @@ from typing import Any
 
 from clicooper.common.files import private_dir
 from clicooper.config import RunConfig
-from clicooper.node.pool import (
-    Pool,
-    PoolNode,
-    pool_resume,
-    run_on_chain,
-    start_node,
-    stop_nodes,
-    wait_listening,
-)
+from clicooper.node.owner import pool_resume, run_on_chain
+from clicooper.node.pool import Pool, PoolNode, start_node, stop_nodes, wait_listening
 from clicooper.node.processes import free_ports
 from clicooper.node.server import SESSIONS_DIR
 from clicooper.runtime.certs import create_certificates
@@ -283,7 +276,7 @@ def launch(
     Fresh certificates go to ``out_dir/certs``, one bundle per party (each node process
     is given only its own; the CA key is not kept); every node listens on a free port of
     127.0.0.1 with capacity 1; the owner runs here and its session is admitted and run
-    on the nodes exactly as ``run --pool`` does (:func:`clicooper.node.pool.run_on_chain`).
+    on the nodes exactly as ``run --pool`` does (:func:`clicooper.node.owner.run_on_chain`).
     Every node is stopped on return, on an error, on Ctrl-C, SIGTERM or SIGHUP, and each
     also stops by itself if this process dies.
 
@@ -291,7 +284,7 @@ def launch(
     died (``cfg`` is not used: the run's own ``config.toml`` is): the nodes the dead
     launch left are stopped, every node starts again on its state, with the run's bundles
     and addresses, and the session goes on from the last checkpoint common to all parties
-    as ``run --resume`` continues a ``run --pool`` run (:func:`clicooper.node.pool.pool_resume`).
+    as ``run --resume`` continues a ``run --pool`` run (:func:`clicooper.node.owner.pool_resume`).
     """
     out_dir = Path(out_dir)
     if resume:
