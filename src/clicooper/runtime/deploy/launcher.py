@@ -312,7 +312,7 @@ def launch(
                 session = run_on_chain(nodes.pool, nodes.chain(), cfg, out_dir, owner, **args)
             session.results["transport"]["restarts"] = dict(nodes.restarts)
             RunDir(out_dir).results.write_text(json.dumps(session.results, indent=2))
-            grace = 10.0  # every session is over: let each node stop by itself
+            grace = 10.0  # the session is over: each node gets 10 s after SIGTERM to stop
             return session
         finally:
             nodes.down(grace)
