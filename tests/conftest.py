@@ -63,6 +63,25 @@ def small_digits(digits: Dataset) -> Dataset:
 
 
 @pytest.fixture
+def run_example(monkeypatch, capsys):
+    """Run ``examples/<name>`` as ``python examples/<name> OUT`` does, in this process (a
+    fresh interpreter spends seconds importing torch); returns (stdout, warnings raised)."""
+    import runpy
+    import warnings
+
+    def call(name: str, out: Path) -> tuple[str, list[warnings.WarningMessage]]:
+        path = Path(__file__).resolve().parents[1] / "examples" / name
+        monkeypatch.setattr("sys.argv", [str(path), str(out)])
+        capsys.readouterr()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runpy.run_path(str(path), run_name="__main__")
+        return capsys.readouterr().out, caught
+
+    return call
+
+
+@pytest.fixture
 def cli_inprocess(monkeypatch, capsys):
     """Run the real entry point in this process; returns (exit status, stderr, stdout)."""
     from clicooper.cli import main as cli_main
