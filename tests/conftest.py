@@ -19,17 +19,23 @@ SLOWEST_FIRST = (
     "evaluation/test_evaluate_quick.py",
     "deploy/test_deploy_resume.py",
     "deploy/test_release_once_resume.py",
+    "attacks/test_attack_extraction.py",
     "deploy/test_deploy_launch.py",
     "deploy/test_pool.py",
     "attacks/test_attack_inversion.py",
     "test_api.py",
     "test_cli_and_example.py",
-    "attacks/test_attack_extraction.py",
-    "deploy/test_release_once_launch.py",
-    "test_session.py",
-    "deploy/test_node_faults.py",
-    "deploy/test_resume_inprocess.py",
     "grpc/test_grpc_fuzz.py",
+    "test_chain_integration.py",
+    "deploy/test_node_faults.py",
+    "test_session.py",
+    "deploy/test_release_once_launch.py",
+    "deploy/test_resume_inprocess.py",
+    "test_compute.py",
+    "watermark/test_tampered_run.py",
+    "attacks/test_attack_clustering.py",
+    "deploy/test_default_release.py",
+    "attacks/test_watermark_removal.py",
 )
 
 
@@ -60,6 +66,25 @@ def digits() -> Dataset:
 @pytest.fixture
 def small_digits(digits: Dataset) -> Dataset:
     return digits.limit(400, 200, seed=0)
+
+
+@pytest.fixture
+def run_example(monkeypatch, capsys):
+    """Run ``examples/<name>`` as ``python examples/<name> OUT`` does, in this process (a
+    fresh interpreter spends seconds importing torch); returns (stdout, warnings raised)."""
+    import runpy
+    import warnings
+
+    def call(name: str, out: Path) -> tuple[str, list[warnings.WarningMessage]]:
+        path = Path(__file__).resolve().parents[1] / "examples" / name
+        monkeypatch.setattr("sys.argv", [str(path), str(out)])
+        capsys.readouterr()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            runpy.run_path(str(path), run_name="__main__")
+        return capsys.readouterr().out, caught
+
+    return call
 
 
 @pytest.fixture

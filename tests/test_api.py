@@ -1,17 +1,11 @@
 """The Python API: a model given as its segments, errors for bad ones, torch state restored."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from cc_helpers import quick_config
 from torch import nn
 
 import clicooper
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _segments(n_outputs):
@@ -59,18 +53,12 @@ def test_train_restores_torch_threads_and_rng(tmp_path, small_digits):
     torch.set_num_threads(1)
 
 
-def test_rgb_example_runs(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "rgb_segments.py"), str(tmp_path / "ex")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert "image shape (3, 32, 32)" in proc.stdout
-    acc = float(proc.stdout.split("test accuracy ")[1].split(",")[0])
-    assert acc > 0.6, proc.stdout  # chance 0.25; ten runs of 12 epochs reached 1.0 here
-    assert "ledger verified" in proc.stdout
+def test_rgb_example_runs(tmp_path, run_example):
+    out, _ = run_example("rgb_segments.py", tmp_path / "ex")
+    assert "image shape (3, 32, 32)" in out
+    acc = float(out.split("test accuracy ")[1].split(",")[0])
+    assert acc > 0.6, out  # chance 0.25; ten runs of 12 epochs reached 1.0 here
+    assert "ledger verified" in out
 
 
 def test_small_data_defaults_are_the_same_for_every_mode():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,23 @@ from clicooper.attacks.extraction import (
 )
 
 C, K = 10, 2
+
+
+@pytest.fixture(scope="module")
+def trained(digits, heads, victim):
+    """``trained(kind, seed)``: a victim trained once per module, a fresh copy per call
+    (the attacks only read it); kind "labels" (the true classes) or "pseudo"."""
+    cache: dict[tuple[str, int], tuple] = {}
+
+    def get(kind: str, seed: int) -> tuple:
+        if (kind, seed) not in cache:
+            if kind == "pseudo":
+                cache[kind, seed] = _pseudo_victim(digits, heads, victim, seed)
+            else:
+                cache[kind, seed] = victim(digits, heads["linear"], digits.y, C, seed=seed)
+        return copy.deepcopy(cache[kind, seed])
+
+    return get
 
 
 def _pseudo_victim(digits, heads, victim, seed: int):
@@ -38,8 +57,8 @@ def _labelled(digits, m: int):
     return digits.x[idx], digits.y[idx.numpy()]
 
 
-def test_vanilla_colluders_who_saw_labels_extract_a_working_model(digits, heads, victim):
-    head, tail = victim(digits, heads["linear"], digits.y, C, seed=0)
+def test_vanilla_colluders_who_saw_labels_extract_a_working_model(digits, heads, trained):
+    head, tail = trained("labels", 0)
     before = {k: v.clone() for k, v in tail.state_dict().items()}
     r = extract_surrogate(
         tail,
@@ -61,10 +80,10 @@ def test_vanilla_colluders_who_saw_labels_extract_a_working_model(digits, heads,
     assert all(p.requires_grad for p in tail.parameters())
 
 
-def test_secret_pseudo_classes_keep_naming_at_chance(digits, heads, victim):
+def test_secret_pseudo_classes_keep_naming_at_chance(digits, heads, trained):
     results = []
     for seed in range(3):
-        head, tail, _ = _pseudo_victim(digits, heads, victim, seed)
+        head, tail, _ = trained("pseudo", seed)
         results.append(
             extract_surrogate(
                 tail,
@@ -87,8 +106,8 @@ def test_secret_pseudo_classes_keep_naming_at_chance(digits, heads, victim):
     assert np.mean([r["matched_accuracy"] for r in results]) > naming + 0.1
 
 
-def test_adaptive_attacker_with_ten_labels_per_class_beats_chance(digits, heads, victim):
-    head, tail, secret = _pseudo_victim(digits, heads, victim, seed=0)
+def test_adaptive_attacker_with_ten_labels_per_class_beats_chance(digits, heads, trained):
+    head, tail, secret = trained("pseudo", 0)
     xl, yl = _labelled(digits, 10)
     x_test, y_test = digits.x[digits.test], digits.y[digits.test.numpy()]
     r = adaptive_extraction(
@@ -107,8 +126,7 @@ def test_adaptive_attacker_with_ten_labels_per_class_beats_chance(digits, heads,
     assert np.mean(learn_mapping(model, xl, yl, C) == secret) > 0.8
 
 
-def test_labelled_set_must_cover_every_class(digits, heads, victim):
-    head, tail = victim(digits, heads["linear"], digits.y, C, seed=0)
+def test_labelled_set_must_cover_every_class(digits, heads):
     xl, yl = _labelled(digits, 3)
     keep = yl != 4
     with pytest.raises(ValueError, match=r"\[4\]"):
@@ -119,15 +137,15 @@ def test_labelled_set_must_cover_every_class(digits, heads, victim):
 
 @pytest.mark.parametrize("secret_classes", [False, True])
 def test_query_access_extraction_works_until_the_classes_are_secret(
-    digits, heads, victim, secret_classes: bool
+    digits, heads, trained, secret_classes: bool
 ):
     """Queried pairs pin the head down, so the surrogate separates classes in both cases;
     only the secret pseudo-class permutation keeps the colluders from naming them."""
     if secret_classes:
-        head, tail, _ = _pseudo_victim(digits, heads, victim, seed=0)
+        head, tail, _ = trained("pseudo", 0)
         naming = None
     else:
-        head, tail = victim(digits, heads["linear"], digits.y, C, 0)
+        head, tail = trained("labels", 0)
         naming = np.arange(C)
     queries = digits.x[digits.aux]
     shadow = query_shadow_head(heads["linear"], queries, _observed_on(head, queries), seed=0)

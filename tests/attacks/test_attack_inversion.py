@@ -24,6 +24,21 @@ def linear_victim(digits, heads, victim):
 
 
 @pytest.fixture(scope="module")
+def conv_victim(digits, heads, victim):
+    """A trained Conv2d(1, 8, 3) -> ReLU head: one training shared by the UnSplit and
+    white-box tests (each only reads it)."""
+    head, _ = victim(digits, heads["conv"], digits.y, 10, seed=0)
+    return head
+
+
+@pytest.fixture
+def few_query_steps(monkeypatch):
+    """The decoders' step floor (MIN_QUERY_STEPS, 600) lowered for the tests of shapes,
+    errors and seeding, which do not look at how well the decoder fits."""
+    monkeypatch.setattr("clicooper.attacks._common.MIN_QUERY_STEPS", 20)
+
+
+@pytest.fixture(scope="module")
 def baselines(digits) -> dict[str, float]:
     d = digits
     return mean_image_baselines(d.x[d.train], d.y[d.train], d.x[d.test], d.y[d.test])
@@ -51,7 +66,9 @@ def test_query_decoder_inverts_clean_activations_and_fails_on_noisy_ones(
     assert s_noisy < baselines["dataset_mean"] + 0.02
 
 
-def test_query_decoder_is_reproducible_and_leaves_global_rng_alone(digits, linear_victim):
+def test_query_decoder_is_reproducible_and_leaves_global_rng_alone(
+    digits, linear_victim, few_query_steps
+):
     x = digits.x[digits.aux][:100]
     a = _acts(linear_victim, x)
     state = torch.random.get_rng_state()
@@ -62,7 +79,7 @@ def test_query_decoder_is_reproducible_and_leaves_global_rng_alone(digits, linea
     assert torch.equal(r1, r2) and not torch.equal(r1, r3)
 
 
-def test_query_decoder_uses_a_conv_decoder_for_spatial_activations(digits, heads):
+def test_query_decoder_uses_a_conv_decoder_for_spatial_activations(digits, heads, few_query_steps):
     head = heads["conv"]()
     x = digits.x[digits.aux][:64]
     a = _acts(head, x)
@@ -75,8 +92,8 @@ def test_query_decoder_uses_a_conv_decoder_for_spatial_activations(digits, heads
         query_decoder(x[:10], a, a[:8], epochs=1)
 
 
-def test_unsplit_recovers_structure_through_a_conv_head(digits, heads, victim):
-    head, _ = victim(digits, heads["conv"], digits.y, 10, seed=0)
+def test_unsplit_recovers_structure_through_a_conv_head(digits, heads, conv_victim):
+    head = conv_victim
     x = digits.x[digits.test][:128]
     recon = unsplit(heads["conv"], _acts(head, x), (1, 8, 8), seed=0)
     assert recon.shape == x.shape and recon.min() >= 0 and recon.max() <= 1
@@ -86,8 +103,8 @@ def test_unsplit_recovers_structure_through_a_conv_head(digits, heads, victim):
     assert s > s_noise + 0.2
 
 
-def test_whitebox_inverts_the_exact_head_and_noise_defeats_it(digits, heads, victim):
-    head, _ = victim(digits, heads["conv"], digits.y, 10, seed=0)
+def test_whitebox_inverts_the_exact_head_and_noise_defeats_it(digits, heads, conv_victim):
+    head = conv_victim
     x = digits.x[digits.test][:128]
     z = _acts(head, x)
     recon = whitebox(head, z, (1, 8, 8), steps=300, seed=0)
@@ -136,14 +153,14 @@ def test_unsplit_and_aux_no_query_are_reproducible_for_a_seed(digits, heads):
     assert torch.equal(r1, r2)
 
 
-def test_unsplit_weighs_its_prior_against_the_activations_energy(digits, heads, victim):
+def test_unsplit_weighs_its_prior_against_the_activations_energy(digits, heads, conv_victim):
     """Small activations (Fashion-MNIST after conv1 has mean z^2 = 0.046) must not drown in TV.
 
     With the data term in absolute units, activations scaled by 0.05 were left to the
     smoothness prior (SSIM 0.007 here); relative to |z|^2 the attack still recovers
     structure (0.486, against 0.93 at full scale, where the shadow head fits more easily).
     """
-    head, _ = victim(digits, heads["conv"], digits.y, 10, seed=0)
+    head = conv_victim
     x = digits.x[digits.test][:128]
     recon = unsplit(heads["conv"], 0.05 * _acts(head, x), (1, 8, 8), seed=0)
     s = ssim_batch(recon, x).mean()
