@@ -55,8 +55,11 @@ def test_same_seed_same_training_in_process_and_over_grpc_with_pipelining(inproc
     used = session.results["transport"]["micro_batches"]
     assert set(used) == {"1", "4"} and sum(used.values()) == 20
     assert inprocess.results["transport"]["micro_batches"] == {"1": 20}
+    # 4 micro-batch gradients summed differ from one batch's only by rounding (summation
+    # order), which 20 Adam steps grow to ~1.5e-5 on some thread layouts; a wrong
+    # micro-batch scale or a lost micro-batch moves weights by orders of magnitude more
     for a, b in zip(_params(inprocess), _params(session), strict=True):
-        assert torch.allclose(a, b, atol=1e-5)
+        assert torch.allclose(a, b, atol=1e-4)
     assert abs(inprocess.results["accuracy"]["test"] - session.results["accuracy"]["test"]) < 0.005
     # the segments were written by the trainer processes, the head by the owner
     assert {p.name for p in (out / "segments").iterdir()} == {
