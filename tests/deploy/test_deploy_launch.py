@@ -56,8 +56,8 @@ def test_same_seed_same_training_in_process_and_over_grpc_with_pipelining(inproc
     assert set(used) == {"1", "4"} and sum(used.values()) == 20
     assert inprocess.results["transport"]["micro_batches"] == {"1": 20}
     # 4 micro-batch gradients summed differ from one batch's only by rounding (summation
-    # order), which 20 Adam steps grow to ~1.5e-5 on some thread layouts; a wrong
-    # micro-batch scale or a lost micro-batch moves weights by orders of magnitude more
+    # order), which 20 Adam steps grow to ~1.5e-5 on some thread layouts; a lost or
+    # repeated micro-batch moves the weights by far more
     for a, b in zip(_params(inprocess), _params(session), strict=True):
         assert torch.allclose(a, b, atol=1e-4)
     assert abs(inprocess.results["accuracy"]["test"] - session.results["accuracy"]["test"]) < 0.005
