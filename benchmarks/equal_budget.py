@@ -42,7 +42,7 @@ import statistics
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +50,12 @@ from clicooper.config import RunConfig
 from clicooper.data import load_dataset
 from clicooper.data.base import Dataset
 from clicooper.privacy.secrets import SECRET_FILE
-from clicooper.runtime.session import run
+from clicooper.runtime.session import Session, run
 
 VALIDATION_FRACTION = 0.2
+#: Called inside :func:`one_run` on the marked run (its session, directory and config);
+#: what it returns is kept in the row as ``"after"``.
+AfterRun = Callable[[Session, Path, RunConfig], Any]
 
 
 def parse_value(text: str) -> Any:
@@ -103,12 +106,19 @@ def history_exact(cfg: RunConfig) -> str | None:
 
 
 def one_run(
-    data: Dataset, mode: str, setting: dict[str, Any], extra: dict[str, Any], pair: bool = False
+    data: Dataset,
+    mode: str,
+    setting: dict[str, Any],
+    extra: dict[str, Any],
+    pair: bool = False,
+    after: AfterRun | None = None,
 ) -> dict:
     """Train one run in-process; its accuracy, watermark verdicts and seconds.
 
     ``pair``: a marked clicooper run is trained again with its owner secret and the
-    watermark off (``accuracy_nowm``): the same permutation, noise and batch order.
+    watermark off (``accuracy_nowm``, ``history_nowm``): the same permutation, noise and
+    batch order. ``after`` (e.g. removal attacks) runs on the marked run before its
+    directory goes; its result is the row's ``"after"``.
     """
     cfg = RunConfig.load(
         None, dataset=data.name, mode=mode, **{"privacy.release": "every-epoch", **setting, **extra}
@@ -116,25 +126,34 @@ def one_run(
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = run(cfg, Path(tmp) / "marked", data=data).results
+        session = run(cfg, Path(tmp) / "marked", data=data)
+        res = session.results
         wm = res.get("watermark", {})
         marked = wm.get("enabled", False)
         out = {
             "accuracy": res["accuracy"]["test"],
-            "history": [h["test_accuracy"] for h in res["history"] if h.get("phase") != "public"],
+            "history": _history(res),
             "history_exact": history_exact(cfg) is None,
             "epsilon": res["privacy"]["epsilon"],
             "max_ber": max(wm["final_ber"].values()) if marked else None,
             "verified": (wm["verified"] and wm["attestations_failed"] == 0) if marked else None,
             "seconds": round(time.perf_counter() - start, 1),
         }
+        if after is not None:
+            out["after"] = after(session, Path(tmp) / "marked", cfg)
         if pair and marked:
             unmarked = cfg.watermark.model_copy(update={"enabled": False})
             secret = Path(tmp) / "marked" / "owner" / SECRET_FILE
             bare = cfg.model_copy(update={"owner_secret": secret, "watermark": unmarked})
             bare_res = run(bare, Path(tmp) / "bare", data=data).results
             out["accuracy_nowm"] = bare_res["accuracy"]["test"]
+            out["history_nowm"] = _history(bare_res)
     return out
+
+
+def _history(results: dict) -> list[float]:
+    """Test accuracy after every epoch on the releases (a warm start's epochs left out)."""
+    return [h["test_accuracy"] for h in results["history"] if h.get("phase") != "public"]
 
 
 def load_rows(path: Path | None) -> list[dict]:
@@ -179,7 +198,9 @@ def at_epoch(rows: list[dict], epoch: int) -> list[dict]:
         if r.get("history_exact") and len(r.get("history", [])) >= epoch:
             setting = {**r["setting"], "epochs": epoch}
             out.append({**r, "setting": setting, "accuracy": r["history"][epoch - 1]})
-            out[-1].pop("accuracy_nowm", None)  # the unmarked run's history is not kept
+            out[-1].pop("accuracy_nowm", None)
+            if len(r.get("history_nowm", [])) >= epoch:  # rows from before it have none
+                out[-1]["accuracy_nowm"] = r["history_nowm"][epoch - 1]
     return out
 
 
