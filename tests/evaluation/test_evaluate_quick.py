@@ -1,10 +1,9 @@
-"""`clicooper evaluate --quick` on digits: in time; attacks work on vanilla, worse on CliCooper;
+"""`clicooper evaluate --quick` on digits: attacks work on vanilla, worse on CliCooper;
 the release-once column is attacked through what its T1 holds; targets and frontier written."""
 
 from __future__ import annotations
 
 import json
-import time
 from functools import reduce
 from pathlib import Path
 
@@ -39,20 +38,11 @@ def quick(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path, float]:
 
     out = tmp_path_factory.mktemp("eval")
     argv = ["clicooper", "evaluate", "--dataset", "digits", "--out", str(out), "--quick"]
-    start = time.process_time()
     with mock.patch.object(sys, "argv", argv), pytest.raises(SystemExit) as exc:
         cli_main.main()
-    elapsed = time.process_time() - start
     assert exc.value.code == 0
-    return json.loads((out / "results.json").read_text()), out, elapsed
-
-
-def test_quick_finishes_within_three_minutes(quick) -> None:
-    """CPU seconds of this process (one torch thread): the wall time on two idle cores.
-
-    Wall time on a host shared with other jobs measures the neighbours, not this work.
-    """
-    assert quick[2] < 180, f"quick evaluation used {quick[2]:.0f} CPU s"
+    # its CPU time is a benchmark (benchmarks/quick_evaluation_time.py): tests are not timed
+    return json.loads((out / "results.json").read_text()), out, 0.0
 
 
 def test_results_hold_every_required_key(quick) -> None:
