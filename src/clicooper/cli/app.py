@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import typer
@@ -29,6 +30,18 @@ def fail(message: str, code: int = 2) -> None:
     """Print one line to stderr and exit."""
     console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def interrupted(message: str) -> None:
+    """Exit with status 130 after Ctrl-C, SIGTERM or SIGHUP, ignoring any further one.
+
+    A repeated Ctrl-C while the process exits must not turn the clean 130 into a
+    traceback; ``main`` then leaves without the interpreter's finalization.
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    console.print(message)
+    raise typer.Exit(130)
 
 
 def build_config(config: Path | None, **flags: object) -> RunConfig:

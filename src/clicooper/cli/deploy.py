@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from clicooper.cli import train as cli_train
-from clicooper.cli.app import Opt, app, build_config, fail
+from clicooper.cli.app import Opt, app, build_config, fail, interrupted
 from clicooper.cli.progress import console
 from clicooper.cli.runner import LAUNCH_TIMEOUTS
 from clicooper.runtime.certs import create_certificates, issue_bundle, load_party_credentials
@@ -121,8 +121,7 @@ def serve(
     except OSError as exc:  # e.g. the port is taken
         fail(str(exc).splitlines()[0])
     except KeyboardInterrupt:
-        console.print("interrupted")
-        raise typer.Exit(130) from None
+        interrupted("interrupted")
 
 
 def _launch(
@@ -139,8 +138,7 @@ def _launch(
     try:
         cli_train.run(**flags, transport=transport, peers=None, certs=None, pool=None)
     except KeyboardInterrupt:
-        console.print("interrupted: every node process was stopped")
-        raise typer.Exit(130) from None
+        interrupted("interrupted: every node process was stopped")
     finally:
         LAUNCH_TIMEOUTS.reset(token)
 

@@ -237,7 +237,9 @@ def session_dir(out_dir: Path, party: str) -> RunDir | None:
 
 @contextlib.contextmanager
 def _signals_raise() -> Iterator[None]:
-    """SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt so cleanup always runs.
+    """SIGINT, SIGTERM and SIGHUP raise KeyboardInterrupt so cleanup always runs; the
+    first one does, and any further one is ignored until the cleanup is over (a second
+    Ctrl-C must not leave nodes running).
 
     SIGINT too: a shell without job control starts background commands with SIGINT
     ignored, and Python then keeps it ignored, so `clicooper launch ... &` in a script
@@ -247,10 +249,13 @@ def _signals_raise() -> Iterator[None]:
         yield
         return
 
+    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
     def interrupt(signum: int, frame: object) -> None:
+        for sig in signals:  # the cleanup that follows is not itself interrupted
+            signal.signal(sig, signal.SIG_IGN)
         raise KeyboardInterrupt(f"signal {signum}")
 
-    signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {s: signal.signal(s, interrupt) for s in signals}
     try:
         yield
