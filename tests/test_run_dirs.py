@@ -3,6 +3,10 @@
 import json
 import os
 
+import pytest
+
+from clicooper.runtime.rundirs import prepare_launch_dir, prepare_run_dir
+
 FAST = ["--dataset", "digits", "--epochs", "1", "--train-subset", "200", "--test-subset", "50"]
 
 
@@ -58,3 +62,17 @@ def test_evaluate_refuses_a_non_empty_out_without_overwrite(tmp_path, cli_inproc
     assert code == 2 and "--overwrite" in err
     assert (out / "results.json").read_text() == "{}"
     assert os.listdir(out) == ["results.json"]
+
+
+def test_a_directory_holding_a_run_is_refused_and_replaced_only_when_told(tmp_path):
+    run_dir = tmp_path / "r"
+    (run_dir / "deploy" / "pool").mkdir(parents=True)  # a launched run's node state only
+    (run_dir / "notes.txt").write_text("mine")
+    prepare_run_dir(run_dir, overwrite=False)  # an in-process run does not own deploy/
+    with pytest.raises(ValueError, match=r"already holds a run \(deploy\).*--overwrite"):
+        prepare_launch_dir(run_dir, overwrite=False)
+    (run_dir / "results.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"already holds a run \(results.json\)"):
+        prepare_run_dir(run_dir, overwrite=False)
+    prepare_launch_dir(run_dir, overwrite=True)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["notes.txt"]  # only the run's own

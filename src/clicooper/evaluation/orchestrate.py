@@ -394,15 +394,20 @@ def watermark_removal(
     if not cfg.watermark.enabled or cfg.mode != "clicooper":
         return None
     with _stage(say, timing, f"{label or cfg.mode}: watermark removal"):
-        lab = Lab(session, run_dir, cfg, s.seed, thief=aux.images)
-        rows = robustness(
-            lab,
-            fine_tune_fractions=s.removal_fine_tune,
-            prune_fractions=s.removal_prune,
-            overwrite_factors=s.removal_overwrite,
-            losses=("pseudo",),
-        )
+        rows = removal_grid(Lab(session, run_dir, cfg, s.seed, thief=aux.images), s)
     return {"thief_images": len(aux.images), "rows": rows}
+
+
+def removal_grid(lab: Lab, s: EvalSettings) -> list[dict[str, Any]]:
+    """The evaluation's removal attacks on ``lab``'s stolen chain (fine-tuning on its own
+    pseudo-class predictions, pruning, overwriting at ``s``' fractions), one row each."""
+    return robustness(
+        lab,
+        fine_tune_fractions=s.removal_fine_tune,
+        prune_fractions=s.removal_prune,
+        overwrite_factors=s.removal_overwrite,
+        losses=("pseudo",),
+    )
 
 
 def shallow_cut(

@@ -245,9 +245,12 @@ def discard_run(out_dir: Path) -> None:
         out_dir.rmdir()
 
 
-def prepare_run_dir(out_dir: Path, overwrite: bool) -> None:
-    """Create ``out_dir``; refuse to mix two runs in one directory unless told to replace."""
-    present = [name for name in RUN_ARTIFACTS if (out_dir / name).exists()]
+def prepare_run_dir(
+    out_dir: Path, overwrite: bool, artifacts: tuple[str, ...] = RUN_ARTIFACTS
+) -> None:
+    """Create ``out_dir``; refuse to mix two runs in one directory unless told to replace
+    (then every one of ``artifacts`` there is removed)."""
+    present = [name for name in artifacts if (out_dir / name).exists()]
     if present and not overwrite:
         raise ValueError(
             f"{out_dir} already holds a run ({present[0]}): choose another --out "
@@ -255,18 +258,10 @@ def prepare_run_dir(out_dir: Path, overwrite: bool) -> None:
         )
     for name in present:
         path = out_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def prepare_launch_dir(out_dir: Path, overwrite: bool) -> None:
     """Like ``prepare_run_dir``, for the launch artifacts too."""
-    present = [n for n in LAUNCH_ARTIFACTS if (out_dir / n).exists()]
-    if present and not overwrite:
-        raise ValueError(
-            f"{out_dir} already holds a run ({present[0]}): choose another --out "
-            "or pass --overwrite to replace it"
-        )
-    prepare_run_dir(out_dir, overwrite)
-    for name in present:
-        shutil.rmtree(out_dir / name)
+    prepare_run_dir(out_dir, overwrite, RUN_ARTIFACTS + LAUNCH_ARTIFACTS)
