@@ -3,10 +3,10 @@
 For each run directory (``clicooper run --release once --out DIR``, or an evaluation's
 ``runs/once`` and ``runs/sweep/once-eps-*``) this rebuilds what the evaluation's once
 column attacks and runs its data-free attack on it, exactly as ``clicooper evaluate``
-does (:func:`clicooper.evaluation.orchestrate.release_data_free`):
+does (:func:`clicooper.evaluation.suite.release_data_free`):
 
 - the owner's data and the attackers' auxiliary split: the evaluation's
-  (:func:`~clicooper.evaluation.orchestrate.prepare_data` at the ``FULL`` or ``--quick``
+  (:func:`~clicooper.evaluation.columns.prepare_data` at the ``FULL`` or ``--quick``
   settings), then the run's head source's carving of its public split (the head is built
   by its source, then given the run's own frozen weights, ``owner/head.safetensors``);
 - T1's release cache, read back from ``parties/t1/releases``; the targets are the
@@ -39,8 +39,9 @@ import torch
 
 from clicooper.config import RunConfig
 from clicooper.evaluation import FULL, QUICK
-from clicooper.evaluation.orchestrate import head_known, prepare_data, release_data_free
+from clicooper.evaluation.columns import head_known, prepare_data
 from clicooper.evaluation.settings import EvalSettings
+from clicooper.evaluation.suite import release_data_free
 from clicooper.evaluation.views import cached_releases, release_targets
 from clicooper.heads.base import embed
 from clicooper.models.assembly import preset_factory

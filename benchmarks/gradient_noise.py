@@ -23,8 +23,8 @@ import torch
 from clicooper.config import RunConfig
 from clicooper.data import load_dataset
 from clicooper.evaluation import adapters
-from clicooper.evaluation.orchestrate import _labels_of
 from clicooper.evaluation.settings import FULL
+from clicooper.evaluation.suite import labels_of
 from clicooper.evaluation.views import view_of
 from clicooper.runtime.session import run
 
@@ -59,7 +59,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             session = run(cfg, f"{tmp}/run", data=data)
         views = [view_of(t) for t in session.trainers]
-        labels = _labels_of(session, views, cfg)
+        labels = labels_of(session, views, cfg)
         batch = cfg.effective_batch_size(len(data.train))
         norms = (views[-1].records["gradient"].flatten(1) * batch).norm(dim=1)  # Tn's, clean
         t1 = adapters.clustering(views[0], labels[0], data.num_classes, False, settings)

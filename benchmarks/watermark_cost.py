@@ -10,7 +10,7 @@ setting. ``--read-epochs`` also reads the table at earlier epochs from the runs'
 history (both runs' histories are kept; exact when ``equal_budget.history_exact``).
 
 ``--attacks N`` runs the evaluation's watermark-removal attacks on the first N marked runs
-(``clicooper.evaluation.orchestrate.removal_grid``, at ``EvalSettings``' fractions:
+(``clicooper.evaluation.suite.removal_grid``, at ``EvalSettings``' fractions:
 fine-tune 10/20/50% of the run's steps on the stolen chain's own pseudo-labels, prune
 20/40/60% of each weight, overwrite at 1x and 10x), the thief holding a seeded half of
 the scored split, and prints every trainer's worst BER and largest p-value over them.
@@ -48,7 +48,7 @@ def removal_attacks(session: Session, run_dir: Path, cfg: RunConfig) -> dict[str
     """Every trainer's worst BER, largest p-value and whether all its claims held, over the
     evaluation's removal attacks on this run (the thief: a seeded half of the scored split)."""
     from clicooper.attacks.watermark_removal import Lab
-    from clicooper.evaluation.orchestrate import removal_grid
+    from clicooper.evaluation.suite import removal_grid
 
     lab = Lab(session, run_dir, cfg, cfg.seed)
     rows = removal_grid(lab, EvalSettings())

@@ -11,7 +11,7 @@ import torch
 from clicooper.config import RunConfig
 from clicooper.data import Dataset
 from clicooper.evaluation import adapters
-from clicooper.evaluation.orchestrate import mode_config, prepare_data
+from clicooper.evaluation.columns import mode_config, prepare_data
 from clicooper.evaluation.settings import QUICK
 from clicooper.evaluation.truth import row_sample_ids
 from clicooper.evaluation.views import (
@@ -172,7 +172,7 @@ def once(tmp_path_factory: pytest.TempPathFactory, digits: Dataset) -> tuple[Ses
 def test_release_once_view_is_t1s_cache_on_disk(once) -> None:
     """The release-once T1's attack material is its cache read back from its files, and every
     input it recorded in training is the cached release of that record."""
-    from clicooper.evaluation.orchestrate import check_recorded_releases
+    from clicooper.evaluation.suite import check_recorded_releases
     from clicooper.evaluation.views import cached_releases, release_targets
 
     session, out = once
@@ -200,7 +200,7 @@ def test_release_once_view_is_t1s_cache_on_disk(once) -> None:
 def test_a_recorded_input_that_is_not_the_cached_release_is_caught(once) -> None:
     from dataclasses import replace
 
-    from clicooper.evaluation.orchestrate import check_recorded_releases
+    from clicooper.evaluation.suite import check_recorded_releases
     from clicooper.evaluation.views import cached_releases
 
     session, out = once
@@ -224,7 +224,8 @@ def test_release_cache_missing_is_a_one_line_error(tmp_path: Path) -> None:
 def test_release_once_attackers_get_the_head_the_trainers_hold(once) -> None:
     """A public head the trainers pretrained is known exactly (a copy, never the owner's
     module); one the owner pretrained is known by architecture only."""
-    from clicooper.evaluation.orchestrate import architecture, head_known
+    from clicooper.evaluation.columns import head_known
+    from clicooper.evaluation.suite import architecture
 
     session, out = once
     cfg = session_cfg(out)
@@ -246,7 +247,7 @@ def test_release_once_attackers_get_the_head_the_trainers_hold(once) -> None:
 def test_column_config_sets_release_head_and_epsilon() -> None:
     from dataclasses import replace
 
-    from clicooper.evaluation.orchestrate import column_config
+    from clicooper.evaluation.columns import column_config
 
     cfg = RunConfig.load(None, dataset="digits", **{"privacy.release": "once"})
     s = replace(QUICK, once_head_source="random", once_target_epsilon=4.0)
@@ -264,7 +265,7 @@ def test_the_default_column_and_the_once_model_follow_run() -> None:
     once (cnn-light), every other column the evaluation's model; a model chosen for it wins."""
     from dataclasses import replace
 
-    from clicooper.evaluation.orchestrate import column_config, default_column, with_run_defaults
+    from clicooper.evaluation.columns import column_config, default_column, with_run_defaults
 
     assert default_column(29_999) == "clicooper" and default_column(57_000) == "once"
     cfg = RunConfig.load(None, dataset="fashion-mnist", model="cnn")

@@ -52,7 +52,7 @@ class EvalSettings:
     # The once column's preset. None: the one `clicooper run` gives release once on the
     # owner's training set when that is its default (config.RELEASE_BY_SIZE): the config's
     # model's owner-light counterpart (config.ONCE_MODEL, cnn -> cnn-light); else the
-    # config's model, as every other column (evaluation.orchestrate.with_run_defaults).
+    # config's model, as every other column (evaluation.columns.with_run_defaults).
     once_model: str | None = None
     once_target_epsilon: float = ONCE_TARGET_EPSILON  # release once's default in `run`
     # Frontier: more release-once runs at these epsilons (same epochs and data as the main
