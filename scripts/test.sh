@@ -8,4 +8,5 @@ bash scripts/setup.sh
 # (a whole quick evaluation, a trained run) are built once. Files are handed out in the
 # order tests/conftest.py sets (slowest first), not the one xdist picks since 3.5 (most
 # tests first; the flag needs xdist 3.8).
-.venv/bin/pytest -n 2 --dist loadfile --no-loadscope-reorder "$@"
+# --durations: the slowest tests of every run are in its log (the suite's time budget).
+.venv/bin/pytest -n 2 --dist loadfile --no-loadscope-reorder --durations=20 "$@"
