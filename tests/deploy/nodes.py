@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from clicooper.config import RunConfig
-from clicooper.node.client import NodeAddress, Owner, admit, local_collector, node_deployment
+from clicooper.node.artifacts import remote_collector
+from clicooper.node.client import NodeAddress, Owner, admit, node_deployment
 from clicooper.node.processes import free_ports
 from clicooper.node.server import Node
 from clicooper.runtime.certs import create_certificates
@@ -100,12 +101,11 @@ class LocalPool:
         """Admit and run one session of ``owner``; the session (as ``run`` returns it)."""
         session = self.admit(owner, cfg, session)
         chain = self.chain(cfg)
-        states = {p: self.state(n.name) for p, n in chain.items()}
         deployment = node_deployment(
             self.owners[owner],
             session,
             chain,
-            collect=local_collector(states, session),
+            collect=remote_collector(self.owners[owner], chain, session),
             send_timeout=10.0,
             step_timeout=30.0,
             resume_timeout=30.0,

@@ -16,6 +16,7 @@ from conftest import WM
 from nodes import LocalPool
 
 from clicooper.models.assembly import preset_split
+from clicooper.node.artifacts import party_files
 from clicooper.node.state import FINISHED, SqliteState
 from clicooper.runtime.session import run
 from clicooper.runtime.verification import verify_run
@@ -67,7 +68,10 @@ def test_two_owners_train_at_once_on_the_same_nodes(pool, tmp_path, digits):
         for record in sessions:
             directory = pool.state(node) / "sessions" / record.session
             assert stat.S_IMODE(directory.stat().st_mode) == 0o700
-            assert any(directory.iterdir())
+            # every artifact came to the owner's run directory over Fetch, byte for byte
+            run_dir = tmp_path / f"run-{record.owner}"
+            files = list(party_files(directory, record.party))
+            assert files and all((run_dir / rel).read_bytes() == f.read_bytes() for rel, f in files)
 
 
 def test_a_session_on_nodes_trains_as_it_does_in_process(pool, tmp_path, digits):

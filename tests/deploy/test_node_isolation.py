@@ -14,8 +14,10 @@ from cc_helpers import quick_config
 from nodes import LocalPool
 
 from clicooper.common.messages import Kind, Message, ProtocolError
+from clicooper.node.artifacts import fetch, fetch_request
 from clicooper.node.client import AdmissionRefused, NodeAddress, Owner
 from clicooper.node.state import ABORTED, ACTIVE
+from clicooper.proto import FETCH_METHOD, Envelope, FileChunk
 from clicooper.runtime.certs import create_certificates, load_party_credentials
 from clicooper.runtime.transport.grpc_wire import deliver, open_channel, split_message
 
@@ -143,3 +145,57 @@ def test_a_certificate_of_another_ca_is_refused(pool, tmp_path):
         forged.request(NodeAddress("trainer-1", pool.nodes["trainer-1"].listen), "abort",
                        timeout=2.0, session=pool.alice)  # fmt: skip
     assert _active(pool, pool.alice)
+
+
+def _fetch(pool, cert, session_id, msg, node="trainer-1"):
+    """A raw ``Fetch`` as the holder of ``cert``: the paths sent, or (status code, details)."""
+    creds = load_party_credentials(pool.root / "certs" / cert, cert)
+    channel = open_channel(pool.nodes[node].listen, node, creds)
+    call = channel.unary_stream(
+        FETCH_METHOD,
+        request_serializer=Envelope.SerializeToString,
+        response_deserializer=FileChunk.FromString,
+    )
+    try:
+        (request,) = split_message(msg, session_id, 1)
+        return sorted({chunk.path for chunk in call(request, timeout=5.0)})
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details()
+    finally:
+        channel.close()
+
+
+def test_an_owner_cannot_fetch_another_owners_files_nor_its_own_while_active(pool, tmp_path):
+    bob, alice, node = pool.owners["bob"], pool.owners["alice"], pool.address("trainer-1")
+    with pytest.raises(ProtocolError, match=f"holds no session '{pool.alice}' of bob"):
+        fetch(bob, node, "t1", pool.alice, tmp_path, timeout=1.0)
+    with pytest.raises(TimeoutError, match="is still active"):
+        fetch(alice, node, "t1", pool.alice, tmp_path, timeout=0.5)
+    # a chain neighbour is not the owner either: trainer-2 is in bob's chain
+    code, details = _fetch(pool, "trainer-2", "admit.00aa", fetch_request("trainer-1", pool.bob))
+    assert code == grpc.StatusCode.PERMISSION_DENIED
+    assert not any(tmp_path.iterdir()) and _active(pool, pool.alice)
+
+
+def test_a_fetch_must_be_a_fresh_admission_request_with_op_fetch(pool):
+    msg = fetch_request("trainer-1", "x")
+    code, details = _fetch(pool, "bob", "admit.00bb", msg)
+    assert code == grpc.StatusCode.PERMISSION_DENIED and "holds no session 'x'" in details
+    code, details = _fetch(pool, "bob", "admit.00bb", msg)
+    assert code == grpc.StatusCode.ABORTED and "replayed admission request" in details
+    code, details = _fetch(pool, "bob", f"{pool.bob}.join", msg)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "admit.<nonce>" in details
+    abort = Message(Kind.CONTROL, 0, "do", "trainer-1", {}, {"op": "abort", "session": pool.bob})
+    code, details = _fetch(pool, "bob", "admit.00cc", abort)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "op 'fetch'" in details
+    assert _active(pool, pool.bob)  # the abort in a fetch did nothing
+
+
+def test_the_owner_fetches_its_ended_session_once_it_is_over(pool, tmp_path):
+    cfg = quick_config(**VANILLA, trainers=1)
+    session = pool.admit("alice", cfg, trainers=["trainer-2"])
+    alice, node = pool.owners["alice"], pool.address("trainer-2")
+    alice.request(node, "abort", session=session)
+    assert fetch(alice, node, "t1", session, tmp_path, timeout=5.0) == []  # never set up
+    code, _ = _fetch(pool, "bob", "admit.00dd", fetch_request("trainer-2", session), "trainer-2")
+    assert code == grpc.StatusCode.PERMISSION_DENIED

@@ -119,6 +119,17 @@ class Admission:
             self.state.transition(session, HOLDING, ABORTED, self.clock(), reason)
             return record
 
+    def ended(self, owner: str, session: str) -> Record:
+        """The owner's session once it has finished or been aborted (its files are final);
+        refused while it is reserved or active."""
+        with self._lock:
+            record = self._mine(owner, session)
+            if record.state in HOLDING:
+                raise AdmissionError(
+                    CONFLICT, f"session {session} on {self.name} is still {record.state}"
+                )
+            return record
+
     def end(self, session: str, finished: bool, reason: str = "") -> bool:
         """An active session's end, as its host saw it (finished, or failed)."""
         target = FINISHED if finished else ABORTED

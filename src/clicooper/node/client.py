@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from clicooper.common.files import ensure_dir, write_file, write_private
 from clicooper.common.messages import Kind, Message, ProtocolError
-from clicooper.node.state import ABORTED, FINISHED, SqliteState
 from clicooper.runtime.deploy.peers import Deployment
-from clicooper.runtime.rundirs import RunDir
 from clicooper.runtime.transport.grpc import GrpcTransport
 
 #: Seconds a reservation is held before it lapses unless committed.
@@ -135,64 +131,3 @@ def node_deployment(
         collect=collect,
         **fields,
     )
-
-
-def local_collector(
-    state_dirs: dict[str, Path], session: str, timeout: float = 60.0
-) -> Callable[[Path], None]:
-    """Collects a finished session's artifacts from nodes on this machine (``--state`` of
-    each party's node) into the run directory, in the layout of an in-process run: the
-    verifier's ledger, audit copies, keys and anchor, each trainer's final segment and
-    party directory (keys, watermark secret, release caches), every party's checkpoints.
-
-    Waits for every node to record the session finished (its party has closed its files).
-    A node on another machine would have to send them; that is not built.
-    """
-
-    def collect(out_dir: Path) -> None:
-        run = RunDir(out_dir)
-        for party, state_dir in state_dirs.items():
-            _wait_finished(state_dir, session, timeout)
-            source = RunDir(Path(state_dir) / "sessions" / session)
-            if party == "verifier":
-                if source.ledger.is_file():
-                    write_private(run.ledger, source.ledger.read_bytes())
-                _copy_tree(source.audit, run.audit)
-                _copy_tree(source.verifier, run.verifier)
-            else:
-                if source.segment(party).is_file():
-                    ensure_dir(run.segments)
-                    write_private(run.segment(party), source.segment(party).read_bytes())
-                _copy_tree(source.party(party), run.party(party))
-            _copy_tree(source.checkpoints(party), run.checkpoints(party))
-
-    return collect
-
-
-def _wait_finished(state_dir: Path, session: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        state = SqliteState(state_dir, readonly=True)
-        try:
-            record = state.get(session)
-        finally:
-            state.close()
-        if record is not None and record.state in (FINISHED, ABORTED):
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the node in {state_dir} did not finish session {session}")
-        time.sleep(0.1)
-
-
-def _copy_tree(source: Path, target: Path) -> None:
-    """Every file under ``source`` to the same place under ``target`` (0700 dirs, 0600
-    files, 0644 those that were public)."""
-    if not source.is_dir():
-        return
-    ensure_dir(target)
-    for path in sorted(source.rglob("*")):
-        dest = target / path.relative_to(source)
-        if path.is_dir() and not path.is_symlink():
-            ensure_dir(dest)
-        elif path.is_file() and not path.is_symlink():  # a public file (anchor.txt) stays so
-            write_file(dest, path.read_bytes(), path.stat().st_mode & 0o644)

@@ -4,8 +4,8 @@
 own from the pool's CA (in the run directory, ``certs/<owner>``) unless it brings one,
 the chain is the least busy trainers (:func:`~clicooper.node.pool.pick_chain`), and
 :func:`run_on_chain` admits the session on every node of the chain or on none, records
-it in ``deploy/pool.json`` and runs it; once it is over the nodes' ledger, segments,
-party directories and checkpoints are brought into the run directory.
+it in ``deploy/pool.json`` and runs it; once it is over each node sends its ledger, segments,
+party directories and checkpoints into the run directory (:mod:`.artifacts`).
 :func:`pool_resume` continues such a run after its owner process died.
 ``clicooper launch`` is :func:`run_on_chain` on a one-session pool of its own
 (:class:`clicooper.runtime.deploy.launcher.LaunchPool`).
@@ -157,15 +157,19 @@ def _run_session(
     go, unless ``abort_on_failure`` is false (a launch's own pool: its nodes stop, and the
     session stays active on their state for ``launch --resume``).
     """
-    from clicooper.node.client import NodeAddress, Owner, abort, local_collector, node_deployment
+    from clicooper.node.artifacts import remote_collector
+    from clicooper.node.client import NodeAddress, Owner, abort, node_deployment
     from clicooper.runtime.session import run
 
     session = mark["session"]
     owner = Owner(mark["owner"], Path(mark["owner_certs"]), mark["owner_address"])
     addresses = {p: NodeAddress(n["name"], n["address"]) for p, n in mark["chain"].items()}
-    states = {p: Path(n["state"]) for p, n in mark["chain"].items()}
     deployment = node_deployment(
-        owner, session, addresses, collect=local_collector(states, session), **(hooks or {})
+        owner,
+        session,
+        addresses,
+        collect=remote_collector(owner, addresses, session),
+        **(hooks or {}),
     )
     try:
         result = run(cfg, out_dir, deployment=deployment, resume=resume, **run_args)

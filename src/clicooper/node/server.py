@@ -6,6 +6,8 @@ Every delivered stream is read once by the node and routed by its session id:
   :mod:`.admission`), a CONTROL message from ``do`` bound to the sender's certificate.
   It is answered in the call's status: OK, or a refusal whose text says why. Each
   nonce is used once (a replay is refused; the requests are idempotent besides).
+* ``Fetch`` of an ``admit.<nonce>`` request (op ``fetch``): the files of a finished
+  session, streamed to its owner (:mod:`.artifacts`).
 * ``<session>.<epoch>``: a message of an active session, handed to that session's
   :class:`~clicooper.node.link.SessionTransport`, whose receiver runs every check of
   the wire with each sender bound to the certificate the session's owner named for it
@@ -38,12 +40,13 @@ import grpc
 from pydantic import ValidationError
 
 from clicooper.common.files import private_dir
-from clicooper.common.messages import Kind
+from clicooper.common.messages import Kind, Message
 from clicooper.config import RunConfig, TransportLimits, one_line
 from clicooper.node.admission import CONFLICT, DENIED, FULL, INVALID, Admission, AdmissionError
+from clicooper.node.artifacts import stream_files
 from clicooper.node.link import SessionTransport
 from clicooper.node.state import ACTIVE, NodeState, SessionRecord, SqliteState
-from clicooper.proto import Envelope
+from clicooper.proto import Envelope, FileChunk
 from clicooper.runtime.certs import load_party_credentials, validate_party_name
 from clicooper.runtime.deploy.host import PartyHost, serve
 from clicooper.runtime.deploy.settings import SHARED
@@ -136,7 +139,13 @@ class Node:
             self.name,
             self.listen,
             self._credentials,
-            {"Deliver": handler, "DeliverOne": handler},
+            {
+                "Deliver": handler,
+                "DeliverOne": handler,
+                "Fetch": grpc.unary_stream_rpc_method_handler(
+                    self._fetch, response_serializer=FileChunk.SerializeToString
+                ),
+            },
             self.server_limits,
             DEFAULT_ENVELOPE_BYTES,
             f"clicooper-node-{self.name}",
@@ -260,8 +269,31 @@ class Node:
             )
         return receiver
 
-    def _admit(self, identity: str, env: Envelope, chunks: Iterator[bytes]) -> None:
-        """One admission request, checked like any message, then answered in the status."""
+    def _fetch(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[FileChunk]:
+        """Every file of a finished session of the requesting owner (see :mod:`.artifacts`)."""
+        try:
+            identity = peer_name(context)
+            with self.streams.admit(identity, context):
+                env = parse_envelope(raw)
+                if env.session_id.partition(".")[0] != ADMIT:
+                    raise Rejected(
+                        grpc.StatusCode.INVALID_ARGUMENT, "fetch takes an admit.<nonce> request"
+                    )
+                msg = self._admission_request(identity, env, iter([raw]))
+                if msg.kind != Kind.CONTROL or msg.meta.get("op") != "fetch":
+                    raise Rejected(grpc.StatusCode.INVALID_ARGUMENT, "fetch takes op 'fetch'")
+                try:
+                    record = self.admission.ended(identity, msg.meta.get("session"))
+                except AdmissionError as exc:
+                    raise Rejected(_CODES[exc.code], exc.reason) from None
+        except Rejected as exc:
+            log.warning("%s refused a fetch: %s", self.name, exc.reason)
+            context.abort(exc.code, exc.reason)
+        log.info("%s: sending the files of %s to its owner", self.name, record.session)
+        yield from stream_files(self.state_dir / SESSIONS_DIR / record.session, record.party)
+
+    def _admission_request(self, identity: str, env: Envelope, chunks: Iterator[bytes]) -> Message:
+        """An ``admit.<nonce>`` request, checked like any message; each nonce is used once."""
         with self._lock:
             if env.session_id in self._admits:
                 raise Rejected(grpc.StatusCode.ABORTED, "replayed admission request")
@@ -274,6 +306,11 @@ class Node:
             self._admits[env.session_id] = None
             while len(self._admits) > _RECENT_ADMITS:
                 self._admits.popitem(last=False)
+        return msg
+
+    def _admit(self, identity: str, env: Envelope, chunks: Iterator[bytes]) -> None:
+        """One admission request, checked like any message, then answered in the status."""
+        msg = self._admission_request(identity, env, chunks)
         op = msg.meta.get("op") if msg.kind == Kind.CONTROL else None
         try:
             if op == "reserve":

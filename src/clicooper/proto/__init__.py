@@ -6,12 +6,21 @@ and protobuf, not grpcio-tools. Edit the .proto, never the generated files.
 """
 
 from clicooper.proto import clicooper_pb2
-from clicooper.proto.clicooper_pb2 import Ack, Envelope
+from clicooper.proto.clicooper_pb2 import Ack, Envelope, FileChunk
 
 #: Fully qualified service name and the method path of ``Deliver``, read from the
 #: compiled descriptor so they cannot drift from the .proto.
 SERVICE_NAME: str = clicooper_pb2.DESCRIPTOR.services_by_name["PartyService"].full_name
 DELIVER_METHOD: str = f"/{SERVICE_NAME}/Deliver"
 DELIVER_ONE_METHOD: str = f"/{SERVICE_NAME}/DeliverOne"
+FETCH_METHOD: str = f"/{SERVICE_NAME}/Fetch"
 
-__all__ = ["DELIVER_METHOD", "DELIVER_ONE_METHOD", "SERVICE_NAME", "Ack", "Envelope"]
+__all__ = [
+    "DELIVER_METHOD",
+    "DELIVER_ONE_METHOD",
+    "FETCH_METHOD",
+    "SERVICE_NAME",
+    "Ack",
+    "Envelope",
+    "FileChunk",
+]

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63licooper/proto/clicooper.proto\x12\x0c\x63licooper.v1\"\xb7\x01\n\x08\x45nvelope\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x0e\n\x06sender\x18\x05 \x01(\t\x12\x10\n\x08receiver\x18\x06 \x01(\t\x12\x11\n\tmeta_json\x18\x07 \x01(\t\x12\x0f\n\x07payload\x18\x08 \x01(\x0c\x12\x13\n\x0b\x63hunk_index\x18\t \x01(\r\x12\x13\n\x0b\x63hunk_count\x18\n \x01(\r\" \n\x03\x41\x63k\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t2\x7f\n\x0cPartyService\x12\x36\n\x07\x44\x65liver\x12\x16.clicooper.v1.Envelope\x1a\x11.clicooper.v1.Ack(\x01\x12\x37\n\nDeliverOne\x12\x16.clicooper.v1.Envelope\x1a\x11.clicooper.v1.Ackb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x63licooper/proto/clicooper.proto\x12\x0c\x63licooper.v1\"\xb7\x01\n\x08\x45nvelope\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x04\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x0e\n\x06sender\x18\x05 \x01(\t\x12\x10\n\x08receiver\x18\x06 \x01(\t\x12\x11\n\tmeta_json\x18\x07 \x01(\t\x12\x0f\n\x07payload\x18\x08 \x01(\x0c\x12\x13\n\x0b\x63hunk_index\x18\t \x01(\r\x12\x13\n\x0b\x63hunk_count\x18\n \x01(\r\" \n\x03\x41\x63k\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"C\n\tFileChunk\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\r\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x32\xbb\x01\n\x0cPartyService\x12\x36\n\x07\x44\x65liver\x12\x16.clicooper.v1.Envelope\x1a\x11.clicooper.v1.Ack(\x01\x12\x37\n\nDeliverOne\x12\x16.clicooper.v1.Envelope\x1a\x11.clicooper.v1.Ack\x12:\n\x05\x46\x65tch\x12\x16.clicooper.v1.Envelope\x1a\x17.clicooper.v1.FileChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,6 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENVELOPE']._serialized_end=233
   _globals['_ACK']._serialized_start=235
   _globals['_ACK']._serialized_end=267
-  _globals['_PARTYSERVICE']._serialized_start=269
-  _globals['_PARTYSERVICE']._serialized_end=396
+  _globals['_FILECHUNK']._serialized_start=269
+  _globals['_FILECHUNK']._serialized_end=336
+  _globals['_PARTYSERVICE']._serialized_start=339
+  _globals['_PARTYSERVICE']._serialized_end=526
 # @@protoc_insertion_point(module_scope)

@@ -59,3 +59,21 @@ class Ack(_message.Message):
     ok: bool
     error: str
     def __init__(self, ok: bool | None = ..., error: str | None = ...) -> None: ...
+
+class FileChunk(_message.Message):
+    __slots__ = ("path", "mode", "size", "data")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    mode: int
+    size: int
+    data: bytes
+    def __init__(
+        self,
+        path: str | None = ...,
+        mode: int | None = ...,
+        size: int | None = ...,
+        data: bytes | None = ...,
+    ) -> None: ...

@@ -44,6 +44,11 @@ class PartyServiceStub:
                 request_serializer=clicooper_dot_proto_dot_clicooper__pb2.Envelope.SerializeToString,
                 response_deserializer=clicooper_dot_proto_dot_clicooper__pb2.Ack.FromString,
                 _registered_method=True)
+        self.Fetch = channel.unary_stream(
+                '/clicooper.v1.PartyService/Fetch',
+                request_serializer=clicooper_dot_proto_dot_clicooper__pb2.Envelope.SerializeToString,
+                response_deserializer=clicooper_dot_proto_dot_clicooper__pb2.FileChunk.FromString,
+                _registered_method=True)
 
 
 class PartyServiceServicer:
@@ -64,6 +69,14 @@ class PartyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Fetch(self, request, context):
+        """Nodes only: the files of a finished session, to its owner. The request is an
+        admission-style CONTROL envelope (op "fetch"); the answer streams every file.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PartyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -76,6 +89,11 @@ def add_PartyServiceServicer_to_server(servicer, server):
                     servicer.DeliverOne,
                     request_deserializer=clicooper_dot_proto_dot_clicooper__pb2.Envelope.FromString,
                     response_serializer=clicooper_dot_proto_dot_clicooper__pb2.Ack.SerializeToString,
+            ),
+            'Fetch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Fetch,
+                    request_deserializer=clicooper_dot_proto_dot_clicooper__pb2.Envelope.FromString,
+                    response_serializer=clicooper_dot_proto_dot_clicooper__pb2.FileChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -132,6 +150,33 @@ class PartyService:
             '/clicooper.v1.PartyService/DeliverOne',
             clicooper_dot_proto_dot_clicooper__pb2.Envelope.SerializeToString,
             clicooper_dot_proto_dot_clicooper__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/clicooper.v1.PartyService/Fetch',
+            clicooper_dot_proto_dot_clicooper__pb2.Envelope.SerializeToString,
+            clicooper_dot_proto_dot_clicooper__pb2.FileChunk.FromString,
             options,
             channel_credentials,
             insecure,
