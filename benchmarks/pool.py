@@ -6,7 +6,10 @@ each a different seed, same data and settings) and, unless ``--no-sequential``, 
 k sessions one after another. Prints per setting:
 
 * aggregate samples per second, concurrent and sequential (training samples of all k
-  sessions over the wall time from the first start to the last end), and their ratio;
+  sessions over the wall time from the first start to the last end), and their ratio.
+  Each owner process loads its modules first and waits; the k of a setting are then
+  released together (one at a time when sequential), so the interpreters' start-up
+  (seconds each on 2 cores) is in neither figure;
 * per-owner throughput (its samples over its own ``train_seconds``), max over min
   (goal at most 1.25);
 * resident memory per session on each node (its peak RSS while the k sessions ran, less
@@ -94,22 +97,27 @@ def _setting(pool: Pool, out: Path, flags: list[str], k: int, concurrent: bool) 
 
     sampler = threading.Thread(target=sample)
     sampler.start()
-    start = time.monotonic()
     argv = [
-        [sys.executable, "-m", "clicooper.cli", "run", "--pool", str(pool.root / "pool.toml"),
-         *flags, "--seed", str(i), "--out", str(out / f"owner{i}")]
+        [sys.executable, "-c", _OWNER, str(out / f"owner{i}.ready"), "run",
+         "--pool", str(pool.root / "pool.toml"), *flags, "--seed", str(i),
+         "--out", str(out / f"owner{i}")]
         for i in range(k)
     ]  # fmt: skip
     logs = [open(out / f"owner{i}.log", "wb") for i in range(k)]  # noqa: SIM115
     quiet = [{"stdout": log, "stderr": subprocess.STDOUT} for log in logs]
-    if concurrent:
-        procs = [subprocess.Popen(a, **q) for a, q in zip(argv, quiet, strict=True)]
-        codes = [p.wait() for p in procs]
-    else:
-        codes = [subprocess.call(a, **q) for a, q in zip(argv, quiet, strict=True)]
+    wall, codes = 0.0, []
+    batches = [list(range(k))] if concurrent else [[i] for i in range(k)]
+    for batch in batches:  # at once: one batch of k; in turn: k batches of one
+        procs = {i: subprocess.Popen(argv[i], stdin=subprocess.PIPE, **quiet[i]) for i in batch}
+        _wait_ready([out / f"owner{i}.ready" for i in batch], procs)
+        start = time.monotonic()
+        for p in procs.values():  # released together, once every interpreter has loaded
+            p.stdin.write(b"go\n")
+            p.stdin.close()
+        codes += [p.wait() for p in procs.values()]
+        wall += time.monotonic() - start
     for log in logs:
         log.close()
-    wall = time.monotonic() - start
     done.set()
     sampler.join()
     if any(codes):
@@ -128,6 +136,31 @@ def _setting(pool: Pool, out: Path, flags: list[str], k: int, concurrent: bool) 
         "peak": peak,
         "owner_share": owner_cpu / (owner_cpu + node_cpu),
     }
+
+
+# An owner process: `clicooper <args>` once its imports are done and the benchmark says go.
+# Eight interpreters importing torch at once on 2 cores take seconds each; started as they
+# come, the first sessions would train alone while the last still load, which measures
+# the start-up of Python, not the pool.
+_OWNER = """
+import sys
+from pathlib import Path
+import torch, clicooper.cli.main as cli, clicooper.node.owner, clicooper.runtime.session
+Path(sys.argv[1]).write_text("ready")
+sys.stdin.readline()
+sys.argv = ["clicooper", *sys.argv[2:]]
+cli.main()
+"""
+
+
+def _wait_ready(
+    marks: list[Path], procs: dict[int, subprocess.Popen], timeout: float = 300
+) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(m.exists() for m in marks):
+        if any(p.poll() is not None for p in procs.values()) or time.monotonic() > deadline:
+            raise SystemExit(f"an owner process did not start; see {marks[0].parent}")
+        time.sleep(0.05)
 
 
 def _rss(pid: int) -> int:
