@@ -49,7 +49,7 @@ def test_t1_killed_mid_training_resumes_from_its_cached_releases(tmp_path, procs
     launcher = procs.start(argv, tmp_path / "launch.log")
     warm_steps, records = 2 * 80 // 16, 400
     steps = warm_steps + 2 * (records // 16 + 80 // 16)  # 10, then 25 + 5 (replay) per epoch
-    ready = [launched_checkpoint(out, p, warm_steps + 10) for p in ("t1", "t2")]
+    ready = [launched_checkpoint(out, p, warm_steps + 10) for p in ("do", "t1", "t2", "verifier")]
     wait_for(lambda: all(check() for check in ready), 120, "training past the warm start")
     first = pids(out)["t1"]
     os.kill(first, signal.SIGKILL)  # in the first epoch on the releases
