@@ -20,7 +20,7 @@ from cc_helpers import quick_config
 from conftest import alive, cli, env, pids, wait_for
 
 from clicooper.runtime.certs import load_party_credentials
-from clicooper.runtime.deploy.launcher import LaunchPool, launch
+from clicooper.runtime.deploy.launcher import launch
 from clicooper.runtime.session import run
 
 # a cosine schedule and t2's own lr: served trainers take both from their config and setup
@@ -124,33 +124,6 @@ def test_a_launched_run_gave_each_party_only_its_own_bundle(over_grpc):
     assert not [p for p in out.rglob("*") if p.name == "ca.key"]
 
 
-def test_each_node_is_given_only_its_own_bundle(tmp_path):
-    """The launch's own pool: a node process per party (capacity 1), each started with its
-    own bundle and no other; the owner's is ``certs/do``; the nodes' state under deploy/."""
-    cfg = quick_config(trainers=2, **{"watermark.enabled": True})
-    nodes = LaunchPool(tmp_path, cfg)
-    try:
-        nodes.up()
-        assert nodes.names == ["t1", "t2", "verifier"]
-        _bundles_hold_only_their_own_keys(tmp_path / "certs", ["do", *nodes.names])
-        assert set(pids(tmp_path)) == set(nodes.names)
-        for name, pid in pids(tmp_path).items():
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-            assert argv[argv.index("node") + 1 : argv.index("node") + 3] == [
-                "start",
-                nodes.pool.nodes[name].role,
-            ]
-            assert Path(argv[argv.index("--certs") + 1]) == tmp_path / "certs" / name
-            assert Path(argv[argv.index("--state") + 1]) == tmp_path / "deploy/pool/nodes" / name
-            assert argv[argv.index("--capacity") + 1] == "1"
-            others = [p for p in ("do", "ca", *nodes.names) if p != name]
-            assert not any(str(tmp_path / "certs" / other) in a for a in argv for other in others)
-        assert nodes.bundle("do") == tmp_path / "certs" / "do"
-    finally:
-        nodes.down()
-    assert not any(alive(pid) for pid in pids(tmp_path).values())
-
-
 def test_clicooper_with_the_same_owner_secret_trains_the_same_over_grpc(tmp_path, digits):
     """Noise and permutation come from the owner secret; without the watermark (whose fresh
     trainer secrets are the only other randomness) the gRPC run with 2 micro-batches in
@@ -171,19 +144,40 @@ def test_clicooper_with_the_same_owner_secret_trains_the_same_over_grpc(tmp_path
     )
 
 
-def test_ctrl_c_twice_stops_every_process_with_status_130(tmp_path):
+def _node_argv_holds_only_its_own(run: Path, name: str, pid: int, role: str) -> None:
+    """A node process of the launch's own pool: ``node start ROLE``, capacity 1, its own
+    bundle and state and no other party's bundle on its command line."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    assert argv[argv.index("node") + 1 : argv.index("node") + 3] == ["start", role]
+    assert Path(argv[argv.index("--certs") + 1]) == run / "certs" / name
+    assert Path(argv[argv.index("--state") + 1]) == run / "deploy/pool/nodes" / name
+    assert argv[argv.index("--capacity") + 1] == "1"
+    others = [p for p in ("do", "ca", "t1", "t2", "verifier") if p != name]
+    assert not any(str(run / "certs" / other) in a for a in argv for other in others)
+
+
+def test_each_node_holds_only_its_bundle_and_ctrl_c_twice_stops_every_process_with_130(
+    tmp_path,
+):
+    """The launch's own pool: a node process per party (capacity 1), each started with its
+    own bundle and no other, its state under deploy/; then Ctrl-C, twice, stops them all."""
     out = tmp_path / "run"
     argv = cli("launch", "--dataset", "digits", "--model", "mlp", "--trainers", "2")
-    argv += ["--epochs", "50", "--mode", "vanilla", "--out", str(out)]
+    argv += ["--epochs", "50", "--out", str(out)]  # clicooper: a verifier node as well
     proc = subprocess.Popen(
         argv, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
     )
     try:
-        wait_for(lambda: len(pids(out)) == 2, 120, "both trainer nodes")
+        wait_for(lambda: len(pids(out)) == 3, 120, "the trainer and verifier nodes")
         wait_for(lambda: (out / "deploy" / "pool.json").is_file(), 120, "the session admitted")
         time.sleep(1.0)
         children = pids(out)
-        assert set(children) == {"t1", "t2"} and all(alive(p) for p in children.values())
+        assert set(children) == {"t1", "t2", "verifier"}
+        assert all(alive(p) for p in children.values())
+        for name, pid in children.items():
+            role = "verifier" if name == "verifier" else "trainer"
+            _node_argv_holds_only_its_own(out, name, pid, role)
+        _bundles_hold_only_their_own_keys(out / "certs", ["do", "t1", "t2", "verifier"])
         proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
         time.sleep(0.2)
         if proc.poll() is None:  # an impatient user presses it again during the cleanup

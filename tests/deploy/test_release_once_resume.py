@@ -3,8 +3,8 @@
 `clicooper launch --release once`: t1, on its own node process, caches the owner's releases
 in its party directory. After kill -9 of t1's node the session resumes from that cache: the
 owner releases no record again (its own count per record, t1's files) and epsilon is
-the one release's. And launch trains exactly as the in-process run with the same owner
-secret.
+the one release's. (That launch trains exactly as the in-process run with the same owner
+secret is tests/deploy/test_release_once_launch.py.)
 """
 
 from __future__ import annotations
@@ -83,28 +83,3 @@ def test_t1_killed_mid_training_resumes_from_its_cached_releases(tmp_path, procs
     assert results["watermark"]["verified"]
     code, err, text = cli_inprocess("verify", str(out))
     assert code == 0 and "chain holds" in err + text
-
-
-def test_launch_trains_as_the_inprocess_run_with_the_same_owner_secret(
-    tmp_path, procs, cli_inprocess
-):
-    flags = [*FLAGS, "--noise-multiplier", "0.2", "--lr", "0.01", "--expansion", "1"]
-    flags += ["--no-watermark"]
-    local = tmp_path / "local"
-    code, err, _ = cli_inprocess("run", *flags, "--out", str(local))
-    assert code == 0, err
-    secret = local / "owner" / "owner.secret"
-    out = tmp_path / "launched"
-    argv = cli("launch", *flags, "--owner-secret", str(secret))
-    launcher = procs.start([*argv, "--out", str(out)], tmp_path / "launch.log")
-    assert launcher.wait(timeout=150) == 0, (tmp_path / "launch.log").read_text()[-3000:]
-    a = json.loads((local / "results.json").read_text())
-    b = json.loads((out / "results.json").read_text())
-    assert b["transport"]["name"] == "grpc" and a["transport"]["name"] == "inprocess"
-    for x, y in zip(_history(local), _history(out), strict=True):
-        assert abs(x["test_accuracy"] - y["test_accuracy"]) <= 0.005  # one test image in 200
-        assert abs(x["loss"] - y["loss"]) <= 1e-6  # measured: equal to the last bit
-    # it learns (10 classes): 0.27 to 0.38 after 2 epochs over six fresh owner secrets
-    assert a["accuracy"]["test"] > 0.2 and a["history"][1]["loss"] < a["history"][0]["loss"]
-    assert a["privacy"]["epsilon"] == b["privacy"]["epsilon"]
-    assert torch.equal(_cached_ids(out).sort().values, torch.arange(480))
