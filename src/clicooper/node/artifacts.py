@@ -155,18 +155,34 @@ def fetch(
 ) -> list[str]:
     """Bring ``party``'s files of ``session`` from ``node`` into ``out_dir``; waits up to
     ``timeout`` seconds for the node to finish the session. The paths written."""
+    from clicooper.proto import FETCH_METHOD, Envelope
+    from clicooper.runtime.certs import load_party_credentials
+    from clicooper.runtime.transport.grpc_wire import open_channel
+
+    credentials = load_party_credentials(owner.certs_dir, owner.name)
+    channel = open_channel(node.address, node.name, credentials)
+    call = channel.unary_stream(
+        FETCH_METHOD,
+        request_serializer=Envelope.SerializeToString,
+        response_deserializer=FileChunk.FromString,
+    )
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return _fetch_once(owner, node, party, session, out_dir, timeout, max_bytes)
-        except NotFinished as exc:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{node.name} did not finish session {session}: {exc}") from None
-            time.sleep(0.1)
+    try:
+        while True:
+            try:
+                return _fetch_once(call, node, party, session, out_dir, timeout, max_bytes)
+            except NotFinished as exc:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"{node.name} did not finish session {session}: {exc}"
+                    ) from None
+                time.sleep(0.1)
+    finally:
+        channel.close()
 
 
 def _fetch_once(
-    owner: Owner,
+    call: Callable[..., Iterable[FileChunk]],
     node: NodeAddress,
     party: str,
     session: str,
@@ -174,36 +190,22 @@ def _fetch_once(
     timeout: float,
     max_bytes: int,
 ) -> list[str]:
+    """One ``Fetch`` (a fresh nonce) on the node's channel; NotFinished while it serves."""
     import grpc
 
-    from clicooper.proto import FETCH_METHOD, Envelope
-    from clicooper.runtime.certs import load_party_credentials
-    from clicooper.runtime.transport.grpc_wire import open_channel, split_message
+    from clicooper.runtime.transport.grpc_wire import UNREACHABLE, rpc_status, split_message
 
-    credentials = load_party_credentials(owner.certs_dir, owner.name)
     nonce = f"admit.{os.urandom(12).hex()}"
     (request,) = split_message(fetch_request(node.name, session), nonce, 1)
-    channel = open_channel(node.address, node.name, credentials)
     try:
-        call = channel.unary_stream(
-            FETCH_METHOD,
-            request_serializer=Envelope.SerializeToString,
-            response_deserializer=FileChunk.FromString,
-        )
-        try:
-            return receive_files(
-                call(request, timeout=timeout), party, out_dir, node.name, max_bytes
-            )
-        except grpc.RpcError as exc:
-            code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-            details = " ".join(str(exc.details() if isinstance(exc, grpc.Call) else exc).split())
-            if code == grpc.StatusCode.FAILED_PRECONDITION and "still" in details:
-                raise NotFinished(details) from None
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise ConnectionError(f"{node.name} at {node.address}: {details}") from None
-            raise ProtocolError(f"{node.name} refused to send {party}'s files: {details}") from None
-    finally:
-        channel.close()
+        return receive_files(call(request, timeout=timeout), party, out_dir, node.name, max_bytes)
+    except grpc.RpcError as exc:
+        code, details = rpc_status(exc)
+        if code == grpc.StatusCode.FAILED_PRECONDITION and "still" in details:
+            raise NotFinished(details) from None
+        if code in UNREACHABLE:
+            raise ConnectionError(f"{node.name} at {node.address}: {details}") from None
+        raise ProtocolError(f"{node.name} refused to send {party}'s files: {details}") from None
 
 
 def remote_collector(

@@ -45,15 +45,15 @@ from clicooper.runtime.transport.grpc_wire import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_ENVELOPE_BYTES,
     HEADER_ROOM,
+    UNREACHABLE,
     deliver,
     open_channel,
+    rpc_status,
     split_message,
 )
 
 log = logging.getLogger(__name__)
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(\d{1,5})$")
-#: Status codes meaning "the peer could not be reached", as opposed to "refused".
-_UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 @dataclass
@@ -295,10 +295,8 @@ class GrpcTransport(Transport):
             raise ProtocolError(f"meta of the {msg.kind} message is too large for one envelope")
 
     def _send_error(self, msg: Message, seq: int, exc: grpc.RpcError) -> Exception:
-        # Errors raised by a call are also grpc.Call objects carrying code() and details().
-        code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-        details = " ".join(str(exc.details() if isinstance(exc, grpc.Call) else exc).split())
-        if code in _UNREACHABLE:
+        code, details = rpc_status(exc)
+        if code in UNREACHABLE:
             return ConnectionError(
                 f"{self.name} could not reach {msg.receiver} at {self.peers[msg.receiver]} "
                 f"within {self.send_timeout} s ({code.name}: {details})"

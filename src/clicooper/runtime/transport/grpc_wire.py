@@ -33,6 +33,8 @@ DEFAULT_MAX_MESSAGE_BYTES = TransportLimits().max_message_bytes
 HEADER_ROOM = 256 * 1024
 
 Credentials = tuple[bytes, bytes, bytes]  # (ca_pem, cert_pem, key_pem)
+#: Status codes meaning "the peer could not be reached", as opposed to "refused".
+UNREACHABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 def channel_options(envelope_bytes: int) -> list[tuple[str, int | str]]:
@@ -170,6 +172,14 @@ def deliver(
         DELIVER_ONE_METHOD, request_serializer=_serialize, response_deserializer=Ack.FromString
     )
     return call(envelopes[0], timeout=timeout, wait_for_ready=wait_for_ready)
+
+
+def rpc_status(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    """``(code, details on one line)`` of a failed call (UNKNOWN when it carries none)."""
+    # Errors raised by a call are also grpc.Call objects carrying code() and details().
+    if isinstance(exc, grpc.Call):
+        return exc.code(), " ".join(str(exc.details()).split())
+    return grpc.StatusCode.UNKNOWN, " ".join(str(exc).split())
 
 
 def _serialize(item: Envelope | bytes) -> bytes:
