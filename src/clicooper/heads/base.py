@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from clicooper.common.modes import inference
+
 if TYPE_CHECKING:
     from clicooper.config import RunConfig
     from clicooper.data import Dataset, Split
@@ -133,12 +135,8 @@ def freeze(module: nn.Module) -> nn.Module:
 
 def out_shape(module: nn.Module, image_shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape of one output of ``module`` on an image of ``image_shape``."""
-    with torch.no_grad():
-        was = module.training
-        module.eval()
-        shape = tuple(module(torch.zeros(2, *image_shape)).shape[1:])
-        module.train(was)
-    return shape
+    with inference(module):
+        return tuple(module(torch.zeros(2, *image_shape)).shape[1:])
 
 
 def forward_flops(module: nn.Module, image_shape: tuple[int, ...]) -> int:

@@ -32,6 +32,7 @@ from clicooper.common.checks import (
     require_sender,
 )
 from clicooper.common.messages import Kind, Message, ProtocolError
+from clicooper.common.modes import inference
 from clicooper.parties.recorder import Recorder
 from clicooper.parties.releases import ReleaseCache
 from clicooper.privacy.gradient import GradientNoise
@@ -364,7 +365,7 @@ class Trainer(Party):
     def _on_infer(self, msg: Message) -> None:
         require_sender(msg, {self.prev}, "activations", self.name)
         x = msg.tensor("x").to(self.device)
-        with torch.no_grad(), self.compute.count(("infer", tuple(x.shape)), "infer"):
+        with inference(self.segment), self.compute.count(("infer", tuple(x.shape)), "infer"):
             out = self.segment(x)
         kind, to = (Kind.LOGITS, "do") if self.is_last else (Kind.INFER, self.next)
         self.send(Message(kind, msg.step, self.name, to, {"x": out}, msg.meta))

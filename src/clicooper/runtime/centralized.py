@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from clicooper.common.modes import inference
 from clicooper.config import RunConfig
 from clicooper.data import Dataset
 from clicooper.models.assembly import ModelFactory
@@ -58,7 +59,7 @@ def run_centralized(
                 progress(epoch, b + 1, len(batches), loss.item())
         train_seconds += time.perf_counter() - start
         train_cpu_seconds += time.process_time() - cpu
-        with torch.no_grad(), meter.active(), meter.count(("infer", len(data.test)), "infer"):
+        with inference(model), meter.active(), meter.count(("infer", len(data.test)), "infer"):
             predicted = model(data.test.x.to(device)).argmax(1).cpu()
             test_acc = float((predicted == data.test.y).float().mean())
         history.append(
