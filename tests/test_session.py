@@ -85,12 +85,14 @@ def test_clicooper_learns_on_digits(tmp_path, digits):
 
 
 def test_micro_batches_give_the_same_training(tmp_path, small_digits):
-    whole = run(quick_config(mode="vanilla", trainers=3), tmp_path / "a", data=small_digits)
-    piped = run(
-        quick_config(mode="vanilla", trainers=3, micro_batches=4), tmp_path / "b", data=small_digits
-    )
+    # SGD: the summed micro-batch gradients differ from the whole batch's only by float
+    # rounding (7e-9 here). Adam divides by sqrt(v) and lifts that rounding, where a
+    # gradient is near zero, to 9e-3 after 26 steps on some CPUs (AVX-512 here).
+    kw = {"mode": "vanilla", "trainers": 3, "optimizer": "sgd"}
+    whole = run(quick_config(**kw), tmp_path / "a", data=small_digits)
+    piped = run(quick_config(micro_batches=4, **kw), tmp_path / "b", data=small_digits)
     for a, b in zip(whole.model.parameters(), piped.model.parameters(), strict=True):
-        assert torch.allclose(a, b, atol=1e-5)
+        assert torch.allclose(a, b, atol=1e-6)
 
 
 def test_same_seed_reproduces_vanilla_and_another_seed_does_not(tmp_path, small_digits):

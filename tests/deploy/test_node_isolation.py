@@ -14,6 +14,7 @@ from cc_helpers import quick_config
 from nodes import LocalPool
 
 from clicooper.common.messages import Kind, Message, ProtocolError
+from clicooper.node.admission import NOT_ENDED, REFUSAL_KEY
 from clicooper.node.artifacts import fetch, fetch_request
 from clicooper.node.client import AdmissionRefused, NodeAddress, Owner
 from clicooper.node.state import ABORTED, ACTIVE
@@ -147,8 +148,9 @@ def test_a_certificate_of_another_ca_is_refused(pool, tmp_path):
     assert _active(pool, pool.alice)
 
 
-def _fetch(pool, cert, session_id, msg, node="trainer-1"):
-    """A raw ``Fetch`` as the holder of ``cert``: the paths sent, or (status code, details)."""
+def _fetch(pool, cert, session_id, msg, node="trainer-1", refusal=False):
+    """A raw ``Fetch`` as the holder of ``cert``: the paths sent, or (status code, details),
+    with ``refusal``: (status code, the refusal kind the node's trailing metadata names)."""
     creds = load_party_credentials(pool.root / "certs" / cert, cert)
     channel = open_channel(pool.nodes[node].listen, node, creds)
     call = channel.unary_stream(
@@ -160,6 +162,8 @@ def _fetch(pool, cert, session_id, msg, node="trainer-1"):
         (request,) = split_message(msg, session_id, 1)
         return sorted({chunk.path for chunk in call(request, timeout=5.0)})
     except grpc.RpcError as exc:
+        if refusal:
+            return exc.code(), dict(exc.trailing_metadata() or ()).get(REFUSAL_KEY)
         return exc.code(), exc.details()
     finally:
         channel.close()
@@ -171,6 +175,9 @@ def test_an_owner_cannot_fetch_another_owners_files_nor_its_own_while_active(poo
         fetch(bob, node, "t1", pool.alice, tmp_path, timeout=1.0)
     with pytest.raises(TimeoutError, match="is still active"):
         fetch(alice, node, "t1", pool.alice, tmp_path, timeout=0.5)
+    # "not yet" is named in the trailers, not only in words: the owner tries again
+    raw = _fetch(pool, "alice", "admit.00a1", fetch_request("trainer-1", pool.alice), refusal=True)
+    assert raw == (grpc.StatusCode.FAILED_PRECONDITION, NOT_ENDED)
     # a chain neighbour is not the owner either: trainer-2 is in bob's chain
     code, details = _fetch(pool, "trainer-2", "admit.00aa", fetch_request("trainer-1", pool.bob))
     assert code == grpc.StatusCode.PERMISSION_DENIED

@@ -29,8 +29,13 @@ SESSION_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: The longest reservation a node grants (seconds).
 MAX_TTL = 600.0
 
-# Why a request was refused (the server maps each to a gRPC status code).
+# Why a request was refused (the server maps each to a gRPC status code). NOT_ENDED: the
+# session's files are asked for while it is served; the caller may try again later.
 FULL, DENIED, INVALID, CONFLICT = "full", "denied", "invalid", "conflict"
+NOT_ENDED = "not-ended"
+#: The trailing-metadata key under which a node names a refusal's kind (the codes above),
+#: so a caller tells "not ended yet, try later" from a refusal without reading its text.
+REFUSAL_KEY = "clicooper-refusal"
 
 
 class AdmissionError(Exception):
@@ -126,7 +131,7 @@ class Admission:
             record = self._mine(owner, session)
             if record.state in HOLDING:
                 raise AdmissionError(
-                    CONFLICT, f"session {session} on {self.name} is still {record.state}"
+                    NOT_ENDED, f"session {session} on {self.name} is still {record.state}"
                 )
             return record
 

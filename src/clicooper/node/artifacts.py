@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 
 from clicooper.common.files import ensure_dir, write_file
 from clicooper.common.messages import Kind, Message, ProtocolError
+from clicooper.node.admission import NOT_ENDED, REFUSAL_KEY
 from clicooper.node.client import NodeAddress, Owner
 from clicooper.proto import FileChunk
 from clicooper.runtime.rundirs import RunDir
@@ -201,11 +202,17 @@ def _fetch_once(
         return receive_files(call(request, timeout=timeout), party, out_dir, node.name, max_bytes)
     except grpc.RpcError as exc:
         code, details = rpc_status(exc)
-        if code == grpc.StatusCode.FAILED_PRECONDITION and "still" in details:
+        if _refusal(exc) == NOT_ENDED:
             raise NotFinished(details) from None
         if code in UNREACHABLE:
             raise ConnectionError(f"{node.name} at {node.address}: {details}") from None
         raise ProtocolError(f"{node.name} refused to send {party}'s files: {details}") from None
+
+
+def _refusal(exc: Exception) -> str | None:
+    """The kind of refusal a node named in the call's trailing metadata, if any."""
+    trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    return dict(trailers or ()).get(REFUSAL_KEY)
 
 
 def remote_collector(

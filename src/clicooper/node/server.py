@@ -42,7 +42,16 @@ from pydantic import ValidationError
 from clicooper.common.files import private_dir
 from clicooper.common.messages import Kind, Message
 from clicooper.config import RunConfig, TransportLimits, one_line
-from clicooper.node.admission import CONFLICT, DENIED, FULL, INVALID, Admission, AdmissionError
+from clicooper.node.admission import (
+    CONFLICT,
+    DENIED,
+    FULL,
+    INVALID,
+    NOT_ENDED,
+    REFUSAL_KEY,
+    Admission,
+    AdmissionError,
+)
 from clicooper.node.artifacts import stream_files
 from clicooper.node.link import SessionTransport
 from clicooper.node.state import ACTIVE, NodeState, SessionRecord, SqliteState
@@ -71,6 +80,7 @@ _CODES = {
     DENIED: grpc.StatusCode.PERMISSION_DENIED,
     INVALID: grpc.StatusCode.INVALID_ARGUMENT,
     CONFLICT: grpc.StatusCode.FAILED_PRECONDITION,
+    NOT_ENDED: grpc.StatusCode.FAILED_PRECONDITION,
 }
 _RECENT_ADMITS = 4096
 
@@ -285,6 +295,7 @@ class Node:
                 try:
                     record = self.admission.ended(identity, msg.meta.get("session"))
                 except AdmissionError as exc:
+                    context.set_trailing_metadata(((REFUSAL_KEY, exc.code),))
                     raise Rejected(_CODES[exc.code], exc.reason) from None
         except Rejected as exc:
             log.warning("%s refused a fetch: %s", self.name, exc.reason)
