@@ -58,6 +58,24 @@ def test_the_count_is_measured_again_after_a_period() -> None:
     assert set(second[:-5]) == {1, 2} and second[-5:] == [2] * 5
 
 
+def test_a_confirmed_count_is_probed_ever_less_often_and_a_change_resets_the_wait() -> None:
+    """Each probe that picks the count before it doubles the wait (to the maximum); a probe
+    that picks the other count brings it back to ``PERIOD_STEPS``."""
+    micros = MicroBatches(2, adaptive=True)
+    probe = 2 * pipelining.PROBE_ROUNDS * pipelining.BLOCK_STEPS
+    counts = _run(micros, pipelining.WARMUP_STEPS, {2: 2.0, 1: 1.0})
+    waits = []
+    for _ in range(5):  # pipelining loses every probe
+        counts = _run(micros, probe, {2: 2.0, 1: 1.0})
+        assert counts.count(2) == counts.count(1)  # a whole probe
+        waits.append(micros._left)
+        assert _run(micros, micros._left, {2: 2.0, 1: 1.0}) == [1] * waits[-1]
+    p, top = pipelining.PERIOD_STEPS, pipelining.MAX_PERIOD_STEPS
+    assert waits == [p, 2 * p, 4 * p, min(8 * p, top), min(16 * p, top)] and waits[-1] == top
+    _run(micros, probe, {2: 0.5, 1: 1.0})  # now pipelining wins
+    assert micros.chosen == 2 and micros._left == p
+
+
 def test_a_lost_step_is_not_timed() -> None:
     """A step that failed (recovery: no ``done``) leaves no time behind; the next is timed,
     and ``done`` with no step begun is ignored."""

@@ -8,7 +8,9 @@ messages cost more than the overlap saves (benchmarks/transport.py).
 
 So, where parties do run at once (a networked transport), :class:`MicroBatches` measures
 instead of guessing: it alternates blocks of steps at M and at 1 micro-batch, compares
-the median step times, and keeps the faster count until the next probe. Pipelining is
+the median step times, and keeps the faster count until the next probe (the wait doubles
+each time a probe confirms the count before it, up to ``MAX_PERIOD_STEPS``: on a steady
+machine the probes' slower steps cost little). Pipelining is
 kept only when it is at least ``margin`` faster, so it is never slower than none (up to
 the noise of the probe). Every count is the same maths (the trainers weight and add
 their micro-batches' gradients, the owner draws one noise for the whole batch), so the
@@ -32,8 +34,10 @@ WARMUP_STEPS = 2
 #: Steps of one probe block, and blocks per count in one probe.
 BLOCK_STEPS = 3
 PROBE_ROUNDS = 2
-#: Steps between probes (the machine's load, hence the best count, may change).
+#: Steps between probes (the machine's load, hence the best count, may change); doubled
+#: after each probe that chose the same count as the one before, up to the maximum.
 PERIOD_STEPS = 150
+MAX_PERIOD_STEPS = 1200
 #: How much faster pipelining must be to be kept (fewer messages win a tie).
 MARGIN = 0.03
 
@@ -51,6 +55,8 @@ class MicroBatches:
         self._plan: deque[tuple[int, bool]] = deque()  # (count, timed) of the coming steps
         self._times: dict[int, list[float]] = {}
         self._left = 0  # steps at ``chosen`` before the next probe
+        self._period = PERIOD_STEPS
+        self._probed: int | None = None  # the count the last probe chose
         self._current: tuple[int, bool] | None = None
         self.used: Counter[int] = Counter()  # steps begun at each count
         if self.adaptive:
@@ -94,12 +100,14 @@ class MicroBatches:
         piped = statistics.median(self._times.get(self.configured, [float("inf")]))
         single = statistics.median(self._times.get(1, [float("inf")]))
         self.chosen = self.configured if piped < (1 - MARGIN) * single else 1
-        self._left = PERIOD_STEPS
+        confirmed = self.chosen == self._probed
+        self._period = min(2 * self._period, MAX_PERIOD_STEPS) if confirmed else PERIOD_STEPS
+        self._probed, self._left = self.chosen, self._period
         log.info(
             "do: a step took %.1f ms with %d micro-batches, %.1f ms with 1: %d for %d steps",
             1000 * piped,
             self.configured,
             1000 * single,
             self.chosen,
-            PERIOD_STEPS,
+            self._period,
         )
