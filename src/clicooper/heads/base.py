@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from clicooper.common.modes import inference
+from clicooper.runtime.compute import ComputeMeter
 
 if TYPE_CHECKING:
     from clicooper.config import RunConfig
@@ -184,13 +185,14 @@ def pretrain(
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
-    with FlopCounterMode(display=False) as counter:
-        for _ in range(epochs):
-            order = torch.randperm(len(split), generator=gen)
-            for i in range(0, len(split), batch_size):
-                idx = order[i : i + batch_size]
+    meter = ComputeMeter()  # one counted step per batch size, times the steps run
+    for _ in range(epochs):
+        order = torch.randperm(len(split), generator=gen)
+        for i in range(0, len(split), batch_size):
+            idx = order[i : i + batch_size]
+            with meter.count(("pretrain", len(idx))):
                 loss = nn.functional.cross_entropy(model(split.x[idx]), split.y[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-    return int(counter.get_total_flops())
+    return meter.flops["train"]

@@ -160,7 +160,8 @@ class DataOwner:
         if release.set == "public":  # the public split's pass: counted with its pretraining
             tensors, meta = release.message(chunk)
         else:
-            with self.compute.count(None):  # the frozen head's one pass is the owner's work
+            # the frozen head's one pass is the owner's work; its FLOPs depend on the rows only
+            with self.compute.count(("release", len(release.ids(chunk)))):
                 tensors, meta = release.message(chunk)
         self.transport.send(Message(Kind.RELEASE, self.step, self.name, first, tensors, meta))
         if meta_int(self.expect_reply(first, "release"), "chunk") != chunk:
