@@ -21,8 +21,10 @@ from clicooper.common.messages import Kind, Message, ProtocolError
 from clicooper.config import WatermarkConfig
 from clicooper.data.base import Dataset, Split
 from clicooper.evaluation.report import compute_table
+from clicooper.heads.base import pretrain
 from clicooper.models import build_preset, split_blocks
 from clicooper.models.presets import Standardize
+from clicooper.parties import releases
 from clicooper.parties.data_owner import check_reply
 from clicooper.runtime import compute
 from clicooper.runtime.session import run
@@ -52,6 +54,31 @@ def test_cached_counts_equal_counting_every_step(tmp_path, small_digits, monkeyp
     # counted: 2 batch shapes (32, and 4 at the end), the test pass; of 10 (keyed labels
     # need no head pass to fit)
     assert (owner.counted_blocks, meters[0].counted_blocks) == (3, 2 * 4 + 2)
+
+
+def test_the_release_pass_and_the_head_pretraining_count_one_step_a_batch_size(
+    tmp_path, small_digits, monkeypatch
+):
+    """Release once: the owner's release chunks (all but the last of one size) and the
+    public head's pretraining steps are counted once a batch size; that is what counting
+    every chunk and every step gives."""
+    monkeypatch.setattr(releases, "CHUNK_ROWS", 64)  # chunks of 64 records and a shorter last
+    monkeypatch.setattr(compute, "AUDIT", True)
+    once = {"privacy.release": "once", "labels.mode": "keyed", "epochs": 1}
+    audited = run(quick_config(**once), tmp_path / "a", data=small_digits)
+    assert audited.owner.compute.estimated == audited.owner.compute.flops
+    assert audited.owner.releasing is None and audited.results["privacy"]["releases"] >= 1
+    monkeypatch.setattr(compute, "AUDIT", False)
+    cached = run(quick_config(**once), tmp_path / "b", data=small_digits)
+    assert cached.owner.compute.flops == audited.owner.compute.flops
+    public = Split(small_digits.train.x[:100], small_digits.train.y[:100])  # 32, 32, 32, 4
+
+    def pretrained(audit: bool) -> int:
+        monkeypatch.setattr(compute, "AUDIT", audit)
+        head = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU())
+        return pretrain(head, public, 10, epochs=2, lr=1e-3, batch_size=32, seed=0)
+
+    assert pretrained(audit=True) == pretrained(audit=False) > 0
 
 
 def test_party_counts_are_disjoint_and_add_up_to_one_counter_around_the_run(tmp_path, small_digits):
