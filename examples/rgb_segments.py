@@ -3,7 +3,8 @@
 The data are synthetic (nothing is downloaded): each of four classes puts a bright
 patch of one colour in one quadrant of a noisy image. The data owner holds only
 the stem (one 3x3 convolution, pooling and a 1x1 convolution to 4 channels, a small
-cut for the noise); trainer t1 holds the convolutional body (with BatchNorm) and t2 the classifier.
+cut for the noise); trainer t1 holds the convolutional body (with BatchNorm) and t2
+the classifier.
 
 Run: python examples/rgb_segments.py [OUT_DIR]
 """

@@ -85,6 +85,22 @@ _CODES = {
 _RECENT_ADMITS = 4096
 
 
+class _Refused(Rejected):
+    """An admission refusal: its status code, and its kind in the trailing metadata."""
+
+    def __init__(self, exc: AdmissionError) -> None:
+        super().__init__(_CODES[exc.code], exc.reason)
+        self.refusal = exc.code
+
+
+def _abort(context: grpc.ServicerContext, exc: Rejected) -> None:
+    """End the call with ``exc``'s status; an admission refusal also names its kind
+    (``REFUSAL_KEY``), so a caller can tell "try again later" from a refusal."""
+    if isinstance(exc, _Refused):
+        context.set_trailing_metadata(((REFUSAL_KEY, exc.refusal),))
+    context.abort(exc.code, exc.reason)
+
+
 @dataclass
 class _Served:
     """An active session on this node."""
@@ -260,7 +276,7 @@ class Node:
                     raise
         except Rejected as exc:
             log.warning("%s refused a message: %s", self.name, exc.reason)
-            context.abort(exc.code, exc.reason)
+            _abort(context, exc)
         return _OK
 
     def _route(self, env: Envelope) -> Receiver:
@@ -295,11 +311,10 @@ class Node:
                 try:
                     record = self.admission.ended(identity, msg.meta.get("session"))
                 except AdmissionError as exc:
-                    context.set_trailing_metadata(((REFUSAL_KEY, exc.code),))
-                    raise Rejected(_CODES[exc.code], exc.reason) from None
+                    raise _Refused(exc) from None
         except Rejected as exc:
             log.warning("%s refused a fetch: %s", self.name, exc.reason)
-            context.abort(exc.code, exc.reason)
+            _abort(context, exc)
         log.info("%s: sending the files of %s to its owner", self.name, record.session)
         yield from stream_files(self.state_dir / SESSIONS_DIR / record.session, record.party)
 
@@ -347,7 +362,7 @@ class Node:
                     INVALID, f"admission takes reserve, commit, rejoin or abort, not {op!r}"
                 )
         except AdmissionError as exc:
-            raise Rejected(_CODES[exc.code], exc.reason) from None
+            raise _Refused(exc) from None
 
     # -- sessions --------------------------------------------------------------
 
