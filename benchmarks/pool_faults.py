@@ -51,7 +51,7 @@ def main() -> None:
     ap.add_argument("--model", default="cnn")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--train-subset", type=int, default=4000)
-    ap.add_argument("--test-subset", type=int, default=2000)
+    ap.add_argument("--test-subset", type=int, default=10000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--checkpoint-steps", type=int, default=10)
     ap.add_argument("--kill-at", type=int, default=0, help="step (default: mid first epoch)")

@@ -107,9 +107,10 @@ class _Recording(InProcessTransport):
         super().send(msg)
 
 
-def test_last_trainer_sends_the_gradient_first_and_steps_after() -> None:
-    """t3's gradient leaves before its LOSS (the chain waits on it, the owner needs both),
-    and the optimizer step runs after both are sent, within the same message's handling."""
+def test_last_trainer_sends_its_loss_and_gradient_then_steps() -> None:
+    """The last trainer's LOSS leaves (from the sender thread) without waiting behind its
+    gradient, since with release once the owner sends the next step on it; the optimizer
+    step runs after both are sent, within the same message's handling."""
     torch.manual_seed(0)
     segment = torch.nn.Linear(4, 3)
     before = segment.weight.detach().clone()
@@ -122,8 +123,8 @@ def test_last_trainer_sends_the_gradient_first_and_steps_after() -> None:
     meta = {"micro": 0, "micros": 1, "epoch": 1, "weight": 1.0}
     trainer.handle(Message(Kind.FORWARD, 1, "t1", "t2", {"x": torch.randn(2, 4)}, meta))
     assert [(kind, to) for kind, to, _ in transport.sent] == [
-        (Kind.BACKWARD, "t1"),
         (Kind.LOSS, "do"),
+        (Kind.BACKWARD, "t1"),
     ]
     assert all(torch.equal(weight, before) for _, _, weight in transport.sent)
     assert trainer.steps_applied == 1 and not torch.equal(segment.weight, before)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -190,12 +191,18 @@ class CorruptingEpoch(EpochTransport):
         self.rewritten: list[str] = []
 
     def send(self, msg: Message, timeout: float | None = None) -> None:
+        super().send(self._rewrite(msg), timeout)
+
+    def send_later(self, msg: Message) -> Future[None]:  # how the last trainer sends LOSS
+        return super().send_later(self._rewrite(msg))
+
+    def _rewrite(self, msg: Message) -> Message:
         if len(self.rewritten) < len(self.plan):
             match, rewrite = self.plan[len(self.rewritten)]
             if match(msg):
                 self.rewritten.append(f"{msg.kind} {msg.meta.get('op', '')}".strip())
-                msg = rewrite(msg)
-        super().send(msg, timeout)
+                return rewrite(msg)
+        return msg
 
 
 def test_malformed_answers_over_grpc_go_through_recovery(tmp_path, digits) -> None:

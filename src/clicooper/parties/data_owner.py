@@ -113,6 +113,7 @@ class DataOwner:
         self.micros = MicroBatches(micro_batches, adaptive)
         self.noise_at_inference = noise_at_inference
         self.step = 0
+        self._unacked: dict[int, set[int]] = {}  # release once: steps t1 has not said done
         self.releases = 0  # noisy releases of each training sample so far
         self.log = StepLog()
         self._classes: int | None = None  # pseudo-classes the last trainer reports
@@ -151,6 +152,7 @@ class DataOwner:
         survives its restart; after a recovery the driver sets ``pending`` to None and
         the owner asks again.
         """
+        self.settle()
         release, first = self.releasing, self.trainers[0]
         if release.pending is None:
             reply = self.control(first, "releases", tag=release.tag, set=release.set)
@@ -181,7 +183,12 @@ class DataOwner:
     ) -> tuple[float, torch.Tensor]:
         """A release-once step: record ids to t1, labels to the last trainer; (loss,
         pseudo-logits). No head pass, no backward, nothing released. ``public``: ids of
-        the public set (the warm start)."""
+        the public set (the warm start).
+
+        It ends with the last trainer's loss, not with t1's word that the step is done:
+        t1 holds the next step until this one is applied, so waiting here would only add
+        the hops to t1 and back to every step. The word is taken as it comes
+        (:meth:`receive`), and :meth:`settle` waits for it before anything else is sent."""
         if self.releasing is not None:
             raise ProtocolError("release once: training before every record was released")
         self._log_step(ids, epoch)
@@ -201,6 +208,7 @@ class DataOwner:
             sent.append(self._forward(msg, last=micro == micros - 1))
         for delivery in sent:
             delivery.result()  # a failed delivery raises here, as send() would
+        self._unacked[self.step] = set(range(micros))
         sizes = [len(part) for part in parts]
         logits, losses = self._collect(sizes)
         loss = sum(l_ * n for l_, n in zip(losses, sizes, strict=True)) / len(y)
@@ -288,23 +296,19 @@ class DataOwner:
     ) -> tuple[list[torch.Tensor], list[float]]:
         """Backward each micro-batch's gradient (from t1) into the head as it arrives; the
         pseudo-logits and losses the last trainer reports. ``protected`` None (release
-        once): t1's BACKWARD is an empty acknowledgement; one with a tensor is refused."""
+        once): only the losses; t1's empty acknowledgements are :meth:`receive`'s."""
         n = len(sizes)
         grads: set[int] = set()
         losses: dict[int, tuple[torch.Tensor, float]] = {}
         first, last = self.trainers[0], self.trainers[-1]
-        while len(grads) < n or len(losses) < n:
+        wanted = n if protected is not None else 0
+        while len(grads) < wanted or len(losses) < n:
             msg = self.receive({first, last}, "training")
-            if msg.kind == Kind.BACKWARD and msg.sender == first:
+            if msg.kind == Kind.BACKWARD and msg.sender == first and protected is not None:
                 micro = self._micro(msg, n)
                 if micro in grads:
                     raise ProtocolError(f"do got a second gradient for micro-batch {micro}")
-                if protected is not None:
-                    protected[micro].backward(self._gradient(msg, protected[micro]))
-                elif msg.tensors:
-                    raise ProtocolError(
-                        f"{first} sent do a gradient: release once takes none (the head is frozen)"
-                    )
+                protected[micro].backward(self._gradient(msg, protected[micro]))
                 grads.add(micro)
             elif msg.kind == Kind.LOSS and msg.sender == last:
                 micro = self._micro(msg, n)
@@ -352,31 +356,84 @@ class DataOwner:
         """The next message from one of ``senders``; any other is logged and dropped.
 
         Only the parties the owner is waiting on can answer it: a message from
-        anyone else is never taken for their answer. The transport's
-        ``recv_timeout`` (when it has one) bounds the whole wait, so a peer that
-        keeps sending cannot hold the owner forever.
+        anyone else is never taken for their answer. t1's word that a step is done
+        (release once) is taken on the way (:meth:`_acknowledgement`).
         """
-        timeout = getattr(self.transport, "recv_timeout", None)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = self._deadline()
         while True:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                raise TimeoutError(f"do got no answer from {', '.join(sorted(senders))} ({what})")
-            msg = self.transport.recv(self.name, left)
+            msg = self._next(deadline, senders, what)
+            if self._acknowledgement(msg):
+                continue
             if msg.sender in senders:
                 return msg
-            log.warning(
-                "do dropped %s from %s while waiting for %s (%s)",
-                msg.kind,
-                msg.sender,
-                ", ".join(sorted(senders)),
-                what,
+            self._drop(msg, senders, what)
+
+    def settle(self) -> None:
+        """Wait until t1 has said done every step sent (release once): before any other
+        message leaves, so that every party takes it after the steps are applied."""
+        first, deadline = self.trainers[0], self._deadline()
+        what = "its word that the steps sent are done"
+        while self._unacked:
+            msg = self._next(deadline, {first}, what)
+            if self._acknowledgement(msg):
+                continue
+            if msg.sender == first:
+                raise ProtocolError(
+                    f"do expected {first} to say step {min(self._unacked)} is done, got "
+                    f"{msg.kind}: {msg.meta.get('error', '')}"
+                )
+            self._drop(msg, {first}, what)
+
+    def forget_steps_in_flight(self) -> None:
+        """After a failure: the steps not yet said done are rolled back, not awaited."""
+        self._unacked.clear()
+
+    def _acknowledgement(self, msg: Message) -> bool:
+        """Whether ``msg`` is t1's word that a step sent is done (release once), taken."""
+        if self.release is None or msg.kind != Kind.BACKWARD or msg.sender != self.trainers[0]:
+            return False
+        if msg.tensors:
+            raise ProtocolError(
+                f"{msg.sender} sent do a gradient: release once takes none (the head is frozen)"
             )
+        due = self._unacked.get(msg.step, set())
+        micro = meta_int(msg, "micro", 0, max(due, default=0))
+        if micro not in due:
+            raise ProtocolError(
+                f"{msg.sender} said step {msg.step} micro-batch {micro!r} is done, which do "
+                "did not send or was told already"
+            )
+        due.discard(micro)
+        if not due:
+            del self._unacked[msg.step]
+        return True
+
+    def _deadline(self) -> float | None:
+        """When a wait ends: the transport's ``recv_timeout`` (when it has one) bounds the
+        whole wait, so a peer that keeps sending cannot hold the owner forever."""
+        timeout = getattr(self.transport, "recv_timeout", None)
+        return None if timeout is None else time.monotonic() + timeout
+
+    def _next(self, deadline: float | None, senders: Collection[str], what: str) -> Message:
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            raise TimeoutError(f"do got no answer from {', '.join(sorted(senders))} ({what})")
+        return self.transport.recv(self.name, left)
+
+    def _drop(self, msg: Message, senders: Collection[str], what: str) -> None:
+        log.warning(
+            "do dropped %s from %s while waiting for %s (%s)",
+            msg.kind,
+            msg.sender,
+            ", ".join(sorted(senders)),
+            what,
+        )
 
     # -- inference ----------------------------------------------------------------
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """True-class log-scores of ``x`` through the chain (only the owner can decode)."""
+        self.settle()
         self.head.eval()
         outputs = []
         with torch.no_grad():
@@ -419,6 +476,7 @@ class DataOwner:
     def control(self, party: str, op: str, reply_from: str | None = None, **meta: Any) -> Message:
         """Send a control op to ``party`` and wait for the reply of ``reply_from`` (``party``
         itself unless another party answers for it, e.g. the verifier after a stage_end)."""
+        self.settle()
         self.transport.send(
             Message(Kind.CONTROL, self.step, self.name, party, {}, {"op": op, **meta})
         )
@@ -430,6 +488,7 @@ class DataOwner:
 
     def ask_all(self, parties: list[str], op: str, **meta: Any) -> dict[str, Message]:
         """Send control ``op`` to every party at once, then collect one checked reply each."""
+        self.settle()
         for party in parties:
             self.transport.send(
                 Message(Kind.CONTROL, self.step, self.name, party, {}, {"op": op, **meta})

@@ -10,13 +10,19 @@ so pipelined micro-batches give the same update as one whole batch.
 With release once (``releases``, t1 only: :mod:`clicooper.parties.releases`) t1
 takes the owner's noisy activations once, as RELEASE chunks it caches, and each
 training step names only record ids; it sends the owner no gradient, only an
-empty BACKWARD saying the step is applied.
+empty BACKWARD saying the step is done. The owner does not wait for it: it sends the
+next step's ids at once, and t1 holds a forward pass of a later step until the step it
+is in is applied (:meth:`Trainer._on_forward`), so every step starts from the weights
+the step before left, as in-process.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import logging
+from collections import deque
+from collections.abc import Callable, Sized
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +48,10 @@ from clicooper.runtime.rundirs import RunDir
 from clicooper.runtime.transport.base import Party
 from clicooper.watermark.chain import save_segment
 
+log = logging.getLogger(__name__)
 Key = tuple[int, int]  # (step, micro-batch)
 #: Steps whose micro-batches a trainer may hold at once: the owner keeps one step in
-#: flight (it waits for every gradient before the next); the second is slack.
+#: flight, and with release once sends the next one's ids to t1 before that one is done.
 PENDING_STEPS = 2
 
 
@@ -106,6 +113,7 @@ class Trainer(Party):
         self._stash: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
         self._labels: dict[Key, torch.Tensor] = {}
         self._waiting: dict[Key, Message] = {}
+        self._deferred: deque[Message] = deque()  # forwards of the step after the open one
         self.max_pending = max_pending
         self._registering = False  # a register op waits for the verifier's reply
         self.steps_applied = 0
@@ -122,6 +130,7 @@ class Trainer(Party):
         self._stash.clear()
         self._labels.clear()
         self._waiting.clear()
+        self._deferred.clear()
         self.optimizer.zero_grad(set_to_none=True)
 
     @property
@@ -164,7 +173,7 @@ class Trainer(Party):
             self._room(pending, 1, what)
         pending[key] = value
 
-    def _room(self, pending: dict[Key, Any], n: int, what: str) -> None:
+    def _room(self, pending: Sized, n: int, what: str) -> None:
         """ProtocolError naming the limit unless ``n`` more entries fit in ``pending``."""
         if len(pending) + n > self.max_pending:
             raise ProtocolError(
@@ -174,8 +183,33 @@ class Trainer(Party):
             )
 
     def _on_forward(self, msg: Message) -> None:
+        """A forward pass, unless this trainer is in another step: then it waits its turn.
+
+        Only t1 can get one early (release once: the owner sends the next step's ids
+        without waiting for the step before to be applied); a later trainer gets a step
+        from the one before it, which has applied the step before by then.
+        """
         require_sender(msg, {self.prev}, "activations", self.name)
         key = self._key(msg)
+        if self._deferred or self._in_other_step(key[0]):
+            self._room(self._deferred, 1, "forward passes of a later step")
+            self._deferred.append(msg)
+            return
+        self._forward_now(msg, key)
+
+    def _in_other_step(self, step: int) -> bool:
+        """Whether a forward pass of a step other than ``step`` awaits its gradient."""
+        return any(held != step for held, _ in self._stash)
+
+    def _run_deferred(self) -> None:
+        """The forwards held back, in the order they came, now that the step is applied."""
+        while self._deferred:
+            key = self._key(self._deferred[0])
+            if self._in_other_step(key[0]):
+                return
+            self._forward_now(self._deferred.popleft(), key)
+
+    def _forward_now(self, msg: Message, key: Key) -> None:
         if self.releases is not None and ("x" in msg.tensors or "ids" not in msg.tensors):
             raise ProtocolError(
                 f"{self.name} trains on its cached releases (release once): a training step "
@@ -330,22 +364,32 @@ class Trainer(Party):
     def _send_back(
         self, step: int, meta: dict[str, Any], x: torch.Tensor, loss_msg: Message | None = None
     ) -> None:
-        """Pass the gradient (and loss) back, then the last trainer's LOSS to the owner; step
-        after the batch's last micro-batch.
+        """Pass the gradient (and loss) back, and the last trainer's LOSS to the owner; step
+        after the batch's last micro-batch, then take the forwards held for the next step.
 
-        The gradient leaves first: the rest of the chain waits on it, while the owner needs
-        the LOSS only with the gradient that comes back later; the optimizer step (which
-        leaves ``x.grad`` as it is) then runs while the chain works on. Messages are handled
-        one at a time, so the step is applied before this trainer takes any later message.
+        The LOSS leaves from the link's sender thread, beside the gradient rather than
+        behind it: with release once the owner sends the next step when it has the loss,
+        so both paths to t1's next step (the gradients back down the chain, the loss to
+        the owner and the next ids to t1) start at once. t1's word that a release-once
+        step is done leaves the same way: the owner does not wait for it, so t1 applies
+        the step and starts the next without waiting for the owner's receipt. The
+        optimizer step (which leaves ``x.grad`` as it is) then runs while the chain works
+        on. Messages are handled one at a time, so the step is applied before this
+        trainer takes any later message, and a link keeps its order.
         """
         # release once: the owner's head takes no gradient, t1 only says the step is done
         back = {} if self.releases is not None else {"g": x.grad}
-        self.send(Message(Kind.BACKWARD, step, self.name, self.prev, back, meta))
-        if loss_msg is not None:
-            self.send(loss_msg)
+        if loss_msg is not None:  # to the owner at once: it sends the next step on it
+            self.transport.send_later(loss_msg).add_done_callback(_log_failure)
+        back_msg = Message(Kind.BACKWARD, step, self.name, self.prev, back, meta)
+        if self.releases is not None:  # the word "done" the owner takes as it comes
+            self.transport.send_later(back_msg).add_done_callback(_log_failure)
+        else:
+            self.send(back_msg)
         applied = int(meta["micro"]) == int(meta["micros"]) - 1
         if applied:
             self._apply()
+            self._run_deferred()
         loss = meta.get("loss")
         for observe in self.loss_observers:
             observe(float(loss) if loss is not None else None, applied)
@@ -445,3 +489,10 @@ class Trainer(Party):
         if self.recorder.limit:
             self.recorder.save(RunDir(self.out_dir).records / f"{self.name}.safetensors")
         return {"segment": str(path)}
+
+
+def _log_failure(delivery: Future[None]) -> None:
+    """A message to the owner that did not reach it (the loss, or t1's word that a step
+    is done): the owner times out waiting for it and recovers the step."""
+    if delivery.exception() is not None:
+        log.warning("a message did not reach the owner: %s", delivery.exception())

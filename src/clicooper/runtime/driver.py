@@ -345,6 +345,7 @@ class Driver:
             raise RecoveryFailed(f"giving up after {MAX_RECOVERIES} recoveries: {reason}") from exc
         log.warning("do: party failure at step %d (%s); resuming", self.owner.step, exc)
         failed_at = self.owner.step
+        self.owner.forget_steps_in_flight()  # rolled back below, not awaited
         self.recovery.reconnect()
         self._rollback(" ".join(str(exc).split())[:300], failed_at)
 
