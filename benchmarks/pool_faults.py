@@ -17,8 +17,14 @@ alone on the idle pool (``--alone-runs`` times) with the same seed and owner sec
 table prints the test accuracies and the difference to the alone runs' mean (goal: at
 most 0.5 points).
 
+Fresh watermark secrets alone move a session's accuracy by about a point at this
+budget, so ``--no-watermark`` runs every session without the mark: then nothing in a
+session is left to chance but the fault, its runs alone agree to the last test image,
+and any difference is what the fault and its recovery did. (No ledger is kept then;
+the runs with the mark check every ledger.)
+
     python benchmarks/pool_faults.py [--fault trainer|verifier|owner] [--owners 4]
-        [--dataset fashion-mnist] [--train-subset 4000] [--epochs 2]
+        [--dataset fashion-mnist] [--train-subset 4000] [--epochs 2] [--no-watermark]
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ def main() -> None:
     ap.add_argument("--alone-runs", type=int, default=1, help="runs of each session alone")
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds for the sessions")
     ap.add_argument("--out", type=Path, default=None, help="keep the pool and runs here")
+    ap.add_argument("--no-watermark", action="store_true", help="sessions without the mark")
     args = ap.parse_args()
     per_epoch = math.ceil(args.train_subset / args.batch_size)  # the last batch is short
     kill_at = args.kill_at or max(args.checkpoint_steps, per_epoch // 2)
@@ -67,6 +74,7 @@ def main() -> None:
         "--epochs", str(args.epochs), "--train-subset", str(args.train_subset),
         "--test-subset", str(args.test_subset), "--batch-size", str(args.batch_size),
         "--checkpoint-steps", str(args.checkpoint_steps),
+        *(["--no-watermark"] if args.no_watermark else []),
     ]  # fmt: skip
     pool = pool_up(root / "pool", 2, capacity=args.owners)
     print(f"pool: {', '.join(pool.nodes)} (capacity {args.owners}); runs under {root}")
@@ -137,14 +145,17 @@ def _check(run_dir: Path, steps: int) -> dict:
     applied = r["transport"]["steps_applied"]
     if set(applied.values()) != {steps}:
         raise SystemExit(f"{run_dir.name}: steps applied {applied}, planned {steps} each")
-    anchor = r["watermark"]["anchor"]
-    verify = [sys.executable, "-m", "clicooper.cli", "verify", str(run_dir), "--anchor", anchor]
-    done = subprocess.run(verify, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{run_dir.name}: the ledger does not verify: {done.stdout}{done.stderr}")
+    anchor = r["watermark"].get("anchor")
+    if anchor is not None:  # a session with the mark: its ledger must verify
+        argv = [sys.executable, "-m", "clicooper.cli", "verify", str(run_dir), "--anchor", anchor]
+        done = subprocess.run(argv, capture_output=True, text=True)
+        if done.returncode != 0:
+            why = f"{done.stdout}{done.stderr}"
+            raise SystemExit(f"{run_dir.name}: the ledger does not verify: {why}")
     return {
         "accuracy": r["accuracy"]["test"],
         "recoveries": len(r["transport"].get("recoveries") or []),
+        "ledger": anchor is not None,
     }
 
 
@@ -185,7 +196,9 @@ def _table(faulted: dict[str, dict], alone: dict[str, list[dict]]) -> None:
         worst = max(worst, abs(diff))
         shown = ", ".join(f"{a:.4f}" for a in accs)
         print(f"{name:7} | {f['recoveries']:10} | {f['accuracy']:14.4f} | {shown} | {diff:+.2f}")
-    print(f"largest difference {worst:.2f} points (goal at most 0.5); every ledger verified")
+    ledgers = all(f["ledger"] for f in faulted.values())
+    kept = "every ledger verified" if ledgers else "no ledger (sessions without the mark)"
+    print(f"largest difference {worst:.2f} points (goal at most 0.5); {kept}")
 
 
 if __name__ == "__main__":
